@@ -1,0 +1,41 @@
+# autodiff-opt: two commands on a fresh machine do everything: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+STORAGE ?= sqlite:///autodiff_opt.db
+WORKERS ?= 2
+PORT   ?= 8080
+
+.PHONY: setup run test dashboard workers bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## Run the default experiment (the embedded digits model), or pass overrides: make run ARGS='search.num_steps=6'
+run: $(STAMP)
+	$(PY) -m autodiff_opt $(ARGS)
+
+## The whole test suite, offline.
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+## optuna-dashboard on the study storage, bound to 127.0.0.1.
+dashboard: $(STAMP)
+	$(VENV)/bin/optuna-dashboard --host 127.0.0.1 --port $(PORT) $(STORAGE)
+
+## N local worker processes on one study: make workers WORKERS=4 STORAGE=postgresql://... ARGS='...'
+workers: $(STAMP)
+	$(PY) -m autodiff_opt.workers --workers $(WORKERS) --storage '$(STORAGE)' -- $(ARGS)
+
+bench: $(STAMP)
+	$(PY) experiments/bench_eval.py
+
+clean:
+	rm -rf outputs multirun .pytest_cache

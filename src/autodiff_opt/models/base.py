@@ -1,0 +1,89 @@
+"""The denoiser interface every solver uses: eps(x_t, t, step_index) on a fixed noise schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+
+
+class ModelLoadError(RuntimeError):
+    """The model named in the config cannot be loaded; the message says what to set."""
+
+
+class EpsFn(Protocol):
+    """Noise prediction for x_t at the integer training time step t; step_index is the position in the schedule."""
+
+    def __call__(self, x_t: torch.Tensor, t: int, step_index: int) -> torch.Tensor: ...
+
+
+@dataclass
+class DiffusionModel:
+    """A pretrained denoiser and the facts a sampler needs about it.
+
+    ``alphas_cumprod`` (alpha_bar) is float64 on CPU, indexed by the training time step.
+    ``learned_sigma`` models output 2*C channels; eps is the first C (ADM style).
+    ``decode`` maps a final sample (pixels or latents) to images in [-1, 1].
+    """
+
+    name: str
+    unet: torch.nn.Module
+    alphas_cumprod: torch.Tensor
+    prediction_type: str
+    sample_shape: tuple[int, int, int]
+    num_classes: int | None = None
+    learned_sigma: bool = False
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def to(self, device: torch.device) -> "DiffusionModel":
+        self.unet.to(device)
+        for module in self.extras.values():
+            if isinstance(module, torch.nn.Module):
+                module.to(device)
+        return self
+
+    def eps_from_output(self, out: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        """Convert the network output to an eps prediction, whatever the model's prediction type."""
+        channels = x_t.shape[1]
+        if self.learned_sigma or out.shape[1] == 2 * channels:
+            out = out[:, :channels]
+        out = out.float()
+        if self.prediction_type == "epsilon":
+            return out
+        alpha_bar = float(self.alphas_cumprod[t])
+        sqrt_ab, sqrt_1mab = alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
+        if self.prediction_type == "v_prediction":
+            return sqrt_ab * out + sqrt_1mab * x_t.float()
+        if self.prediction_type == "sample":
+            return (x_t.float() - sqrt_ab * out) / sqrt_1mab
+        raise ModelLoadError(
+            f"prediction_type={self.prediction_type!r} is not supported: use epsilon, v_prediction or sample"
+        )
+
+    def eps_fn(self, class_labels: torch.Tensor | None = None, **unet_kwargs: Any) -> EpsFn:
+        """A noise-prediction callable for one batch, with its class labels (or other conditioning) bound."""
+
+        def eps(x_t: torch.Tensor, t: int, step_index: int) -> torch.Tensor:
+            t_batch = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+            kwargs = dict(unet_kwargs)
+            if class_labels is not None:
+                kwargs["class_labels"] = class_labels
+            out = self.unet(x_t, t_batch, **kwargs)
+            out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
+            return self.eps_from_output(out, x_t, t)
+
+        return eps
+
+    def to_images(self, x0: torch.Tensor) -> torch.Tensor:
+        """Final samples to images in [-1, 1] (decoding latents when the model has a decoder)."""
+        return self.decode(x0) if self.decode is not None else x0

@@ -1,0 +1,147 @@
+"""Load a diffusers UNet (folder, pipeline folder, hub id or embedded asset) with its noise schedule."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autodiff_opt.models.base import DiffusionModel, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+BUILTIN_PREFIX = "builtin:"
+
+
+def resolve_pretrained(pretrained: str) -> str:
+    """'builtin:NAME' -> the embedded asset folder; '~' expanded; anything else returned as is."""
+    if pretrained.startswith(BUILTIN_PREFIX):
+        name = pretrained[len(BUILTIN_PREFIX) :]
+        path = ASSETS_DIR / name
+        if not path.is_dir():
+            known = sorted(p.name for p in ASSETS_DIR.iterdir() if p.is_dir()) if ASSETS_DIR.is_dir() else []
+            raise ModelLoadError(f"no embedded model {name!r}: known ones are {known}")
+        return str(path)
+    return os.path.expanduser(pretrained)
+
+
+def _looks_like_path(ref: str) -> bool:
+    """Hub ids look like 'org/name'; anything else (absolute, relative, a file name) is a local path."""
+    return ref.startswith(("/", ".", "~")) or ref.count("/") != 1 or ref.endswith((".pt", ".pth", ".ckpt", ".safetensors"))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _alphas_cumprod(scheduler_config: dict[str, Any]) -> torch.Tensor:
+    """alpha_bar in float64 from any diffusers scheduler config (betas as the scheduler builds them)."""
+    from diffusers import DDPMScheduler
+
+    config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    scheduler = DDPMScheduler.from_config(config)
+    return torch.cumprod(1.0 - scheduler.betas.to(torch.float64), dim=0)
+
+
+def _load_unet(source: str, subfolder: str | None, local_only: bool) -> torch.nn.Module:
+    import diffusers
+
+    kwargs: dict[str, Any] = {"local_files_only": local_only}
+    if subfolder:
+        kwargs["subfolder"] = subfolder
+    config_path = Path(source) / (subfolder or "") / "config.json"
+    class_name = _read_json(config_path).get("_class_name", "UNet2DModel") if config_path.is_file() else "UNet2DModel"
+    cls = getattr(diffusers, class_name, None)
+    if cls is None:
+        raise ModelLoadError(f"{config_path} names class {class_name!r}, which diffusers does not have")
+    return cls.from_pretrained(source, **kwargs)
+
+
+def _scheduler_config(folder: Path, default: dict[str, Any] | None) -> dict[str, Any]:
+    for candidate in (folder / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json",
+                      folder.parent / "scheduler" / "scheduler_config.json"):
+        if candidate.is_file():
+            return _read_json(candidate)
+    if default:
+        log.warning("no scheduler_config.json beside %s: using model.noise_schedule from the config", folder)
+        return default
+    raise ModelLoadError(
+        f"{folder} has no scheduler_config.json (the noise schedule): add one, or set model.noise_schedule"
+        " (e.g. {num_train_timesteps: 1000, beta_schedule: linear, prediction_type: epsilon})"
+    )
+
+
+def _local_parts(root: Path, subfolder: str | None) -> tuple[str, str | None, Path]:
+    """(source, unet subfolder, unet folder) for a UNet folder or a pipeline folder."""
+    if subfolder:
+        return str(root), subfolder, root / subfolder
+    if (root / "model_index.json").is_file():
+        if not (root / "unet" / "config.json").is_file():
+            raise ModelLoadError(f"{root} is a pipeline folder without unet/config.json: only UNet pipelines are supported")
+        return str(root), "unet", root / "unet"
+    if (root / "config.json").is_file():
+        return str(root), None, root
+    raise ModelLoadError(
+        f"{root} is not a diffusers model folder: expected model_index.json (pipeline) or config.json (UNet)"
+        " — point model.pretrained at the folder save_pretrained wrote"
+    )
+
+
+def _fetch_hub(repo_id: str) -> Path:
+    """Resolve a hub id to a local snapshot (cache or download); clear error when offline."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "unet/*", "scheduler/*", "vae/*",
+                                                               "*.safetensors", "*.bin"]))
+    except Exception as err:  # network, auth, missing repo: all end the same way for the user
+        raise ModelLoadError(
+            f"could not load hub model {repo_id!r} ({type(err).__name__}): on a machine without network,"
+            f" download it elsewhere (huggingface-cli download {repo_id} --local-dir DIR) and set model.pretrained=DIR"
+        ) from err
+
+
+def load_model(
+    pretrained: str,
+    *,
+    name: str | None = None,
+    subfolder: str | None = None,
+    noise_schedule: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> DiffusionModel:
+    """Load a UNet with its alpha_bar and prediction type; pixel-space models only (latent models add a decoder)."""
+    ref = resolve_pretrained(pretrained)
+    root = Path(ref)
+    if not root.exists():
+        if _looks_like_path(ref):
+            raise ModelLoadError(f"model.pretrained={pretrained!r}: no such file or directory")
+        root = _fetch_hub(ref)
+    source, unet_sub, unet_dir = _local_parts(root, subfolder)
+    unet = _load_unet(source, unet_sub, local_only=True).to(device=device, dtype=dtype).eval()
+    unet.requires_grad_(False)
+    sched = _scheduler_config(unet_dir, noise_schedule)
+    config = unet.config
+    in_channels = int(config.in_channels)
+    size = config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    num_classes = getattr(config, "num_class_embeds", None)
+    learned = int(config.out_channels) == 2 * in_channels or sched.get("variance_type") in ("learned", "learned_range")
+    model = DiffusionModel(
+        name=name or root.name,
+        unet=unet,
+        alphas_cumprod=_alphas_cumprod(sched),
+        prediction_type=sched.get("prediction_type", "epsilon"),
+        sample_shape=(in_channels, int(height), int(width)),
+        num_classes=int(num_classes) if num_classes else None,
+        learned_sigma=learned,
+    )
+    log.info("loaded %s: %s, T=%d, %s, sample %s, classes=%s", model.name, type(unet).__name__,
+             model.num_train_timesteps, model.prediction_type, model.sample_shape, model.num_classes)
+    return model
