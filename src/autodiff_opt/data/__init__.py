@@ -1,0 +1,1 @@
+"""Offline data sets shipped with the project's dependencies."""
