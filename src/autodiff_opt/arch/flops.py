@@ -1,0 +1,227 @@
+"""Measured cost model: FLOPs of every skippable layer, counted once with ``FlopCounterMode``.
+
+One forward at the model's resolution and batch 1 with nothing skipped gives each layer's FLOPs;
+one forward with every layer skipped gives what each layer still costs when skipped (a resnet's
+``conv_shortcut``). Skipping never changes a tensor's shape, so costs add up: the FLOPs of a masked
+step are ``full_step - sum(savings[j] for j in mask)``, exactly (``check_additivity`` measures it).
+FLOPs are multiply-adds x 2 of matmuls, convolutions and attention, as torch counts them; the
+CPU flash-attention kernel, which torch's counter does not know, is counted like the CUDA ones so
+the numbers do not depend on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Set
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from autodiff_opt.arch.budget import Budget
+from autodiff_opt.arch.skip import LayerSkipper
+from autodiff_opt.search.genome import Genome
+
+log = logging.getLogger(__name__)
+
+
+def _sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _custom_flop_formulas() -> dict[Any, Any]:
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {cpu_sdpa: _sdpa_flops} if cpu_sdpa is not None else {}
+
+
+def _resolution(sample_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(sample_size, int):
+        return sample_size, sample_size
+    return int(sample_size[0]), int(sample_size[1])
+
+
+def _time_embed_dim(cfg: Any) -> int:
+    return int(cfg.get("time_embedding_dim") or cfg["block_out_channels"][0] * 4)
+
+
+def _class_labels(cfg: Any, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    kind = cfg.get("class_embed_type")
+    if kind is None:
+        if cfg.get("num_class_embeds") is None:
+            return None
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    if kind == "timestep":
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    if kind == "identity":
+        return torch.zeros(batch, _time_embed_dim(cfg), dtype=dtype, device=device)
+    if kind in ("projection", "simple_projection"):
+        return torch.zeros(batch, cfg["projection_class_embeddings_input_dim"], dtype=dtype, device=device)
+    raise NotImplementedError(f"class_embed_type={kind!r}: pass the model inputs explicitly")
+
+
+def _conditioning(cfg: Any, batch: int, seq_len: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """``encoder_hidden_states`` (and SDXL's ``added_cond_kwargs``) for a ``UNet2DConditionModel``."""
+    dim = cfg.get("encoder_hid_dim") or cfg["cross_attention_dim"]
+    if not isinstance(dim, int):
+        raise NotImplementedError(f"cross_attention_dim={dim!r} per block: pass the model inputs explicitly")
+    out: dict[str, Any] = {"encoder_hidden_states": torch.zeros(batch, seq_len, dim, dtype=dtype, device=device)}
+    added = cfg.get("addition_embed_type")
+    if added == "text_time":
+        text_dim = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+        out["added_cond_kwargs"] = {
+            "text_embeds": torch.zeros(batch, text_dim, dtype=dtype, device=device),
+            "time_ids": torch.zeros(batch, 6, dtype=dtype, device=device),
+        }
+    elif added not in (None, "text"):
+        raise NotImplementedError(f"addition_embed_type={added!r}: pass the model inputs explicitly")
+    return out
+
+
+def example_inputs(unet: nn.Module, batch_size: int = 1, encoder_seq_len: int = 77, timestep: int = 500) -> dict[str, Any]:
+    """Keyword inputs for one forward of a diffusers UNet at its own resolution, on its device and dtype."""
+    cfg = unet.config
+    param = next(unet.parameters())
+    device, dtype = param.device, param.dtype
+    h, w = _resolution(cfg["sample_size"])
+    gen = torch.Generator().manual_seed(0)
+    inputs: dict[str, Any] = {
+        "sample": torch.randn(batch_size, cfg["in_channels"], h, w, generator=gen).to(device, dtype),
+        "timestep": torch.full((batch_size,), timestep, dtype=torch.long, device=device),
+    }
+    labels = _class_labels(cfg, batch_size, device, dtype)
+    if labels is not None:
+        inputs["class_labels"] = labels
+    if "cross_attention_dim" in cfg:
+        inputs.update(_conditioning(cfg, batch_size, encoder_seq_len, device, dtype))
+    return inputs
+
+
+def count_flops(unet: nn.Module, inputs: dict[str, Any]) -> tuple[int, dict[str, int]]:
+    """Total FLOPs of one forward and FLOPs per submodule path (``down_blocks.0.resnets.1``: n)."""
+    counter = FlopCounterMode(display=False, custom_mapping=_custom_flop_formulas())
+    with torch.no_grad(), counter:
+        unet(**inputs)
+    per_path = {
+        name.split(".", 1)[1]: int(sum(ops.values()))
+        for name, ops in counter.get_flop_counts().items()
+        if "." in name
+    }
+    return int(counter.get_total_flops()), per_path
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """Measured FLOPs (batch 1) of a full step and of every layer, run and skipped."""
+
+    names: tuple[str, ...]
+    full_step: int
+    layer_flops: tuple[int, ...]
+    skipped_flops: tuple[int, ...]
+    key: str = ""
+
+    @property
+    def savings(self) -> tuple[int, ...]:
+        """FLOPs saved by skipping each layer."""
+        return tuple(f - s for f, s in zip(self.layer_flops, self.skipped_flops))
+
+    def step_flops(self, mask: Set[int]) -> int:
+        """FLOPs of one network evaluation with ``mask`` skipped."""
+        savings = self.savings
+        return self.full_step - sum(savings[j] for j in mask)
+
+    def genome_flops(self, genome: Genome) -> int:
+        """FLOPs of a whole candidate (batch 1): sum over its steps."""
+        return sum(self.step_flops(mask) for mask in genome.skips)
+
+    def budget(self, full_steps: float) -> Budget:
+        """A FLOPs budget of ``full_steps`` full network evaluations."""
+        return Budget.from_flops(self.full_step, self.savings, full_steps)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "LayerCosts":
+        return cls(tuple(data["names"]), int(data["full_step"]), tuple(data["layer_flops"]),
+                   tuple(data["skipped_flops"]), str(data.get("key", "")))
+
+
+def config_key(unet: nn.Module, inputs: dict[str, Any]) -> str:
+    """A short hash of the model class, its config and the input shapes: the cost cache's key."""
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    shapes = {k: list(v.shape) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    text = json.dumps({"class": type(unet).__name__, "config": config, "inputs": shapes}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(path: Path, entries: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(entries, f, indent=1)
+    os.replace(tmp, path)
+
+
+def measure_layer_costs(
+    unet: nn.Module,
+    skipper: LayerSkipper | None = None,
+    inputs: dict[str, Any] | None = None,
+    cache_path: str | Path | None = None,
+) -> LayerCosts:
+    """FLOPs of one full step and of every layer, from two counted forwards (or the JSON cache)."""
+    skipper = skipper or LayerSkipper(unet)
+    inputs = inputs if inputs is not None else example_inputs(unet)
+    key = config_key(unet, inputs)
+    names = tuple(layer.name for layer in skipper.layers)
+    if cache_path is not None:
+        cached = _read_cache(Path(cache_path)).get(key)
+        if cached is not None and tuple(cached["names"]) == names:
+            log.debug("layer costs for %s from cache %s", key, cache_path)
+            return LayerCosts.from_json(cached)
+    with skipper.skipping(()):
+        full_step, full = count_flops(unet, inputs)
+    with skipper.skipping(range(skipper.num_layers)):
+        _, skipped = count_flops(unet, inputs)
+    batch = int(inputs["sample"].shape[0])
+    per_layer = tuple(full.get(layer.path, 0) // batch for layer in skipper.layers)
+    if not any(per_layer):
+        raise RuntimeError("FlopCounterMode reported no FLOPs inside any layer: module names did not match")
+    costs = LayerCosts(names, full_step // batch, per_layer,
+                       tuple(skipped.get(layer.path, 0) // batch for layer in skipper.layers), key)
+    log.info("%s: %.3g FLOPs per full step, %d layers hold %.1f%% of them", type(unet).__name__,
+             costs.full_step, len(names), 100 * sum(costs.savings) / costs.full_step)
+    if cache_path is not None:
+        entries = _read_cache(Path(cache_path))
+        entries[key] = costs.to_json()
+        _write_cache(Path(cache_path), entries)
+    return costs
+
+
+def measure_step_flops(unet: nn.Module, skipper: LayerSkipper, mask: Set[int], inputs: dict[str, Any] | None = None) -> int:
+    """FLOPs of one forward actually run with ``mask`` skipped (to check the additive model)."""
+    inputs = inputs if inputs is not None else example_inputs(unet)
+    with skipper.skipping(mask):
+        total, _ = count_flops(unet, inputs)
+    return total
+
+
+def check_additivity(unet: nn.Module, skipper: LayerSkipper, costs: LayerCosts, mask: Set[int],
+                     inputs: dict[str, Any] | None = None) -> tuple[int, int]:
+    """(predicted, measured) FLOPs of a masked step at batch 1; they agree when the model is additive."""
+    measured = measure_step_flops(unet, skipper, mask, inputs)
+    batch = int((inputs or {"sample": torch.empty(1)})["sample"].shape[0])
+    return costs.step_flops(mask), measured // batch

@@ -1,0 +1,297 @@
+"""Pure evolution operators of the joint search (stage 2): time steps and per-step skip masks.
+
+Every operator takes the random generator it uses (``random.Random``, ``numpy.random.Generator``
+or ``numpy.random.RandomState``; never the global one) and a ``JointSpace`` that says what a valid
+candidate is: distinct time steps in [0, T-1], at most ``max_skips`` skipped layers per step, cost
+within the ``Budget``. Every genome an operator returns is valid (the operator checks it), or the
+operator returns ``None`` to say it could not make one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence, Set
+from dataclasses import dataclass
+from typing import TypeVar, Union
+
+import numpy as np
+
+from autodiff_opt.arch.budget import Budget
+from autodiff_opt.search.genome import Genome
+
+Rng = Union[random.Random, np.random.Generator, np.random.RandomState]
+T = TypeVar("T")
+Step = tuple[int, frozenset[int]]
+
+
+# --- random numbers, the same way for every generator type -------------------------------------
+
+def _below(rng: Rng, n: int) -> int:
+    """Uniform integer in [0, n)."""
+    if isinstance(rng, random.Random):
+        return rng.randrange(n)
+    if isinstance(rng, np.random.Generator):
+        return int(rng.integers(n))
+    return int(rng.randint(n))
+
+
+def _chance(rng: Rng, p: float) -> bool:
+    return float(rng.random()) < p
+
+
+def _pick(rng: Rng, items: Sequence[T]) -> T:
+    return items[_below(rng, len(items))]
+
+
+def _sample(rng: Rng, items: Sequence[T], k: int) -> list[T]:
+    """``k`` distinct items in random order (partial Fisher-Yates)."""
+    pool = list(items)
+    for i in range(k):
+        j = i + _below(rng, len(pool) - i)
+        pool[i], pool[j] = pool[j], pool[i]
+    return pool[:k]
+
+
+# --- the space ---------------------------------------------------------------------------------
+
+def skip_cap(num_layers: int, max_skip_frac: float) -> int:
+    """Most layers one step may skip: ``floor(max_skip_frac * L)``."""
+    return min(num_layers, math.floor(max_skip_frac * num_layers + 1e-9))
+
+
+def ramp_max_skip_frac(stage2_generation: int, max_prun: float = 0.1, increments: int = 5) -> float:
+    """The authors' ramp: in stage 2's generation g (from 0) the cap is ``max_prun * min(g+1, n) / n``."""
+    return max_prun * min(stage2_generation + 1, increments) / increments
+
+
+@dataclass(frozen=True)
+class JointSpace:
+    """What a valid stage-2 candidate is."""
+
+    num_train_timesteps: int
+    budget: Budget
+    max_skip_frac: float = 0.1
+    min_steps: int = 1
+    max_steps: int | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return self.budget.num_layers
+
+    @property
+    def max_skips(self) -> int:
+        return skip_cap(self.num_layers, self.max_skip_frac)
+
+    def step_range(self) -> tuple[int, int]:
+        """(fewest, most) steps a candidate may have: the most is what the budget affords with skipping."""
+        most = min(self.num_train_timesteps, self.budget.max_steps(self.max_skips))
+        if self.max_steps is not None:
+            most = min(most, self.max_steps)
+        return self.min_steps, most
+
+    def is_valid(self, genome: Genome) -> bool:
+        lo, hi = self.step_range()
+        steps = genome.timesteps
+        return (
+            lo <= len(steps) <= hi
+            and len(set(steps)) == len(steps)
+            and all(0 <= t < self.num_train_timesteps for t in steps)
+            and all(a > b for a, b in zip(steps, steps[1:]))
+            and all(len(m) <= self.max_skips and all(0 <= j < self.num_layers for j in m) for m in genome.skips)
+            and self.budget.fits(genome)
+        )
+
+
+def _checked(genome: Genome, space: JointSpace) -> Genome:
+    if not space.is_valid(genome):  # a bug in an operator, never the caller's input
+        raise AssertionError(f"operator produced an invalid genome {genome.to_json()}")
+    return genome
+
+
+def _fresh_timestep(rng: Rng, used: Set[int], num_train_timesteps: int) -> int | None:
+    """A time step not in ``used``, uniform over the free ones; ``None`` when all are used."""
+    free = num_train_timesteps - len(used)
+    if free <= 0:
+        return None
+    if len(used) * 2 < num_train_timesteps:
+        while True:
+            t = _below(rng, num_train_timesteps)
+            if t not in used:
+                return t
+    return _pick(rng, [t for t in range(num_train_timesteps) if t not in used])
+
+
+def _genome(steps: Sequence[Step]) -> Genome:
+    return Genome.from_steps([t for t, _ in steps], [m for _, m in steps])
+
+
+# --- skip-set mutation --------------------------------------------------------------------------
+
+def mutate_skips(skips: Set[int], num_layers: int, max_skips: int, rng: Rng) -> frozenset[int]:
+    """Add, drop or swap one skipped layer, keeping at most ``max_skips``; the set always changes
+    unless no change is possible (``max_skips == 0`` and nothing skipped). A set over the cap is
+    cut down to it."""
+    cap = min(max_skips, num_layers)
+    mask = set(skips)
+    if len(mask) > cap:
+        return frozenset(_sample(rng, sorted(mask), cap))
+    moves = [m for m, ok in (("add", len(mask) < cap), ("drop", bool(mask)), ("swap", 0 < len(mask) < num_layers)) if ok]
+    if not moves:
+        return frozenset(mask)
+    move = _pick(rng, moves)
+    if move in ("drop", "swap"):
+        mask.remove(_pick(rng, sorted(mask)))
+    if move in ("add", "swap"):
+        outside = [j for j in range(num_layers) if j not in mask and j not in skips]
+        mask.add(_pick(rng, outside))
+    return frozenset(mask)
+
+
+# --- repair to the budget -----------------------------------------------------------------------
+
+def _trim_masks(steps: list[Step], cap: int, rng: Rng) -> list[Step]:
+    return [(t, m if len(m) <= cap else frozenset(_sample(rng, sorted(m), cap))) for t, m in steps]
+
+
+def _add_random_skips(steps: list[Step], space: JointSpace, rng: Rng) -> list[Step]:
+    """Skip random extra layers in random steps with room until the budget fits or no room is left."""
+    budget, cap = space.budget, space.max_skips
+    cost = sum(budget.step_cost(m) for _, m in steps)
+    while cost > budget.limit:
+        roomy = [i for i, (_, m) in enumerate(steps) if len(m) < cap]
+        if not roomy:
+            break
+        i = _pick(rng, roomy)
+        t, m = steps[i]
+        j = _pick(rng, [j for j in range(space.num_layers) if j not in m])
+        steps[i] = (t, m | {j})
+        cost -= budget.savings[j]
+    return steps
+
+
+def _best_swap(mask: frozenset[int], space: JointSpace) -> frozenset[int] | None:
+    """``mask`` with its cheapest skipped layer swapped for the dearest unskipped one, if that saves more."""
+    savings = space.budget.savings
+    outside = [j for j in range(space.num_layers) if j not in mask]
+    if not mask or not outside:
+        return None
+    worst, best = min(mask, key=lambda j: savings[j]), max(outside, key=lambda j: savings[j])
+    return mask - {worst} | {best} if savings[best] > savings[worst] else None
+
+
+def _upgrade_until_fit(steps: list[Step], space: JointSpace, rng: Rng) -> list[Step] | None:
+    """Swap skipped layers for ones that save more, in random steps, until the budget fits."""
+    budget = space.budget
+    while sum(budget.step_cost(m) for _, m in steps) > budget.limit:
+        swaps = [(i, _best_swap(m, space)) for i, (_, m) in enumerate(steps)]
+        swaps = [(i, m) for i, m in swaps if m is not None]
+        if not swaps:
+            return None
+        i, mask = _pick(rng, swaps)
+        steps[i] = (steps[i][0], mask)
+    return steps
+
+
+def repair(genome: Genome, space: JointSpace, rng: Rng) -> Genome | None:
+    """Make ``genome`` fit ``space``: trim masks over the cap, drop random steps while even the
+    cheapest masks cannot fit the budget, skip random layers (within the cap) until it fits, and
+    if every step is at the cap, swap skipped layers for ones that save more until it fits.
+    Returns ``genome`` itself when already valid, ``None`` when no valid genome can be made
+    (fewer than ``min_steps`` steps would fit)."""
+    if space.is_valid(genome):
+        return genome
+    genome.validate(space.num_train_timesteps)  # repair fixes cost and masks, never bad time steps
+    bad = sorted({j for m in genome.skips for j in m if not 0 <= j < space.num_layers})
+    if bad:
+        raise ValueError(f"layer ids {bad} outside 0..{space.num_layers - 1}")
+    lo, hi = space.step_range()
+    steps = _trim_masks(list(zip(genome.timesteps, genome.skips)), space.max_skips, rng)
+    while len(steps) > max(hi, 0):
+        steps.pop(_below(rng, len(steps)))
+    if len(steps) < lo:
+        return None
+    upgraded = _upgrade_until_fit(_add_random_skips(steps, space, rng), space, rng)
+    return None if upgraded is None else _checked(_genome(upgraded), space)
+
+
+# --- whole-genome mutation and crossover ---------------------------------------------------------
+
+def _mutate_once(genome: Genome, space: JointSpace, rng: Rng, p_step: float, p_mask: float) -> Genome:
+    steps = list(zip(genome.timesteps, genome.skips))
+    used = set(genome.timesteps)
+    changed = False
+    for i, (t, m) in enumerate(steps):
+        if _chance(rng, p_step):
+            new_t = _fresh_timestep(rng, used, space.num_train_timesteps)
+            if new_t is not None:
+                used.discard(t)
+                used.add(new_t)
+                t, changed = new_t, True
+        if _chance(rng, p_mask):
+            new_m = mutate_skips(m, space.num_layers, space.max_skips, rng)
+            m, changed = new_m, changed or new_m != steps[i][1]
+        steps[i] = (t, m)
+    if not changed:  # force one real change: a mask when the cap allows, else a time step
+        i = _below(rng, len(steps))
+        t, m = steps[i]
+        if space.max_skips > 0 or m:
+            steps[i] = (t, mutate_skips(m, space.num_layers, space.max_skips, rng))
+        else:
+            new_t = _fresh_timestep(rng, used, space.num_train_timesteps)
+            steps[i] = (t if new_t is None else new_t, m)
+    return _genome(steps)
+
+
+def mutate(genome: Genome, space: JointSpace, rng: Rng, p_step: float = 0.25, p_mask: float = 0.25,
+           max_tries: int = 10) -> Genome | None:
+    """Replace each time step with prob ``p_step`` (by one not in the genome; its mask stays paired
+    with it) and mutate each mask with prob ``p_mask``; at least one gene changes. The child is
+    repaired to the budget; ``None`` when ``max_tries`` attempts gave no valid child different
+    from the parent."""
+    for _ in range(max_tries):
+        child = repair(_mutate_once(genome, space, rng, p_step, p_mask), space, rng)
+        if child is not None and child != genome:
+            return child
+    return None
+
+
+def crossover(a: Genome, b: Genome, space: JointSpace, rng: Rng, p: float = 0.5) -> Genome | None:
+    """Per-position uniform crossover: the child has the length of a parent drawn at random, and
+    position i (in sampling order) takes parent a's (time step, mask) pair with prob ``p``, else
+    b's; a pair never splits. A time step already in the child is replaced by the other parent's
+    pair at i, else by a fresh time step with the same mask. Repaired to the budget; ``None`` if
+    that is impossible."""
+    length = len(a.timesteps) if _chance(rng, 0.5) else len(b.timesteps)
+    used: set[int] = set()
+    steps: list[Step] = []
+    for i in range(length):
+        pairs = [(g.timesteps[i], g.skips[i]) for g in (a, b) if i < len(g.timesteps)]
+        if len(pairs) == 2 and not _chance(rng, p):
+            pairs.reverse()
+        t, m = next((pair for pair in pairs if pair[0] not in used), (None, pairs[0][1]))
+        if t is None:
+            t = _fresh_timestep(rng, used, space.num_train_timesteps)
+            if t is None:
+                break
+        used.add(t)
+        steps.append((t, m))
+    return repair(_genome(steps), space, rng)
+
+
+def random_genome(space: JointSpace, rng: Rng, num_steps: int | None = None) -> Genome:
+    """A random valid candidate: K drawn uniformly between the steps the budget buys at full cost
+    and the most it buys with skipping (or ``num_steps``), random distinct time steps, random masks
+    of up to ``max_skips`` layers, then repaired to the budget."""
+    lo, hi = space.step_range()
+    if hi < lo:
+        raise ValueError(f"the budget affords at most {hi} steps, fewer than min_steps={lo}")
+    full = min(max(lo, space.budget.limit // space.budget.full_step), hi)
+    k = num_steps if num_steps is not None else full + _below(rng, hi - full + 1)
+    if not lo <= k <= hi:
+        raise ValueError(f"num_steps={k} outside the affordable range [{lo}, {hi}]")
+    times = _sample(rng, range(space.num_train_timesteps), k)
+    masks = [frozenset(_sample(rng, range(space.num_layers), _below(rng, space.max_skips + 1))) for _ in times]
+    genome = repair(_genome(list(zip(times, masks))), space, rng)
+    assert genome is not None  # k <= hi guarantees the best masks fit
+    return genome

@@ -1,0 +1,243 @@
+"""Skipping layers of a diffusers UNet, per sampling step, without touching the UNet's code.
+
+A skipped layer returns what the layer itself would return if its residual branch were zero:
+
+* ``ResnetBlock2D``: the shortcut path exactly as the block adds it: the input, resampled when the
+  block up/down-samples, through ``conv_shortcut`` when the block has one, divided by
+  ``output_scale_factor``.
+* ``Attention`` (``UNet2DModel``'s Attn blocks): the input, divided by ``rescale_output_factor``
+  when the module adds its own residual (``residual_connection=True``, as in every UNet Attn block);
+  the input unchanged otherwise.
+* ``Transformer2DModel``: the input (its output is ``proj_out(...) + input``), wrapped in the type
+  the caller asked for: ``(tensor,)`` with ``return_dict=False``, ``Transformer2DModelOutput`` otherwise.
+
+A skipped layer always returns a new tensor, so no in-place op downstream can alias its input.
+The replacement forward is attached with diffusers' ``HookRegistry`` (a ``ModelHook`` whose
+``new_forward`` does not call the original) only while a layer is skipped; with an empty mask
+no hook is attached, so the model runs its own, unmodified forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence, Set
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch
+from diffusers.models.attention_processor import Attention
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from torch import nn
+
+from autodiff_opt.arch.layers import Layer, discover_layers, layer_modules
+from autodiff_opt.search.genome import Genome
+
+try:  # diffusers >= 0.33 ships the hook system; older releases get the thin forward wrapper
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    HAS_DIFFUSERS_HOOKS = True
+except ImportError:  # pragma: no cover - depends on the installed diffusers
+    HookRegistry = ModelHook = None  # type: ignore[assignment,misc]
+    HAS_DIFFUSERS_HOOKS = False
+
+log = logging.getLogger(__name__)
+
+HOOK_NAME = "autodiff_opt.layer_skip"
+R = TypeVar("R")
+SkipFn = Callable[..., Any]
+
+
+def _first_arg(args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> torch.Tensor:
+    return args[0] if args else kwargs[name]
+
+
+def skip_resnet(block: ResnetBlock2D, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``ResnetBlock2D`` output with the residual branch zero: resample, ``conv_shortcut``, scale."""
+    x = _first_arg(args, kwargs, "input_tensor")
+    if block.upsample is not None:
+        x = block.upsample(x)
+    elif block.downsample is not None:
+        x = block.downsample(x)
+    if block.conv_shortcut is not None:
+        x = block.conv_shortcut(x)
+    return x / block.output_scale_factor
+
+
+def skip_attention(attn: Attention, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``Attention`` output with the attention branch zero (the processor's residual and rescale)."""
+    x = _first_arg(args, kwargs, "hidden_states")
+    if attn.residual_connection:
+        return x / attn.rescale_output_factor
+    return x.clone()
+
+
+@functools.lru_cache(maxsize=None)
+def _return_dict_position(cls: type) -> int:
+    return list(inspect.signature(cls.forward).parameters).index("return_dict") - 1  # minus self
+
+
+def skip_transformer(model: Transformer2DModel, *args: Any, **kwargs: Any) -> Any:
+    """``Transformer2DModel`` output with the transformer branch zero: its input, in the caller's type."""
+    x = _first_arg(args, kwargs, "hidden_states").clone()
+    pos = _return_dict_position(type(model))
+    return_dict = kwargs.get("return_dict", args[pos] if len(args) > pos else True)
+    return Transformer2DModelOutput(sample=x) if return_dict else (x,)
+
+
+def skip_function(module: nn.Module) -> SkipFn:
+    """The replacement forward ``f(module, *args, **kwargs)`` for a skippable module."""
+    if isinstance(module, ResnetBlock2D):
+        return skip_resnet
+    if isinstance(module, Attention):
+        return skip_attention
+    if isinstance(module, Transformer2DModel):
+        if not module.is_input_continuous:
+            raise TypeError("only Transformer2DModel on continuous inputs (UNet feature maps) can be skipped")
+        return skip_transformer
+    raise TypeError(f"{type(module).__name__} is not a skippable layer")
+
+
+if HAS_DIFFUSERS_HOOKS:
+
+    class SkipHook(ModelHook):
+        """A diffusers hook that replaces the module's forward by its skip function."""
+
+        def __init__(self, skip_fn: SkipFn) -> None:
+            super().__init__()
+            self.skip_fn = skip_fn
+
+        def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            return self.skip_fn(module, *args, **kwargs)
+
+
+def _attach(module: nn.Module, skip_fn: SkipFn, use_hooks: bool) -> None:
+    if use_hooks:
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(SkipHook(skip_fn), HOOK_NAME)
+    else:
+        if "forward" in module.__dict__:
+            raise RuntimeError(f"{type(module).__name__} already has a patched forward; cannot wrap it")
+        module.forward = functools.partial(skip_fn, module)
+
+
+def _detach(module: nn.Module, use_hooks: bool) -> None:
+    if use_hooks:
+        registry = module._diffusers_hook
+        registry.remove_hook(HOOK_NAME, recurse=False)
+        patched = module.__dict__.get("forward")
+        if not registry.hooks and getattr(patched, "__func__", None) is type(module).forward:
+            del module.forward  # the registry leaves the bound original behind: restore the class's own
+    else:
+        del module.forward
+
+
+class LayerSkipper:
+    """Skips a chosen set of layers of one UNet; change the set between network evaluations.
+
+    ``skipper.set_skipped(ids)`` sets the mask until changed; ``with skipper.skipping(ids): ...``
+    sets it for a block and restores the previous one. Not thread-safe: one mask per model at a time.
+    """
+
+    def __init__(self, unet: nn.Module, layers: Sequence[Layer] | None = None, use_hooks: bool | None = None) -> None:
+        self.unet = unet
+        self.layers: tuple[Layer, ...] = tuple(layers) if layers is not None else discover_layers(unet)
+        self._modules = layer_modules(unet, self.layers)
+        self._skip_fns = {i: skip_function(m) for i, m in self._modules.items()}
+        self.use_hooks = HAS_DIFFUSERS_HOOKS if use_hooks is None else use_hooks
+        if self.use_hooks and not HAS_DIFFUSERS_HOOKS:
+            raise RuntimeError("the installed diffusers has no diffusers.hooks; use use_hooks=False")
+        self._skipped: frozenset[int] = frozenset()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def skipped(self) -> frozenset[int]:
+        """Ids of the layers skipped now."""
+        return self._skipped
+
+    def _checked(self, ids: Iterable[int]) -> frozenset[int]:
+        mask = frozenset(int(i) for i in ids)
+        unknown = sorted(i for i in mask if i not in self._modules)
+        if unknown:
+            raise ValueError(f"unknown layer ids {unknown}: this model has layers 0..{self.num_layers - 1}")
+        return mask
+
+    def set_skipped(self, ids: Iterable[int]) -> None:
+        """Skip exactly the layers ``ids`` from the next forward on (an empty set runs the plain model)."""
+        mask = self._checked(ids)
+        for i in self._skipped - mask:
+            _detach(self._modules[i], self.use_hooks)
+        for i in mask - self._skipped:
+            _attach(self._modules[i], self._skip_fns[i], self.use_hooks)
+        self._skipped = mask
+
+    def clear(self) -> None:
+        """Run every layer again."""
+        self.set_skipped(())
+
+    @contextmanager
+    def skipping(self, ids: Iterable[int]) -> Iterator["LayerSkipper"]:
+        """Skip ``ids`` inside the block, then restore the mask that was set before."""
+        previous = self._skipped
+        self.set_skipped(ids)
+        try:
+            yield self
+        finally:
+            self.set_skipped(previous)
+
+    def for_step(self, genome: Genome, step_index: int) -> Any:
+        """Context manager that applies ``genome.skips[step_index]``, the mask paired with that step."""
+        return self.skipping(genome.skips[step_index])
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return int(value.reshape(-1)[0].item())
+    return int(value)
+
+
+def _get_arg(args: tuple[Any, ...], kwargs: dict[str, Any], where: int | str) -> Any:
+    if isinstance(where, int):
+        return args[where]
+    return kwargs[where]
+
+
+def with_step_masks(
+    predict: Callable[..., R],
+    skipper: LayerSkipper,
+    skips: Genome | Sequence[Set[int]],
+    *,
+    step_arg: int | str = "step_index",
+    timestep_arg: int | str | None = None,
+) -> Callable[..., R]:
+    """Wrap a per-step noise predictor so that the call for step ``i`` runs with mask ``skips[i]``.
+
+    ``step_arg`` says where the call carries the step index (a keyword name, or a position in
+    ``args``). With a ``Genome`` and ``timestep_arg`` given, each call also checks that the time step
+    it receives is ``genome.timesteps[i]``, so a mask can never be applied to another step by rank.
+    """
+    masks = tuple(frozenset(s) for s in (skips.skips if isinstance(skips, Genome) else skips))
+    timesteps = skips.timesteps if isinstance(skips, Genome) else None
+    if timestep_arg is not None and timesteps is None:
+        raise ValueError("timestep_arg needs a Genome (its time steps are what the check compares with)")
+    for mask in masks:
+        skipper._checked(mask)
+
+    @functools.wraps(predict)
+    def masked(*args: Any, **kwargs: Any) -> R:
+        i = int(_get_arg(args, kwargs, step_arg))
+        if not 0 <= i < len(masks):
+            raise IndexError(f"step index {i} outside the schedule's {len(masks)} steps")
+        if timestep_arg is not None:
+            t = _as_int(_get_arg(args, kwargs, timestep_arg))
+            if t != timesteps[i]:
+                raise ValueError(f"step {i} was called with t={t} but the genome pairs it with t={timesteps[i]}")
+        with skipper.skipping(masks[i]):
+            return predict(*args, **kwargs)
+
+    return masked
