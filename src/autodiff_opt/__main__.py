@@ -1,0 +1,3 @@
+from autodiff_opt.cli import main
+
+main()

@@ -1,0 +1,37 @@
+"""`python -m autodiff_opt`: the Hydra app (configs in conf/)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from autodiff_opt.config import register_configs
+
+log = logging.getLogger("autodiff_opt")
+
+CONFIG_DIR = os.environ.get("AUTODIFF_OPT_CONF", str(Path(__file__).resolve().parents[2] / "conf"))
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def _app(cfg: DictConfig) -> None:
+    """Errors the user can fix end with their one-line message and exit code 2; bugs keep their traceback."""
+    from autodiff_opt.errors import USER_ERRORS
+    from autodiff_opt.search.runner import run
+
+    try:
+        run(cfg)
+    except USER_ERRORS as err:
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    _app()

@@ -1,0 +1,122 @@
+"""Structured configs: the one source of defaults and types. Hydra refuses unknown keys and wrong types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+DEFAULT_BASELINES = ["ddim_uniform", "trailing", "quadratic", "logsnr", "karras"]
+
+
+@dataclass
+class ModelConfig:
+    name: str = "digits"
+    pretrained: str = "builtin:digits-ddpm"  # diffusers folder, pipeline folder, hub id, or builtin:NAME
+    subfolder: Optional[str] = None
+    noise_schedule: Optional[Dict[str, Any]] = None  # used when the folder has no scheduler_config.json
+    dtype: str = "float32"
+    # Checkpoints in another layout (guided-diffusion .pt) are converted once into a diffusers folder.
+    converter: Optional[str] = None  # null | adm
+    checkpoint: Optional[str] = None
+    preset: Optional[str] = None
+    classifier: Optional[str] = None  # ADM noisy-image classifier checkpoint: enables classifier guidance
+    classifier_scale: float = 1.0
+    source_hint: str = ""  # where the weights are published (for the missing-file message)
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "digits"
+    reference: str = "builtin:digits-train"  # builtin:NAME, image folder, .npz of images or of mu/sigma
+    max_images: Optional[int] = None
+
+
+@dataclass
+class SolverConfig:
+    name: str = "ddim"  # ddim | dpmpp_2m
+    clip_x0: bool = True
+
+
+@dataclass
+class MetricConfig:
+    feature_extractor: str = "digits-cnn"
+    feature_layer: Optional[str] = None  # null: the extractor's default layer for FID
+    weights_path: Optional[str] = None
+    allow_download: bool = False
+    batch_size: int = 500
+
+
+@dataclass
+class Stage2Config:
+    enabled: bool = False
+    start_generation: int = 5  # stage 2 starts here at the latest ...
+    patience: int = 1  # ... or once the best candidate did not improve for this many generations
+    max_prun: float = 0.1  # final maximum fraction of skipped layers per step
+    ramp_steps: int = 5  # the maximum fraction ramps up in this many equal increments
+    budget_flops: Optional[float] = None  # in full network evaluations, e.g. 4.0 (null: K full steps)
+    budget_layers: Optional[int] = None  # the authors' layer count N_max (alternative to budget_flops)
+    max_extra_steps: int = 1  # how many steps beyond K the budget may buy
+    multi_objective: bool = False  # minimise (FID, FLOPs) instead of a fixed budget
+
+
+@dataclass
+class SearchConfig:
+    num_steps: int = 4
+    num_samples: int = 1000
+    batch_size: int = 500
+    generations: int = 10
+    population: int = 50
+    num_parents: int = 10
+    num_mutants: int = 25
+    mutation_prob: float = 0.25
+    num_crossovers: int = 15
+    init_random: int = 25
+    init_mutation_prob: float = 0.1
+    max_attempts: int = 10
+    seed: int = 0
+    baselines: List[str] = field(default_factory=lambda: list(DEFAULT_BASELINES))
+    schedules: List[List[int]] = field(default_factory=list)  # your own schedules, scored alongside
+    max_consecutive_failures: int = 10
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+
+
+@dataclass
+class StorageConfig:
+    url: str = "sqlite:///autodiff_opt.db"
+    study_name: str = "${model.name}-${solver.name}-k${search.num_steps}"
+    heartbeat_interval: int = 5
+    grace_period: int = 12
+    max_retry: int = 3
+
+
+@dataclass
+class FinalConfig:
+    enabled: bool = True
+    num_samples: Optional[int] = None  # null: 2x search.num_samples
+    seed: int = 1_000_003  # fresh seeds: never the search's
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    metric: MetricConfig = field(default_factory=MetricConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    final: FinalConfig = field(default_factory=FinalConfig)
+    device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on CUDA only)
+    progress: bool = True
+    cache_dir: str = "${oc.env:AUTODIFF_OPT_CACHE,'~/.cache/autodiff_opt'}"  # reference stats, converted models
+    output_dir: str = "${hydra:runtime.output_dir}"
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, node in (("model", ModelConfig), ("dataset", DatasetConfig), ("solver", SolverConfig),
+                        ("metric", MetricConfig), ("search", SearchConfig), ("storage", StorageConfig)):
+        cs.store(group=group, name=f"base_{group}", node=node)

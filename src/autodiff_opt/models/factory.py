@@ -1,0 +1,72 @@
+"""Build the configured model: a diffusers folder as is, or a foreign checkpoint converted once and cached."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from autodiff_opt.generate import StepWrapper
+from autodiff_opt.models.base import DiffusionModel, ModelLoadError
+from autodiff_opt.models.loading import load_model
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _converted_folder(model_cfg: DictConfig, cache_dir: Path) -> Path:
+    """Convert a guided-diffusion checkpoint once; later runs reuse the diffusers folder."""
+    ckpt = Path(str(model_cfg.checkpoint)).expanduser()
+    if not ckpt.is_file():
+        hint = f" ({model_cfg.source_hint})" if model_cfg.source_hint else ""
+        raise ModelLoadError(f"model.checkpoint={ckpt} not found{hint}: download it and set model.checkpoint=/path/to/{ckpt.name}")
+    stat = ckpt.stat()
+    key = hashlib.sha256(f"{ckpt.resolve()}|{stat.st_size}|{int(stat.st_mtime)}|{model_cfg.preset}".encode()).hexdigest()[:12]
+    out = cache_dir / f"{ckpt.stem}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    if model_cfg.converter != "adm":
+        raise ModelLoadError(f"model.converter={model_cfg.converter!r} is unknown: use adm or null")
+    from autodiff_opt.models.adm.convert import convert_checkpoint
+
+    log.info("converting %s to a diffusers folder in %s", ckpt, out)
+    convert_checkpoint(str(ckpt), str(out), preset=model_cfg.preset)
+    return out
+
+
+def build_model(model_cfg: DictConfig, device: torch.device, cache_dir: str | Path = "~/.cache/autodiff_opt") -> DiffusionModel:
+    if model_cfg.dtype not in _DTYPES:
+        raise ModelLoadError(f"model.dtype={model_cfg.dtype!r}: use one of {sorted(_DTYPES)}")
+    pretrained = str(model_cfg.pretrained)
+    if model_cfg.converter:
+        pretrained = str(_converted_folder(model_cfg, Path(cache_dir).expanduser() / "converted"))
+    schedule = OmegaConf.to_container(model_cfg.noise_schedule) if model_cfg.noise_schedule else None
+    model = load_model(pretrained, name=model_cfg.name, subfolder=model_cfg.subfolder, noise_schedule=schedule,  # type: ignore[arg-type]
+                       device=device, dtype=_DTYPES[model_cfg.dtype])
+    if model_cfg.classifier:
+        attach_classifier(model, model_cfg, device)
+    return model
+
+
+def attach_classifier(model: DiffusionModel, model_cfg: DictConfig, device: torch.device) -> None:
+    """Classifier guidance (ADM): eps <- eps - sqrt(1 - alpha_bar) * s * grad log p(y | x_t, t)."""
+    path = Path(str(model_cfg.classifier)).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"model.classifier={path} not found: download it and set model.classifier=/path/to/{path.name}, or model.classifier=null")
+    from autodiff_opt.models.adm.classifier import load_classifier
+
+    model.extras["classifier"] = load_classifier(str(path), preset=model_cfg.preset).to(device).eval()
+    model.extras["classifier_scale"] = float(model_cfg.classifier_scale)
+
+
+def step_wrapper_for(model_cfg: DictConfig, model: DiffusionModel) -> StepWrapper | None:
+    """Per-step layer skipping for genomes with masks (stage 2); None when nothing needs wrapping."""
+    try:
+        from autodiff_opt.arch import per_step_skipping
+    except ImportError:
+        return None
+    return per_step_skipping(model.unet)

@@ -1,0 +1,50 @@
+"""The best schedule as JSON, with a snippet that applies it with plain diffusers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from autodiff_opt.search.genome import Genome
+
+_SNIPPET = '''# Apply the searched schedule with plain diffusers ({solver}).
+import torch
+from diffusers import DPMSolverMultistepScheduler, UNet2DModel
+
+unet = UNet2DModel.from_pretrained("{model}"{subfolder}).eval()
+scheduler = DPMSolverMultistepScheduler.from_pretrained("{model}"{sched_subfolder},
+    algorithm_type="dpmsolver++", solver_order={order}, final_sigmas_type="zero", lower_order_final=True)
+scheduler.set_timesteps(timesteps={timesteps})
+x = torch.randn(16, *{shape}, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    for t in scheduler.timesteps:
+        eps = unet(x, t{labels}).sample[:, :{channels}]
+        x = scheduler.step(eps, t, x).prev_sample
+images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+'''
+
+
+def diffusers_snippet(genome: Genome, model: str, solver: str, shape: tuple[int, ...], num_classes: int | None,
+                      subfolder: str | None = None) -> str:
+    """DPM-Solver++ with order 1 is DDIM (eta=0); order 2 is DPM-Solver++(2M) (without x0 clipping)."""
+    return _SNIPPET.format(
+        solver=solver, model=model, timesteps=list(genome.timesteps), shape=tuple(shape), channels=shape[0],
+        order=1 if solver == "ddim" else 2,
+        subfolder=f', subfolder="{subfolder}"' if subfolder else "",
+        sched_subfolder=', subfolder="scheduler"' if subfolder == "unet" else "",
+        labels=", class_labels=torch.randint(0, %d, (16,))" % num_classes if num_classes else "",
+    )
+
+
+def export_schedule(path: str | Path, genome: Genome, info: dict[str, Any], layer_names: list[str] | None = None) -> dict[str, Any]:
+    """Write the schedule JSON: steps, per-step skipped layers (ids and names), and how it was found."""
+    doc: dict[str, Any] = {
+        "timesteps": list(genome.timesteps),
+        "skipped_layers": [sorted(s) for s in genome.skips],
+        **info,
+    }
+    if layer_names is not None:
+        doc["skipped_layer_names"] = [[layer_names[i] for i in sorted(s)] for s in genome.skips]
+    Path(path).write_text(json.dumps(doc, indent=2))
+    return doc

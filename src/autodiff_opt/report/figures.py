@@ -1,0 +1,50 @@
+"""Plotly figures of a study: the search history against the baselines, and the schedules side by side."""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.graph_objects as go
+
+
+def history_figure(trials: pd.DataFrame) -> go.Figure:
+    """FID of every candidate by trial number, coloured by generation; best so far; baselines as lines."""
+    done = trials[trials.state == "COMPLETE"].sort_values("trial")
+    fig = go.Figure()
+    searched = done[done.baseline.isna()]
+    fig.add_trace(go.Scatter(
+        x=searched.trial, y=searched.fid, mode="markers", name="candidates",
+        marker={"color": searched.generation, "colorscale": "Viridis", "showscale": True,
+                "colorbar": {"title": "generation"}, "size": 6},
+        text=[f"steps {s}<br>{op}" for s, op in zip(searched.timesteps, searched.operator)],
+        hovertemplate="trial %{x}<br>FID %{y:.3f}<br>%{text}<extra></extra>",
+    ))
+    fig.add_trace(go.Scatter(x=done.trial, y=done.fid.cummin(), mode="lines", name="best so far",
+                             line={"color": "black"}))
+    for _, row in done[done.baseline.notna()].iterrows():
+        fig.add_hline(y=row.fid, line_dash="dash", line_color="firebrick", opacity=0.6,
+                      annotation_text=f"{row.baseline} {row.timesteps}", annotation_position="top right")
+    fig.update_layout(title="Search history (same seeds for every candidate)", xaxis_title="trial",
+                      yaxis_title="FID (search samples)", yaxis_type="log", template="plotly_white")
+    return fig
+
+
+def schedules_figure(final: pd.DataFrame, num_train_timesteps: int) -> go.Figure:
+    """Each schedule's time steps on one axis, labelled with its FID on fresh seeds."""
+    fig = go.Figure()
+    ordered = final.sort_values("fid_final", ascending=False)
+    for _, row in ordered.iterrows():
+        label = f"{row.schedule} (FID {row.fid_final:.2f})"
+        fig.add_trace(go.Scatter(x=row.timesteps, y=[label] * len(row.timesteps), mode="markers+lines",
+                                 name=row.schedule, marker={"size": 11, "symbol": "diamond" if row.kind == "searched" else "circle"}))
+    fig.update_layout(title="Schedules (final evaluation on fresh seeds)", xaxis_title="time step t",
+                      xaxis_range=[-20, num_train_timesteps + 20], showlegend=False, template="plotly_white")
+    return fig
+
+
+def final_figure(final: pd.DataFrame) -> go.Figure:
+    ordered = final.sort_values("fid_final")
+    colors = ["seagreen" if k == "searched" else "steelblue" for k in ordered.kind]
+    fig = go.Figure(go.Bar(x=ordered.schedule, y=ordered.fid_final, marker_color=colors,
+                           text=[f"{v:.2f}" for v in ordered.fid_final], textposition="outside"))
+    fig.update_layout(title="FID on fresh seeds, same NFE", yaxis_title="FID", template="plotly_white")
+    return fig

@@ -1,0 +1,76 @@
+"""Honest final comparison: the best candidate and every baseline re-scored on fresh seeds, more samples."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from autodiff_opt.generate import SampleSet
+from autodiff_opt.search.genome import Genome
+from autodiff_opt.search.objective import evaluate
+from autodiff_opt.search.sampler import genome_of
+
+if TYPE_CHECKING:
+    from autodiff_opt.search.runner import Experiment
+
+log = logging.getLogger(__name__)
+
+FINAL_ATTR = "autodiff:final"
+
+
+def search_fid_by_genome(study: optuna.Study) -> dict[str, float]:
+    """Search-time FID of every completed genome (key -> value)."""
+    out: dict[str, float] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        genome = genome_of(t)
+        if genome is not None and t.value is not None:
+            out[genome.key()] = float(t.value)
+    return out
+
+
+def best_genome(study: optuna.Study) -> Genome:
+    best = study.best_trial
+    genome = genome_of(best)
+    if genome is None:
+        raise RuntimeError(f"best trial {best.number} has no genome attribute: was the study made by autodiff-opt?")
+    return genome
+
+
+def final_candidates(study: optuna.Study, exp: "Experiment") -> dict[str, Genome]:
+    candidates = {"searched": best_genome(study)}
+    candidates.update(exp.baselines)
+    return candidates
+
+
+def final_evaluation(study: optuna.Study, exp: "Experiment") -> pd.DataFrame:
+    """Scores once per study and setting; stored in the study so workers and reruns reuse it."""
+    cfg = exp.cfg
+    num_samples = int(cfg.final.num_samples or 2 * cfg.search.num_samples)
+    setting = {"num_samples": num_samples, "seed": int(cfg.final.seed), "best_trial": study.best_trial.number}
+    stored = study.user_attrs.get(FINAL_ATTR)
+    if stored and stored.get("setting") == setting:
+        log.info("final evaluation already in the study: reused")
+        return pd.DataFrame(stored["rows"])
+    if cfg.final.seed == cfg.search.seed:
+        raise ValueError("final.seed equals search.seed: the final comparison needs fresh seeds")
+    samples = SampleSet.draw(num_samples, exp.model.sample_shape, exp.model.num_classes, int(cfg.final.seed))
+    search_fid = search_fid_by_genome(study)
+    rows: list[dict[str, Any]] = []
+    for name, genome in final_candidates(study, exp).items():
+        log.info("final evaluation of %s %s on %d fresh samples", name, list(genome.timesteps), num_samples)
+        result = evaluate(exp.generator, exp.scorer, exp.reference, samples, genome)
+        rows.append({
+            "schedule": name, "kind": "searched" if name == "searched" else "baseline",
+            "timesteps": list(genome.timesteps), "skipped_layers": sum(len(s) for s in genome.skips),
+            "nfe": genome.num_steps, "fid_search": search_fid.get(genome.key()),
+            "fid_final": result["fid"], "seconds": round(result["gen_seconds"] + result["fid_seconds"], 3),
+        })
+    table = pd.DataFrame(rows)
+    best_baseline = table.loc[table.kind == "baseline", "fid_final"].min() if (table.kind == "baseline").any() else float("nan")
+    table["ratio_to_best_baseline"] = table["fid_final"] / best_baseline
+    study.set_user_attr(FINAL_ATTR, {"setting": setting, "rows": table.to_dict(orient="records")})
+    return table

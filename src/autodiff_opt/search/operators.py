@@ -1,0 +1,55 @@
+"""Stage-1 evolution operators on time steps; every child keeps K distinct steps, each with its mask."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from autodiff_opt.search.genome import Genome
+
+
+def random_genome(num_steps: int, num_train_timesteps: int, rng: np.random.Generator) -> Genome:
+    """K distinct time steps drawn uniformly from [0, T-1]."""
+    steps = rng.choice(num_train_timesteps, size=num_steps, replace=False)
+    return Genome.from_steps(int(t) for t in steps)
+
+
+def _unused_step(used: set[int], num_train_timesteps: int, rng: np.random.Generator) -> int:
+    while True:
+        t = int(rng.integers(num_train_timesteps))
+        if t not in used:
+            return t
+
+
+def mutate(genome: Genome, prob: float, num_train_timesteps: int, rng: np.random.Generator) -> Genome:
+    """Replace each step with probability `prob` by a step not already in the candidate; masks stay by position."""
+    steps = list(genome.timesteps)
+    used = set(steps)
+    for i in range(len(steps)):
+        if rng.random() < prob:
+            used.discard(steps[i])
+            steps[i] = _unused_step(used, num_train_timesteps, rng)
+            used.add(steps[i])
+    return Genome.from_steps(steps, [sorted(s) for s in genome.skips])
+
+
+def crossover(a: Genome, b: Genome, num_train_timesteps: int, rng: np.random.Generator) -> Genome:
+    """Uniform crossover of two equal-length parents: each position (step and its mask) from either parent.
+
+    A step already taken by an earlier position is replaced by the other parent's step there, or else by
+    an unused random step, so the child never silently loses a step (a defect of the authors' code).
+    """
+    if a.num_steps != b.num_steps:
+        raise ValueError(f"stage-1 crossover needs parents of equal K, got {a.num_steps} and {b.num_steps}")
+    steps: list[int] = []
+    masks: list[list[int]] = []
+    for i in range(a.num_steps):
+        first, second = (a, b) if rng.random() < 0.5 else (b, a)
+        for parent in (first, second):
+            if parent.timesteps[i] not in steps:
+                steps.append(parent.timesteps[i])
+                masks.append(sorted(parent.skips[i]))
+                break
+        else:
+            steps.append(_unused_step(set(steps), num_train_timesteps, rng))
+            masks.append(sorted(first.skips[i]))
+    return Genome.from_steps(steps, masks)

@@ -1,0 +1,209 @@
+"""The whole experiment: load, open or resume the study, search, score on fresh seeds, report."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
+from tqdm.auto import tqdm
+
+from autodiff_opt.generate import ImageGenerator, SampleSet
+from autodiff_opt.metrics.fid import FIDScorer, FIDStats
+from autodiff_opt.metrics.reference import check_reference, reference_statistics
+from autodiff_opt.models.base import DiffusionModel
+from autodiff_opt.search.final import final_evaluation
+from autodiff_opt.search.genome import Genome, GenomeError, validate_timesteps
+from autodiff_opt.search.objective import Objective
+from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig
+from autodiff_opt.search.space import SearchSpace, genome_params
+from autodiff_opt.search.study import make_storage, open_study
+from autodiff_opt.solvers import heuristic_schedule
+from autodiff_opt.utils import pick_device
+
+log = logging.getLogger(__name__)
+
+SEEDED_ATTR = "autodiff:seeded"
+
+
+class ConfigError(ValueError):
+    """A setting is wrong; the message names it and the fix."""
+
+
+@dataclass
+class Experiment:
+    """Everything a search needs, built once per process."""
+
+    cfg: DictConfig
+    model: DiffusionModel
+    scorer: FIDScorer
+    reference: FIDStats
+    space: SearchSpace
+    generator: ImageGenerator
+    samples: SampleSet
+    baselines: dict[str, Genome] = field(default_factory=dict)
+
+
+def evolution_config(search: DictConfig) -> EvolutionConfig:
+    keys = ("population", "num_parents", "num_mutants", "mutation_prob", "num_crossovers",
+            "init_random", "init_mutation_prob", "max_attempts")
+    return EvolutionConfig(**{k: search[k] for k in keys})
+
+
+def baseline_genomes(cfg: DictConfig, alphas_cumprod: Any, T: int) -> dict[str, Genome]:
+    """Heuristic schedules at the search's K, then the user's own schedules (validated)."""
+    K = cfg.search.num_steps
+    out = {name: Genome.from_steps(heuristic_schedule(name, K, alphas_cumprod)) for name in cfg.search.baselines}
+    for i, steps in enumerate(cfg.search.schedules):
+        steps = [int(t) for t in steps]
+        try:
+            validate_timesteps(steps, T)
+        except GenomeError as err:
+            raise ConfigError(f"search.schedules[{i}]={steps}: {err}") from err
+        out[f"user{i}"] = Genome(tuple(steps))
+    return out
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Checks that need no model: fail before any work."""
+    if cfg.search.num_steps < 1:
+        raise ConfigError(f"search.num_steps={cfg.search.num_steps}: K must be at least 1")
+    if cfg.search.num_samples < 2:
+        raise ConfigError(f"search.num_samples={cfg.search.num_samples}: FID needs at least 2 samples (use thousands)")
+    for i, steps in enumerate(cfg.search.schedules):
+        if len(steps) != cfg.search.num_steps:
+            raise ConfigError(f"search.schedules[{i}] has {len(steps)} steps but search.num_steps={cfg.search.num_steps}")
+
+
+def build_experiment(cfg: DictConfig) -> Experiment:
+    from autodiff_opt.models.factory import build_model
+
+    check_config(cfg)
+    device = pick_device(cfg.device)
+    model = build_model(cfg.model, device, cfg.cache_dir)
+    T = model.num_train_timesteps
+    if cfg.search.num_steps > T:
+        raise ConfigError(f"search.num_steps={cfg.search.num_steps} exceeds the model's T={T}: use K <= T")
+    baselines = baseline_genomes(cfg, model.alphas_cumprod, T)
+    scorer = FIDScorer(cfg.metric.feature_extractor, cfg.metric.feature_layer, cfg.metric.weights_path,
+                       device=device, batch_size=cfg.metric.batch_size, allow_download=cfg.metric.allow_download)
+    image_shape = (3 if model.decode is not None else model.sample_shape[0], *model.sample_shape[1:])
+    reference = reference_statistics(cfg.dataset.reference, scorer, cfg.cache_dir, cfg.dataset.max_images)
+    check_reference(reference, scorer, image_shape, cfg.dataset.reference)
+    from autodiff_opt.models.factory import step_wrapper_for
+
+    generator = ImageGenerator(model, cfg.solver.name, cfg.solver.clip_x0, cfg.search.batch_size, cfg.precision,
+                               step_wrapper=step_wrapper_for(cfg.model, model))
+    samples = SampleSet.draw(cfg.search.num_samples, model.sample_shape, model.num_classes, cfg.search.seed)
+    space = SearchSpace(cfg.search.num_steps, T)
+    return Experiment(cfg, model, scorer, reference, space, generator, samples, baselines)
+
+
+def study_signature(cfg: DictConfig, space: SearchSpace) -> dict[str, Any]:
+    """What must match for a study to be resumed: a study never mixes search spaces."""
+    return {
+        "num_steps": space.num_steps, "num_train_timesteps": space.num_train_timesteps,
+        "model": cfg.model.pretrained, "checkpoint": cfg.model.checkpoint, "solver": cfg.solver.name,
+        "clip_x0": cfg.solver.clip_x0, "feature_extractor": cfg.metric.feature_extractor,
+        "feature_layer": cfg.metric.feature_layer, "reference": cfg.dataset.reference,
+        "num_samples": cfg.search.num_samples, "seed": cfg.search.seed, "population": cfg.search.population,
+        "stage2": cfg.search.stage2.enabled,
+    }
+
+
+def seed_study(study: optuna.Study, exp: Experiment) -> None:
+    """Enqueue the heuristic schedules once, as the first candidates of generation 0."""
+    if study.system_attrs.get(SEEDED_ATTR):
+        return
+    for name, genome in exp.baselines.items():
+        study.enqueue_trial(genome_params(genome, exp.space), user_attrs={"baseline": name}, skip_if_exists=True)
+    study._storage.set_study_system_attr(study._study_id, SEEDED_ATTR, True)
+
+
+def recover_stale_trials(study: optuna.Study, cfg: DictConfig) -> None:
+    """A RUNNING trial left by a killed process is failed once its heartbeat is stale, then retried."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if not running or not cfg.storage.heartbeat_interval or cfg.storage.url.startswith("journal:"):
+        return
+    log.info("%d trial(s) still RUNNING: waiting up to %ds for their heartbeat to go stale", len(running),
+             cfg.storage.grace_period + cfg.storage.heartbeat_interval)
+    deadline = time.monotonic() + cfg.storage.grace_period + 2 * cfg.storage.heartbeat_interval
+    while time.monotonic() < deadline:
+        optuna.storages.fail_stale_trials(study)
+        if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            break
+        time.sleep(1.0)
+
+
+def _finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+class _Progress:
+    """A tqdm bar over candidates, and a guard that stops a study whose candidates all fail."""
+
+    def __init__(self, total: int, done: int, max_failures: int, enabled: bool) -> None:
+        self.bar = tqdm(total=total, initial=done, desc="candidates", unit="cand", disable=not enabled)
+        self.total, self.max_failures, self.failures = total, max_failures, 0
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state == TrialState.COMPLETE:
+            self.failures = 0
+            self.bar.update(1)
+            self.bar.set_postfix(best=f"{study.best_value:.3f}", gen=trial.system_attrs.get("autodiff:generation"))
+        elif trial.state == TrialState.FAIL:
+            self.failures += 1
+            if self.failures >= self.max_failures:
+                study.stop()
+                raise RuntimeError(
+                    f"{self.failures} candidates failed in a row (last: {trial.user_attrs.get('fail_reason')}):"
+                    " the setup is broken, not the candidates; finished trials are kept in the study"
+                )
+        if _finished(study) >= self.total:
+            study.stop()
+
+
+def run_search(study: optuna.Study, exp: Experiment) -> None:
+    cfg = exp.cfg
+    total = cfg.search.population * cfg.search.generations
+    done = _finished(study)
+    if done >= total:
+        log.info("study %s already has %d/%d candidates: search done", study.study_name, done, total)
+        return
+    progress = _Progress(total, done, cfg.search.max_consecutive_failures, cfg.progress)
+    objective = Objective(exp.generator, exp.scorer, exp.reference, exp.samples, exp.space)
+    try:
+        study.optimize(objective, callbacks=[progress], catch=(Exception,), gc_after_trial=False)
+    finally:
+        progress.bar.close()
+
+
+def run(cfg: DictConfig) -> pd.DataFrame:
+    """The default experiment end to end; returns the final comparison table."""
+    from autodiff_opt.report import write_report
+
+    exp = build_experiment(cfg)
+    sampler = AutoDiffusionSampler(exp.space, evolution_config(cfg.search), anchor=exp.baselines.get("ddim_uniform"),
+                                   seed=cfg.search.seed)
+    storage = make_storage(cfg.storage.url, cfg.storage.heartbeat_interval, cfg.storage.grace_period, cfg.storage.max_retry)
+    study = open_study(storage, cfg.storage.study_name, study_signature(cfg, exp.space), sampler)
+    log.info("study %s in %s: %d trials so far", study.study_name, cfg.storage.url, len(study.trials))
+    recover_stale_trials(study, cfg)
+    seed_study(study, exp)
+    t0 = time.perf_counter()
+    run_search(study, exp)
+    log.info("search took %.1fs", time.perf_counter() - t0)
+    table = final_evaluation(study, exp) if cfg.final.enabled else None
+    out_dir = Path(cfg.output_dir)
+    write_report(study, exp, table, out_dir)
+    return table if table is not None else pd.DataFrame()
+
+
+def config_to_dict(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,220 @@
+"""AutoDiffusion's evolutionary search as an Optuna sampler, with all of its state in the storage.
+
+Each trial is one candidate. Its genome, generation, slot, operator and parents are trial system
+attributes; the parents of generation g (the top-k completed candidates of generations < g, the
+authors' archive) are cached once in the study's system attributes. Nothing lives only in process
+memory, so a killed run resumes and several workers can share one study.
+
+Slots of generation 0: enqueued seeds (heuristic schedules) first, then mutants of the anchor
+(uniform) schedule, the last ``init_random`` slots random. Slots of later generations: ``num_mutants``
+mutants, ``num_crossovers`` crossovers, the rest random. Already-seen genomes are rejected.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.samplers import BaseSampler, RandomSampler
+from optuna.study import Study, StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from autodiff_opt.search import operators
+from autodiff_opt.search.genome import Genome
+from autodiff_opt.search.space import (
+    GENERATION_ATTR,
+    GENOME_ATTR,
+    OPERATOR_ATTR,
+    PARENTS_ATTR,
+    SLOT_ATTR,
+    STAGE_ATTR,
+    SearchSpace,
+    genome_from_params,
+    step_param,
+)
+
+log = logging.getLogger(__name__)
+
+PARENT_CACHE_PREFIX = "autodiff:parents_of_generation:"
+
+
+@dataclass(frozen=True)
+class EvolutionConfig:
+    """The authors' defaults: population 50, archive of the 10 best, 25 mutants, 15 crossovers."""
+
+    population: int = 50
+    num_parents: int = 10
+    num_mutants: int = 25
+    mutation_prob: float = 0.25
+    num_crossovers: int = 15
+    init_random: int = 25
+    init_mutation_prob: float = 0.1
+    max_attempts: int = 10
+
+    def __post_init__(self) -> None:
+        if self.population < 1 or self.num_parents < 1:
+            raise ValueError("search.population and search.num_parents must be >= 1")
+        if self.num_mutants + self.num_crossovers > self.population:
+            raise ValueError(
+                f"search.num_mutants + search.num_crossovers = {self.num_mutants + self.num_crossovers}"
+                f" exceeds search.population = {self.population}"
+            )
+        if not 0 <= self.init_random <= self.population:
+            raise ValueError(f"search.init_random={self.init_random} must be in [0, population]")
+
+
+def generation_of(trial: FrozenTrial) -> int | None:
+    return trial.system_attrs.get(GENERATION_ATTR)
+
+
+def genome_of(trial: FrozenTrial) -> Genome | None:
+    stored = trial.system_attrs.get(GENOME_ATTR)
+    return Genome.from_json(stored) if stored is not None else None
+
+
+class AutoDiffusionSampler(BaseSampler):
+    """Two-stage evolutionary sampler (stage 1: time steps; stage 2 adds per-step layer skipping)."""
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        evolution: EvolutionConfig | None = None,
+        anchor: Genome | None = None,
+        seed: int | None = None,
+        stage2: Any | None = None,
+    ) -> None:
+        self.space = space
+        self.evolution = evolution or EvolutionConfig()
+        self.anchor = anchor
+        self._seed = seed if seed is not None else int(np.random.SeedSequence().entropy % (2**31))
+        self.stage2 = stage2
+        self._fallback = RandomSampler(seed=self._seed)
+
+    # --- Optuna's sampler interface -------------------------------------------------------
+    def reseed_rng(self) -> None:
+        """Called per worker process by Optuna: every worker draws its own candidates."""
+        self._seed = int(np.random.SeedSequence().entropy % (2**31))
+        self._fallback.reseed_rng()
+
+    def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return {}
+
+    def sample_relative(self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return {}
+
+    def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution) -> Any:
+        genome = genome_of(trial)
+        if genome is not None:
+            if param_name == "num_steps":
+                return genome.num_steps
+            for i, t in enumerate(genome.timesteps):
+                if param_name == step_param(i):
+                    return t
+        log.debug("param %s is not part of the genome: sampled at random", param_name)
+        return self._fallback.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
+        if GENOME_ATTR in trial.system_attrs:  # a retry of a stale trial: same genome, same slot
+            return
+        if study.direction != StudyDirection.MINIMIZE:
+            raise ValueError("AutoDiffusionSampler minimises FID: create the study with direction='minimize'")
+        trials = study.get_trials(deepcopy=False)
+        generation, slot = self._next_slot(trials)
+        rng = np.random.default_rng([self._seed, trial.number])
+        fixed = trial.system_attrs.get("fixed_params")
+        if fixed is not None:
+            genome = genome_from_params(fixed, self.space, trial.user_attrs.get("skips"))
+            operator, parents = "enqueued", []
+        else:
+            seen = {t.system_attrs[GENOME_ATTR] for t in trials if GENOME_ATTR in t.system_attrs}
+            genome, operator, parents = self._make(study, trials, generation, slot, seen, rng)
+        attrs = {GENOME_ATTR: genome.key(), GENERATION_ATTR: generation, SLOT_ATTR: slot,
+                 OPERATOR_ATTR: operator, PARENTS_ATTR: parents, STAGE_ATTR: 1}
+        for key, value in attrs.items():
+            study._storage.set_trial_system_attr(trial._trial_id, key, value)
+
+    # --- generations ----------------------------------------------------------------------
+    def _next_slot(self, trials: Sequence[FrozenTrial]) -> tuple[int, int]:
+        """The lowest free slot of the current generation; failed trials free their slot."""
+        live = [t for t in trials if t.state != TrialState.FAIL and generation_of(t) is not None]
+        counts = Counter(generation_of(t) for t in live)
+        generation = max(counts) if counts else 0
+        if counts[generation] >= self.evolution.population:
+            generation += 1
+        used = {t.system_attrs.get(SLOT_ATTR) for t in live if generation_of(t) == generation}
+        slot = next(s for s in range(self.evolution.population + len(used) + 1) if s not in used)
+        return generation, slot
+
+    def parents(self, study: Study, trials: Sequence[FrozenTrial], generation: int) -> list[FrozenTrial]:
+        """Top-k completed candidates of earlier generations, fixed (cached in storage) per generation."""
+        key = f"{PARENT_CACHE_PREFIX}{generation}"
+        cached = study._storage.get_study_system_attrs(study._study_id).get(key)
+        by_number = {t.number: t for t in trials}
+        if cached is not None:
+            return [by_number[n] for n in cached if n in by_number]
+        done = [t for t in trials if t.state == TrialState.COMPLETE and (generation_of(t) or 0) < generation
+                and t.value is not None and np.isfinite(t.value)]
+        top = sorted(done, key=lambda t: (t.value, t.number))[: self.evolution.num_parents]
+        study._storage.set_study_system_attr(study._study_id, key, [t.number for t in top])
+        return top
+
+    def _make(self, study: Study, trials: Sequence[FrozenTrial], generation: int, slot: int,
+              seen: set[str], rng: np.random.Generator) -> tuple[Genome, str, list[int]]:
+        evo, T = self.evolution, self.space.num_train_timesteps
+        parents = self.parents(study, trials, generation) if generation > 0 else []
+        operator = self._operator(generation, slot, len(parents))
+        for _ in range(evo.max_attempts):
+            genome, used = self._apply(operator, parents, rng)
+            if genome.key() not in seen:
+                return genome, operator, used
+        fallback = "mutation" if parents else "random"
+        log.debug("operator %s gave only seen genomes in %d attempts: %s instead", operator, evo.max_attempts, fallback)
+        while True:
+            genome, used = self._apply(fallback, parents, rng)
+            if genome.key() not in seen:
+                return genome, fallback, used
+            fallback = "random"
+
+    def _operator(self, generation: int, slot: int, num_parents: int) -> str:
+        evo = self.evolution
+        if generation == 0:
+            mutant_slots = evo.population - evo.init_random
+            return "anchor_mutation" if self.anchor is not None and slot < mutant_slots else "random"
+        if num_parents >= 1 and slot < evo.num_mutants:
+            return "mutation"
+        if num_parents >= 2 and slot < evo.num_mutants + evo.num_crossovers:
+            return "crossover"
+        return "random"
+
+    def _apply(self, operator: str, parents: Sequence[FrozenTrial], rng: np.random.Generator) -> tuple[Genome, list[int]]:
+        evo, T = self.evolution, self.space.num_train_timesteps
+        if operator == "anchor_mutation":
+            assert self.anchor is not None
+            return operators.mutate(self.anchor, evo.init_mutation_prob, T, rng), []
+        if operator == "mutation":
+            parent = parents[int(rng.integers(len(parents)))]
+            return operators.mutate(genome_of(parent) or self._params_genome(parent), evo.mutation_prob, T, rng), [parent.number]
+        if operator == "crossover":
+            i, j = rng.choice(len(parents), size=2, replace=False)
+            a, b = parents[int(i)], parents[int(j)]
+            child = operators.crossover(genome_of(a) or self._params_genome(a), genome_of(b) or self._params_genome(b), T, rng)
+            return child, [a.number, b.number]
+        return operators.random_genome(self.space.num_steps, T, rng), []
+
+    def _params_genome(self, trial: FrozenTrial) -> Genome:
+        return genome_from_params(trial.params, self.space)
+
+
+def count_by_generation(study: optuna.Study) -> dict[int, int]:
+    """Completed candidates per generation (for reports and tests)."""
+    counts: Counter[int] = Counter()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        g = generation_of(t)
+        if g is not None:
+            counts[g] += 1
+    return dict(sorted(counts.items()))

@@ -1,0 +1,89 @@
+"""The search space, the genome <-> Optuna trial mapping, and the study's signature."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import optuna
+
+from autodiff_opt.search.genome import Genome
+
+GENOME_ATTR = "autodiff:genome"
+GENERATION_ATTR = "autodiff:generation"
+SLOT_ATTR = "autodiff:slot"
+OPERATOR_ATTR = "autodiff:operator"
+STAGE_ATTR = "autodiff:stage"
+PARENTS_ATTR = "autodiff:parents"
+SIGNATURE_ATTR = "autodiff:signature"
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """K time steps out of T; k_min/k_max > K only in stage 2, where a compute budget may buy steps."""
+
+    num_steps: int
+    num_train_timesteps: int
+    k_min: int | None = None
+    k_max: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_steps <= self.num_train_timesteps:
+            raise ValueError(
+                f"search.num_steps={self.num_steps} must be between 1 and T={self.num_train_timesteps}"
+            )
+
+    @property
+    def min_steps(self) -> int:
+        return self.k_min or self.num_steps
+
+    @property
+    def max_steps(self) -> int:
+        return self.k_max or self.num_steps
+
+    @property
+    def variable_k(self) -> bool:
+        return self.min_steps != self.max_steps
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def step_param(i: int) -> str:
+    return f"t{i}"
+
+
+def genome_params(genome: Genome, space: SearchSpace) -> dict[str, int]:
+    """The Optuna params of a genome: t0..t{K-1} (descending), plus num_steps when K varies."""
+    params = {step_param(i): t for i, t in enumerate(genome.timesteps)}
+    if space.variable_k:
+        params["num_steps"] = genome.num_steps
+    return params
+
+
+def genome_from_params(params: dict[str, Any], space: SearchSpace, skips: list[list[int]] | None = None) -> Genome:
+    k = int(params.get("num_steps", space.num_steps))
+    steps = [int(params[step_param(i)]) for i in range(k)]
+    return Genome.from_steps(steps, skips)
+
+
+def trial_system_attrs(trial: optuna.trial.Trial | optuna.trial.FrozenTrial) -> dict[str, Any]:
+    if isinstance(trial, optuna.trial.FrozenTrial):
+        return trial.system_attrs
+    return trial.storage.get_trial_system_attrs(trial._trial_id)
+
+
+def suggest_genome(trial: optuna.trial.Trial, space: SearchSpace) -> Genome:
+    """Ask the trial for its genome: the params make it visible in the dashboard, the masks come from attrs."""
+    k = trial.suggest_int("num_steps", space.min_steps, space.max_steps) if space.variable_k else space.num_steps
+    T = space.num_train_timesteps
+    steps = [trial.suggest_int(step_param(i), 0, T - 1) for i in range(k)]
+    stored = trial_system_attrs(trial).get(GENOME_ATTR)
+    skips = None
+    if stored is not None:
+        saved = Genome.from_json(stored)
+        if list(saved.timesteps) == sorted(steps, reverse=True):
+            skips = [sorted(s) for s in saved.skips]
+    if skips is None and "skips" in trial.user_attrs:  # an enqueued stage-2 candidate
+        skips = trial.user_attrs["skips"]
+    return Genome.from_steps(sorted(steps, reverse=True), skips).validate(T)

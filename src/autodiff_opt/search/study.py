@@ -1,0 +1,93 @@
+"""Storage and study: SQLite by default, PostgreSQL/MySQL for many workers, journal files for many local processes."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+
+from autodiff_opt.search.space import SIGNATURE_ATTR
+
+log = logging.getLogger(__name__)
+
+JOURNAL_PREFIX = "journal:"
+
+
+class StudyError(RuntimeError):
+    """The study cannot be opened as configured; the message says what to change."""
+
+
+def _retry_callback(max_retry: int) -> Any:
+    cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+    return cls(max_retry=max_retry)
+
+
+def _rdb_storage(url: str, heartbeat_interval: int | None, grace_period: int | None, max_retry: int) -> RDBStorage:
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    else:
+        kwargs["engine_kwargs"] = {"pool_pre_ping": True}
+    if heartbeat_interval:
+        callback_kw = ("heartbeat_stale_trial_callback"
+                       if "heartbeat_stale_trial_callback" in inspect.signature(RDBStorage).parameters
+                       else "failed_trial_callback")
+        kwargs.update(heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                      **{callback_kw: _retry_callback(max_retry)})
+    return RDBStorage(url, **kwargs)
+
+
+def make_storage(
+    url: str, heartbeat_interval: int | None = 5, grace_period: int | None = 20, max_retry: int = 3
+) -> BaseStorage:
+    """'sqlite:///file.db', 'postgresql://user@host/db', or 'journal:/path/file.log'; a clear error when unreachable."""
+    try:
+        if url.startswith(JOURNAL_PREFIX):
+            from optuna.storages.journal import JournalFileBackend
+
+            path = Path(url[len(JOURNAL_PREFIX):]).expanduser()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(path)))
+        if url.startswith("sqlite:///"):
+            Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        return _rdb_storage(url, heartbeat_interval, grace_period, max_retry)
+    except Exception as err:
+        raise StudyError(
+            f"storage.url={_redact(url)} cannot be opened ({type(err).__name__}: {str(err).splitlines()[0][:200]}):"
+            " check the URL, that the database server is running and reachable, and the credentials"
+        ) from err
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def open_study(
+    storage: BaseStorage, study_name: str, signature: dict[str, Any], sampler: optuna.samplers.BaseSampler
+) -> optuna.Study:
+    """Create the study or resume it; refuse one whose search space (K, T, model, metric, ...) differs."""
+    study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
+                                direction="minimize", load_if_exists=True)
+    stored = study.user_attrs.get(SIGNATURE_ATTR)
+    wanted = json.loads(json.dumps(signature))
+    if stored is None:
+        if study.trials:
+            raise StudyError(f"study {study_name!r} exists but was not made by autodiff-opt: use another storage.study_name")
+        study.set_user_attr(SIGNATURE_ATTR, wanted)
+        return study
+    diff = {k: (stored.get(k), wanted.get(k)) for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)}
+    if diff:
+        detail = "; ".join(f"{k}: study has {a!r}, config has {b!r}" for k, (a, b) in diff.items())
+        raise StudyError(
+            f"study {study_name!r} was created with another search space ({detail}): use another"
+            " storage.study_name, or the original settings to resume it"
+        )
+    return study
