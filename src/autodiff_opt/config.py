@@ -107,6 +107,7 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     final: FinalConfig = field(default_factory=FinalConfig)
+    imports: List[str] = field(default_factory=list)  # modules imported first (e.g. to register a feature extractor)
     device: str = "auto"
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on CUDA only)
     progress: bool = True

@@ -49,10 +49,10 @@ def _alphas_cumprod(scheduler_config: dict[str, Any]) -> torch.Tensor:
     return torch.cumprod(1.0 - scheduler.betas.to(torch.float64), dim=0)
 
 
-def _load_unet(source: str, subfolder: str | None, local_only: bool) -> torch.nn.Module:
+def _load_unet(source: str, subfolder: str | None, local_only: bool, dtype: torch.dtype) -> torch.nn.Module:
     import diffusers
 
-    kwargs: dict[str, Any] = {"local_files_only": local_only}
+    kwargs: dict[str, Any] = {"local_files_only": local_only, "low_cpu_mem_usage": False, "torch_dtype": dtype}
     if subfolder:
         kwargs["subfolder"] = subfolder
     config_path = Path(source) / (subfolder or "") / "config.json"
@@ -124,7 +124,7 @@ def load_model(
             raise ModelLoadError(f"model.pretrained={pretrained!r}: no such file or directory")
         root = _fetch_hub(ref)
     source, unet_sub, unet_dir = _local_parts(root, subfolder)
-    unet = _load_unet(source, unet_sub, local_only=True).to(device=device, dtype=dtype).eval()
+    unet = _load_unet(source, unet_sub, local_only=True, dtype=dtype).to(device=device).eval()
     unet.requires_grad_(False)
     sched = _scheduler_config(unet_dir, noise_schedule)
     config = unet.config

@@ -81,10 +81,22 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"search.schedules[{i}] has {len(steps)} steps but search.num_steps={cfg.search.num_steps}")
 
 
+def import_plugins(modules: list[str]) -> None:
+    """Import user modules named in `imports` (they may register feature extractors with torch-fidelity)."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ConfigError(f"imports: cannot import {name!r} ({err}): check the name and PYTHONPATH") from err
+
+
 def build_experiment(cfg: DictConfig) -> Experiment:
     from autodiff_opt.models.factory import build_model
 
     check_config(cfg)
+    import_plugins(list(cfg.imports))
     device = pick_device(cfg.device)
     model = build_model(cfg.model, device, cfg.cache_dir)
     T = model.num_train_timesteps
@@ -119,7 +131,7 @@ def study_signature(cfg: DictConfig, space: SearchSpace) -> dict[str, Any]:
 
 def seed_study(study: optuna.Study, exp: Experiment) -> None:
     """Enqueue the heuristic schedules once, as the first candidates of generation 0."""
-    if study.system_attrs.get(SEEDED_ATTR):
+    if study._storage.get_study_system_attrs(study._study_id).get(SEEDED_ATTR):
         return
     for name, genome in exp.baselines.items():
         study.enqueue_trial(genome_params(genome, exp.space), user_attrs={"baseline": name}, skip_if_exists=True)
@@ -177,6 +189,8 @@ def run_search(study: optuna.Study, exp: Experiment) -> None:
         log.info("study %s already has %d/%d candidates: search done", study.study_name, done, total)
         return
     progress = _Progress(total, done, cfg.search.max_consecutive_failures, cfg.progress)
+    if cfg.progress:  # the bar says it all; Optuna's per-trial lines stay in DEBUG
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     objective = Objective(exp.generator, exp.scorer, exp.reference, exp.samples, exp.space)
     try:
         study.optimize(objective, callbacks=[progress], catch=(Exception,), gc_after_trial=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from autodiff_opt.search.space import SIGNATURE_ATTR
 
 log = logging.getLogger(__name__)
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 JOURNAL_PREFIX = "journal:"
 

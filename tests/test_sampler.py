@@ -1,0 +1,171 @@
+"""The evolutionary sampler: invariants, generation accounting, storage-held state, Optuna's interfaces."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from autodiff_opt.search import operators
+from autodiff_opt.search.genome import Genome, GenomeError
+from autodiff_opt.search.sampler import PARENT_CACHE_PREFIX, AutoDiffusionSampler, EvolutionConfig, count_by_generation, genome_of
+from autodiff_opt.search.study import make_storage
+from autodiff_opt.search.space import GENERATION_ATTR, OPERATOR_ATTR, SLOT_ATTR, SearchSpace, genome_params, suggest_genome
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SPACE = SearchSpace(num_steps=4, num_train_timesteps=1000)
+SMALL = EvolutionConfig(population=10, num_parents=4, num_mutants=5, num_crossovers=3, init_random=4)
+TARGET = (900, 600, 300, 50)
+
+
+def distance(genome: Genome) -> float:
+    return float(sum(abs(a - b) for a, b in zip(genome.timesteps, TARGET)))
+
+
+def objective(trial: optuna.Trial) -> float:
+    return distance(suggest_genome(trial, SPACE))
+
+
+def make_study(storage: str | None = None, evolution: EvolutionConfig = SMALL, seed: int = 0) -> optuna.Study:
+    sampler = AutoDiffusionSampler(SPACE, evolution, anchor=Genome((750, 500, 250, 0)), seed=seed)
+    return optuna.create_study(sampler=sampler, storage=storage, direction="minimize")
+
+
+def test_invariants_and_generation_accounting() -> None:
+    study = make_study()
+    study.enqueue_trial(genome_params(Genome((999, 749, 499, 249)), SPACE))
+    study.optimize(objective, n_trials=60)
+    genomes = [genome_of(t) for t in study.trials]
+    assert all(g is not None for g in genomes)
+    for g in genomes:
+        assert len(set(g.timesteps)) == 4 and all(0 <= t < 1000 for t in g.timesteps)
+        assert list(g.timesteps) == sorted(g.timesteps, reverse=True)
+    assert len({g.key() for g in genomes}) == 60, "an already-seen genome was evaluated again"
+    assert count_by_generation(study) == {g: 10 for g in range(6)}
+    for g in range(6):
+        slots = sorted(t.system_attrs[SLOT_ATTR] for t in study.trials if t.system_attrs[GENERATION_ATTR] == g)
+        assert slots == list(range(10))
+    ops = Counter(t.system_attrs[OPERATOR_ATTR] for t in study.trials if t.system_attrs[GENERATION_ATTR] >= 1)
+    assert ops["mutation"] + ops["crossover"] + ops["random"] == 50 and ops["mutation"] >= 25
+    first = study.trials[0]
+    assert first.system_attrs[OPERATOR_ATTR] == "enqueued" and genome_of(first).timesteps == (999, 749, 499, 249)
+
+
+def test_evolution_beats_random_search_on_a_known_objective() -> None:
+    evolved = make_study(evolution=EvolutionConfig())
+    evolved.optimize(objective, n_trials=300)
+    randoms = []
+    for seed in range(3):
+        rnd = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+        rnd.optimize(lambda t: distance(Genome.from_steps(t.suggest_int(f"t{i}", 0, 999) for i in range(4))), n_trials=300)
+        randoms.append(rnd.best_value)
+    assert evolved.best_value < 0.5 * min(randoms)
+
+
+def test_parents_are_top_k_of_earlier_generations_and_cached_in_storage(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = make_study(url)
+    study.optimize(objective, n_trials=25)
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    cached = attrs[f"{PARENT_CACHE_PREFIX}1"]
+    gen0 = [t for t in study.trials if t.system_attrs[GENERATION_ATTR] == 0]
+    assert cached == [t.number for t in sorted(gen0, key=lambda t: (t.value, t.number))[:4]]
+    for t in study.trials:
+        if t.system_attrs[OPERATOR_ATTR] == "mutation":
+            parent = t.system_attrs["autodiff:parents"][0]
+            assert parent in attrs[f"{PARENT_CACHE_PREFIX}{t.system_attrs[GENERATION_ATTR]}"]
+
+
+def test_ask_tell_interface_and_failed_trials_free_their_slot() -> None:
+    study = make_study()
+    for i in range(12):
+        trial = study.ask()
+        genome = suggest_genome(trial, SPACE)
+        if i == 3:
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            study.tell(trial, distance(genome))
+    counts = count_by_generation(study)
+    assert counts == {0: 10, 1: 1}
+    gen0_slots = sorted(t.system_attrs[SLOT_ATTR] for t in study.get_trials(states=(TrialState.COMPLETE,))
+                        if t.system_attrs[GENERATION_ATTR] == 0)
+    assert gen0_slots == list(range(10))
+
+
+def test_resume_in_new_process_objects_continues_generations(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    make_study(url).optimize(objective, n_trials=15)
+    sampler = AutoDiffusionSampler(SPACE, SMALL, anchor=Genome((750, 500, 250, 0)), seed=0)
+    resumed = optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url, sampler=sampler)
+    resumed.optimize(objective, n_trials=15)
+    assert count_by_generation(resumed) == {0: 10, 1: 10, 2: 10}
+    assert len({genome_of(t).key() for t in resumed.trials}) == 30
+
+
+def test_same_seed_gives_same_candidates() -> None:
+    a, b = make_study(seed=7), make_study(seed=7)
+    a.optimize(objective, n_trials=25)
+    b.optimize(objective, n_trials=25)
+    assert [genome_of(t).key() for t in a.trials] == [genome_of(t).key() for t in b.trials]
+
+
+def test_retry_of_a_stale_trial_keeps_genome_generation_and_slot(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    storage = make_storage(url, heartbeat_interval=1, grace_period=1)
+    sampler = AutoDiffusionSampler(SPACE, SMALL, anchor=Genome((750, 500, 250, 0)), seed=0)
+    study = optuna.create_study(storage=storage, sampler=sampler)
+    study.optimize(objective, n_trials=3)
+    dead = study.ask()  # a worker that dies: RUNNING, no heartbeat ever recorded after this
+    storage.record_heartbeat(dead._trial_id)
+    import time
+
+    time.sleep(2.5)
+    optuna.storages.fail_stale_trials(study)
+    retry = [t for t in study.get_trials() if t.state == TrialState.WAITING]
+    assert len(retry) == 1
+    study.optimize(objective, n_trials=1)
+    original = study.trials[dead.number]
+    redone = study.trials[retry[0].number]
+    assert original.state == TrialState.FAIL and redone.state == TrialState.COMPLETE
+    for key in ("autodiff:genome", GENERATION_ATTR, SLOT_ATTR):
+        assert redone.system_attrs[key] == original.system_attrs[key]
+
+
+def test_mutation_and_crossover_keep_steps_distinct_and_masks_paired() -> None:
+    rng = np.random.default_rng(0)
+    a = Genome.from_steps([900, 600, 300, 10], [[1], [2], [3], [4]])
+    b = Genome.from_steps([900, 601, 300, 11], [[5], [6], [7], [8]])
+    for _ in range(200):
+        child = operators.crossover(a, b, 1000, rng)
+        assert len(set(child.timesteps)) == 4
+        pairs = dict(zip(a.timesteps, a.skips)) | dict(zip(b.timesteps, b.skips))
+        for t, mask in zip(child.timesteps, child.skips):
+            if t in pairs:
+                assert mask == pairs[t] or t in (900, 300)
+        mutant = operators.mutate(a, 0.5, 1000, rng)
+        assert len(set(mutant.timesteps)) == 4 and all(0 <= t < 1000 for t in mutant.timesteps)
+    assert operators.mutate(a, 0.0, 1000, rng) == a
+    assert operators.mutate(a, 1.0, 1000, rng).timesteps != a.timesteps
+
+
+def test_genome_validation_messages() -> None:
+    with pytest.raises(GenomeError, match="not strictly descending"):
+        Genome((1, 2)).validate(1000)
+    with pytest.raises(GenomeError, match="more than once"):
+        Genome((5, 5)).validate(1000)
+    with pytest.raises(GenomeError, match="outside"):
+        Genome((1000, 5)).validate(1000)
+    with pytest.raises(GenomeError, match="K <= T"):
+        Genome(tuple(range(20, 0, -1))).validate(10)
+    assert Genome.from_json(Genome.from_steps([3, 9], [[1], []]).key()) == Genome((9, 3), (frozenset(), frozenset({1})))
+
+
+def test_sampler_refuses_maximize() -> None:
+    study = optuna.create_study(sampler=AutoDiffusionSampler(SPACE, SMALL, seed=0), direction="maximize")
+    with pytest.raises(ValueError, match="minimi"):
+        study.optimize(objective, n_trials=1)
