@@ -14,6 +14,7 @@ A candidate's cost is the sum over its steps of ``full_step - sum(savings[j] for
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Set
 from dataclasses import dataclass
 from typing import Literal
@@ -35,8 +36,8 @@ class Budget:
     def __post_init__(self) -> None:
         if self.full_step <= 0:
             raise ValueError(f"full_step must be positive, got {self.full_step}")
-        if any(s < 0 for s in self.savings) or sum(self.savings) >= self.full_step:
-            raise ValueError("savings must be >= 0 and skipping every layer must still cost something")
+        if any(s < 0 for s in self.savings) or sum(self.savings) > self.full_step:
+            raise ValueError("savings must be >= 0 and add up to at most one full step")
         if self.limit < 0:
             raise ValueError(f"limit must be >= 0, got {self.limit}")
 
@@ -83,4 +84,5 @@ class Budget:
 
     def max_steps(self, max_skips: int) -> int:
         """The most steps the limit affords when every step skips its best ``max_skips`` layers."""
-        return self.limit // (self.full_step - self.best_saving(max_skips))
+        cheapest = self.full_step - self.best_saving(max_skips)
+        return self.limit // cheapest if cheapest > 0 else sys.maxsize

@@ -201,10 +201,13 @@ def _as_int(value: Any) -> int:
     return int(value)
 
 
-def _get_arg(args: tuple[Any, ...], kwargs: dict[str, Any], where: int | str) -> Any:
-    if isinstance(where, int):
-        return args[where]
-    return kwargs[where]
+def _get_arg(args: tuple[Any, ...], kwargs: dict[str, Any], where: tuple[int, str]) -> Any:
+    position, name = where
+    if name in kwargs:
+        return kwargs[name]
+    if len(args) > position:
+        return args[position]
+    raise TypeError(f"the call has no argument {name!r} (keyword, or position {position})")
 
 
 def with_step_masks(
@@ -212,19 +215,18 @@ def with_step_masks(
     skipper: LayerSkipper,
     skips: Genome | Sequence[Set[int]],
     *,
-    step_arg: int | str = "step_index",
-    timestep_arg: int | str | None = None,
+    step_arg: tuple[int, str] = (2, "step_index"),
+    timestep_arg: tuple[int, str] | None = (1, "t"),
 ) -> Callable[..., R]:
     """Wrap a per-step noise predictor so that the call for step ``i`` runs with mask ``skips[i]``.
 
-    ``step_arg`` says where the call carries the step index (a keyword name, or a position in
-    ``args``). With a ``Genome`` and ``timestep_arg`` given, each call also checks that the time step
-    it receives is ``genome.timesteps[i]``, so a mask can never be applied to another step by rank.
+    The defaults fit ``EpsFn``, ``eps(x_t, t, step_index)``: ``step_arg`` and ``timestep_arg`` say
+    where a call carries the step index and the time step (position, keyword name). Given a
+    ``Genome``, each call also checks that its time step is ``genome.timesteps[i]``, so a mask is
+    never applied to another step by rank (``timestep_arg=None`` turns the check off).
     """
     masks = tuple(frozenset(s) for s in (skips.skips if isinstance(skips, Genome) else skips))
-    timesteps = skips.timesteps if isinstance(skips, Genome) else None
-    if timestep_arg is not None and timesteps is None:
-        raise ValueError("timestep_arg needs a Genome (its time steps are what the check compares with)")
+    timesteps = skips.timesteps if isinstance(skips, Genome) and timestep_arg is not None else None
     for mask in masks:
         skipper._checked(mask)
 
@@ -233,7 +235,7 @@ def with_step_masks(
         i = int(_get_arg(args, kwargs, step_arg))
         if not 0 <= i < len(masks):
             raise IndexError(f"step index {i} outside the schedule's {len(masks)} steps")
-        if timestep_arg is not None:
+        if timesteps is not None:
             t = _as_int(_get_arg(args, kwargs, timestep_arg))
             if t != timesteps[i]:
                 raise ValueError(f"step {i} was called with t={t} but the genome pairs it with t={timesteps[i]}")
