@@ -41,6 +41,10 @@ class ClassifierGuidance:
 
     def __post_init__(self) -> None:
         self.alphas_cumprod = torch.as_tensor(self.alphas_cumprod, dtype=torch.float64).cpu()
+        if isinstance(self.classifier, torch.nn.Module) and any(
+                torch.is_inference(p) for p in self.classifier.parameters()):
+            raise ValueError("the classifier's parameters were created under torch.inference_mode and cannot"
+                             " enter autograd: load the classifier outside inference_mode (no_grad is fine)")
 
     def guided_eps(self, eps: torch.Tensor, x_t: torch.Tensor, t: int, class_labels: torch.Tensor) -> torch.Tensor:
         """eps - sqrt(1 - alpha_bar_t) * s * grad log p(y | x_t, t)."""
