@@ -192,8 +192,9 @@ def config_from_args(args: argparse.Namespace) -> AdmUNetConfig:
         given["num_classes"] = args.num_classes or None
     if args.preset:
         return replace(UNET_PRESETS[args.preset], **given)
-    needed = ("image_size", "model_channels", "channel_mult", "num_res_blocks", "attention_resolutions")
-    absent = [name for name in needed if name not in given]
+    needed = {"image_size": "--image-size", "model_channels": "--num-channels", "channel_mult": "--channel-mult",
+              "num_res_blocks": "--num-res-blocks", "attention_resolutions": "--attention-resolutions"}
+    absent = [flag for name, flag in needed.items() if name not in given]
     if absent:
         raise AdmConfigError(f"without --preset, give the architecture explicitly; missing: {', '.join(absent)}")
     return AdmUNetConfig(**given)

@@ -70,7 +70,8 @@ def split_qkv(qkv: torch.Tensor, heads: int, legacy_order: bool) -> list[torch.T
         grouped = flat.view(heads, 3, width, -1).transpose(0, 1)
     else:
         grouped = flat.view(3, heads, width, -1)
-    return [grouped[i].reshape(heads * width, *qkv.shape[1:]) for i in range(3)]
+    # clone: q, k, v must not share storage (safetensors refuses to save tensors that do)
+    return [grouped[i].reshape(heads * width, *qkv.shape[1:]).clone() for i in range(3)]
 
 
 def _trunk_pairs(cfg: AdmTrunk) -> Iterator[ModulePair]:
