@@ -71,7 +71,7 @@ class ImageGenerator:
         eps_fn = self.model.eps_fn(class_labels=labels.to(self.device) if labels is not None else None)
         if self.step_wrapper is not None:
             eps_fn = self.step_wrapper(eps_fn, genome)
-        with torch.inference_mode(), autocast(self.device, self.precision):
+        with torch.no_grad(), autocast(self.device, self.precision):  # no_grad: guidance re-enables grad inside
             x0 = self.solver(eps_fn, noise.to(self.device), genome.timesteps, self.model.alphas_cumprod,
                              clip_x0=self.clip_x0)
             x0 = self.model.to_images(x0)

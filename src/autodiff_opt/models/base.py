@@ -82,6 +82,9 @@ class DiffusionModel:
             out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
             return self.eps_from_output(out, x_t, t)
 
+        guidance = self.extras.get("guidance")
+        if guidance is not None and class_labels is not None:
+            return guidance.wrap(eps, class_labels)
         return eps
 
     def to_images(self, x0: torch.Tensor) -> torch.Tensor:

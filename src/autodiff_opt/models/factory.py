@@ -31,10 +31,12 @@ def _converted_folder(model_cfg: DictConfig, cache_dir: Path) -> Path:
         return out
     if model_cfg.converter != "adm":
         raise ModelLoadError(f"model.converter={model_cfg.converter!r} is unknown: use adm or null")
-    from autodiff_opt.models.adm.convert import convert_checkpoint
+    from autodiff_opt.models.adm import convert_checkpoint, unet_preset
 
     log.info("converting %s to a diffusers folder in %s", ckpt, out)
-    convert_checkpoint(str(ckpt), str(out), preset=model_cfg.preset)
+    tmp = out.with_name(out.name + ".partial")
+    convert_checkpoint(ckpt, unet_preset(model_cfg.preset or "imagenet64"), tmp)
+    tmp.replace(out)
     return out
 
 
@@ -54,13 +56,30 @@ def build_model(model_cfg: DictConfig, device: torch.device, cache_dir: str | Pa
 
 def attach_classifier(model: DiffusionModel, model_cfg: DictConfig, device: torch.device) -> None:
     """Classifier guidance (ADM): eps <- eps - sqrt(1 - alpha_bar) * s * grad log p(y | x_t, t)."""
-    path = Path(str(model_cfg.classifier)).expanduser()
-    if not path.is_file():
-        raise ModelLoadError(f"model.classifier={path} not found: download it and set model.classifier=/path/to/{path.name}, or model.classifier=null")
-    from autodiff_opt.models.adm.classifier import load_classifier
+    from autodiff_opt.models.adm import ClassifierGuidance, load_adm_classifier
 
-    model.extras["classifier"] = load_classifier(str(path), preset=model_cfg.preset).to(device).eval()
-    model.extras["classifier_scale"] = float(model_cfg.classifier_scale)
+    path = Path(str(model_cfg.classifier)).expanduser()
+    classifier = load_adm_classifier(path, model_cfg.preset or "imagenet64", device=device, option="model.classifier")
+    model.extras["guidance"] = ClassifierGuidance(classifier, model.alphas_cumprod, float(model_cfg.classifier_scale))
+
+
+def missing_files(cfg: DictConfig) -> list[str]:
+    """Every configured input file that is absent, each with where it comes from and the override to set."""
+    hint = f" ({cfg.model.source_hint})" if cfg.model.source_hint else ""
+    checks = []
+    if cfg.model.converter:
+        checks.append(("model.checkpoint", cfg.model.checkpoint, hint))
+    if cfg.model.classifier:
+        checks.append(("model.classifier", cfg.model.classifier, hint))
+    if not str(cfg.dataset.reference).startswith("builtin:"):
+        checks.append(("dataset.reference", cfg.dataset.reference, ""))
+    if cfg.metric.weights_path:
+        checks.append(("metric.weights_path", cfg.metric.weights_path, ""))
+    out = []
+    for option, value, where in checks:
+        if value is None or not Path(str(value)).expanduser().exists():
+            out.append(f"{option}={value} is missing{where}: set {option}=/path/to/it")
+    return out
 
 
 def step_wrapper_for(model_cfg: DictConfig, model: DiffusionModel) -> StepWrapper | None:

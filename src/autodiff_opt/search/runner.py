@@ -95,7 +95,12 @@ def import_plugins(modules: list[str]) -> None:
 def build_experiment(cfg: DictConfig) -> Experiment:
     from autodiff_opt.models.factory import build_model
 
+    from autodiff_opt.models.factory import missing_files
+
     check_config(cfg)
+    missing = missing_files(cfg)
+    if missing:
+        raise ConfigError("input files are missing, nothing was started:\n  " + "\n  ".join(missing))
     import_plugins(list(cfg.imports))
     device = pick_device(cfg.device)
     model = build_model(cfg.model, device, cfg.cache_dir)
@@ -138,17 +143,36 @@ def seed_study(study: optuna.Study, exp: Experiment) -> None:
     study._storage.set_study_system_attr(study._study_id, SEEDED_ATTR, True)
 
 
+def _ensure_heartbeats(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> None:
+    """A trial killed before its first heartbeat would stay RUNNING forever: give it one to go stale from."""
+    storage = getattr(study._storage, "_backend", study._storage)  # under Optuna's cache wrapper
+    if not isinstance(storage, optuna.storages.RDBStorage):
+        return
+    from optuna.storages._rdb.models import TrialHeartbeatModel
+
+    session = storage.scoped_session()
+    try:
+        missing = [t for t in trials if TrialHeartbeatModel.where_trial_id(t._trial_id, session) is None]
+    finally:
+        session.close()
+    for t in missing:
+        log.info("trial %d has no heartbeat (killed at its start): recording one so it can go stale", t.number)
+        storage.record_heartbeat(t._trial_id)
+
+
 def recover_stale_trials(study: optuna.Study, cfg: DictConfig) -> None:
     """A RUNNING trial left by a killed process is failed once its heartbeat is stale, then retried."""
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     if not running or not cfg.storage.heartbeat_interval or cfg.storage.url.startswith("journal:"):
         return
+    _ensure_heartbeats(study, running)
     log.info("%d trial(s) still RUNNING: waiting up to %ds for their heartbeat to go stale", len(running),
-             cfg.storage.grace_period + cfg.storage.heartbeat_interval)
+             cfg.storage.grace_period + 2 * cfg.storage.heartbeat_interval)
     deadline = time.monotonic() + cfg.storage.grace_period + 2 * cfg.storage.heartbeat_interval
+    ids = {t._trial_id for t in running}
     while time.monotonic() < deadline:
         optuna.storages.fail_stale_trials(study)
-        if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not ids & {t._trial_id for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}:
             break
         time.sleep(1.0)
 

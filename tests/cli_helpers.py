@@ -1,0 +1,42 @@
+"""Running the real CLI in a subprocess on a tiny model, as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def tiny_overrides(model_dir: Path, reference: Path, db: Path, **extra: object) -> list[str]:
+    base = {
+        "model.pretrained": str(model_dir), "dataset.reference": str(reference),
+        "metric.feature_extractor": "test-randconv", "imports": "[randconv_extractor]",
+        "search.num_samples": 48, "search.batch_size": 48, "search.population": 6, "search.generations": 2,
+        "search.num_parents": 3, "search.num_mutants": 3, "search.num_crossovers": 1, "search.init_random": 2,
+        "search.baselines": "[ddim_uniform,trailing]", "storage.url": f"sqlite:///{db}",
+        "storage.heartbeat_interval": 1, "storage.grace_period": 2, "final.num_samples": 64, "progress": "false",
+        "device": "cpu",
+    }
+    base.update({k: v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def cli_env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), env.get("PYTHONPATH", "")])
+    env["AUTODIFF_OPT_CACHE"] = str(tmp / "cache")
+    env["HF_HUB_OFFLINE"] = "1"
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def cli_command(overrides: list[str], run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "autodiff_opt", *overrides, f"hydra.run.dir={run_dir}"]
+
+
+def run_cli(overrides: list[str], tmp: Path, run_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cli_command(overrides, run_dir), cwd=tmp, env=cli_env(tmp), capture_output=True,
+                          text=True, timeout=timeout)

@@ -1,0 +1,147 @@
+"""The Hydra app end to end on a tiny model: report files, resume after SIGKILL, refusals, composition."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from optuna.trial import TrialState
+
+from autodiff_opt.cli import CONFIG_DIR
+from autodiff_opt.search.sampler import count_by_generation, genome_of
+from cli_helpers import cli_command, cli_env, run_cli, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def _load(db: Path) -> optuna.Study:
+    url = f"sqlite:///{db}"
+    return optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url)
+
+
+def test_end_to_end_writes_table_json_and_figures(tiny_model_dir: Path, tiny_reference: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_cli(tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "s.db"), tmp_path, run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = pd.read_csv(run_dir / "final.csv")
+    assert set(final.schedule) == {"searched", "ddim_uniform", "trailing"}
+    assert final.fid_final.notna().all() and (final.nfe == 4).all()
+    best = json.loads((run_dir / "best_schedule.json").read_text())
+    assert len(best["timesteps"]) == 4 and "set_timesteps(timesteps=" in best["diffusers_snippet"]
+    assert "| schedule |" in (run_dir / "final.md").read_text()
+    assert "plotly" in (run_dir / "report.html").read_text()[:20000].lower()
+    study = _load(tmp_path / "s.db")
+    assert count_by_generation(study) == {0: 6, 1: 6}
+    assert best["timesteps"] == list(genome_of(study.best_trial).timesteps)
+    # a second run of the same command finds the search done and reuses the stored final evaluation
+    again = run_cli(tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "s.db"), tmp_path, tmp_path / "run2")
+    assert again.returncode == 0 and "already has 12/12" in again.stderr + again.stdout
+    assert len(_load(tmp_path / "s.db").trials) == 12
+
+
+def _counts(db: Path) -> Counter[str]:
+    """Trial states; a RUNNING trial counts as 'EVALUATING' once the sampler has given it a genome."""
+    query = ("select t.state, (select count(*) from trial_system_attributes a where a.trial_id = t.trial_id"
+             " and a.key = 'autodiff:genome') from trials t")
+    with sqlite3.connect(db, timeout=30) as con:
+        try:
+            rows = list(con.execute(query))
+        except sqlite3.OperationalError:
+            return Counter()
+    return Counter(state for state, _ in rows) + Counter("EVALUATING" for state, g in rows if state == "RUNNING" and g)
+
+
+def test_sigkill_mid_study_then_resume(tiny_model_dir: Path, tiny_reference: Path, tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    overrides = tiny_overrides(tiny_model_dir, tiny_reference, db, **{"search.num_samples": 400, "search.batch_size": 25,
+                                                                      "search.generations": 3})
+    proc = subprocess.Popen(cli_command(overrides, tmp_path / "run1"), cwd=tmp_path, env=cli_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        counts = _counts(db)
+        if counts["COMPLETE"] >= 4 and counts["EVALUATING"] == 1:
+            break
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = _load(db)
+    running = [t for t in killed.trials if t.state == TrialState.RUNNING]
+    done_before = {t.number: genome_of(t).key() for t in killed.trials if t.state == TrialState.COMPLETE}
+    assert len(running) == 1 and len(done_before) >= 4
+
+    resumed = run_cli(overrides, tmp_path, tmp_path / "run2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    study = _load(db)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert count_by_generation(study) == {0: 6, 1: 6, 2: 6}
+    keys = [genome_of(t).key() for t in complete]
+    assert len(keys) == len(set(keys)), "a finished candidate was evaluated again"
+    for number, key in done_before.items():  # finished work is kept as it was
+        assert study.trials[number].state == TrialState.COMPLETE and genome_of(study.trials[number]).key() == key
+    interrupted = study.trials[running[0].number]
+    assert interrupted.state == TrialState.FAIL
+    assert genome_of(interrupted).key() in keys, "the interrupted candidate was not evaluated again"
+    assert (tmp_path / "run2" / "final.csv").is_file()
+
+
+def test_incompatible_study_is_refused(tiny_model_dir: Path, tiny_reference: Path, tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    first = run_cli(tiny_overrides(tiny_model_dir, tiny_reference, db, **{"search.generations": 1, "final.enabled": "false",
+                                                                          "storage.study_name": "shared"}), tmp_path, tmp_path / "r1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    other_k = tiny_overrides(tiny_model_dir, tiny_reference, db, **{"search.num_steps": 5, "storage.study_name": "shared",
+                                                                    "search.generations": 1})
+    proc = run_cli(other_k, tmp_path, tmp_path / "r2")
+    assert proc.returncode == 2
+    assert "another search space" in proc.stderr and "num_steps" in proc.stderr
+    assert len(_load(db).trials) == 6
+
+
+@pytest.mark.parametrize("override,message", [
+    ("search.num_stepz=4", "num_stepz"),
+    ("search.num_steps=four", "num_steps"),
+])
+def test_bad_override_fails_at_start(override: str, message: str, tmp_path: Path) -> None:
+    proc = subprocess.run(cli_command([override], tmp_path / "r"), cwd=tmp_path, env=cli_env(tmp_path),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and message in proc.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ("search.num_steps=0", "K must be at least 1"),
+    ("search.num_steps=1001", "exceeds the model's T=1000"),
+    ("+search.schedules=[[10,500,20,5]]", "not strictly descending"),
+    ("+search.schedules=[[500,500,20,5]]", "more than once"),
+    ("+search.schedules=[[1500,500,20,5]]", "outside"),
+    ("model.pretrained=/nonexistent/model", "no such file or directory"),
+    ("storage.url=postgresql://nobody@127.0.0.1:1/none", "cannot be opened"),
+])
+def test_bad_input_gives_one_line_error_and_exit_2(override: str, message: str, tiny_model_dir: Path,
+                                                   tiny_reference: Path, tmp_path: Path) -> None:
+    overrides = [o for o in tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "s.db")
+                 if o.split("=")[0] != override.lstrip("+").split("=")[0]] + [override.lstrip("+")]
+    proc = run_cli(overrides, tmp_path, tmp_path / "r", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr.strip().splitlines()[-1]
+
+
+def test_every_experiment_composes() -> None:
+    experiments = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+    assert "imagenet64" in experiments
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        default = compose(config_name="config")
+        assert default.model.pretrained == "builtin:digits-ddpm" and default.search.num_steps == 4
+        for name in experiments:
+            cfg = compose(config_name="config", overrides=[f"+experiment={name}"])
+            assert cfg.search.num_steps >= 1 and cfg.model.name
