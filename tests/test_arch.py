@@ -326,3 +326,25 @@ def test_cost_cache_is_reused(adm: UNet2DModel, tmp_path, monkeypatch: pytest.Mo
     genome = Genome((900, 10), (frozenset({0}), frozenset()))
     assert first.genome_flops(genome) == 2 * first.full_step - first.savings[0]
     assert first.budget(10.0).limit == 10 * first.full_step
+
+
+def test_per_step_skipping_wraps_only_genomes_with_skips(adm: UNet2DModel) -> None:
+    from autodiff_opt.arch.skip import per_step_skipping
+    from autodiff_opt.solvers.ddim import ddim_sample
+
+    wrap = per_step_skipping(adm)
+    labels = torch.tensor([3])
+
+    def eps(x: torch.Tensor, t: int, step_index: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return adm(x, torch.tensor([t]), class_labels=labels).sample[:, :3]
+
+    plain = Genome((800, 400, 50))
+    assert wrap(eps, plain) is eps
+    alphas = torch.linspace(0.9999, 0.01, 1000, dtype=torch.float64)
+    x_T = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    full = ddim_sample(wrap(eps, plain), x_T, plain.timesteps, alphas)
+    masked_genome = Genome((800, 400, 50), (frozenset(), frozenset({2, 7}), frozenset()))
+    masked = ddim_sample(wrap(eps, masked_genome), x_T, masked_genome.timesteps, alphas)
+    assert not torch.equal(full, masked)
+    assert torch.equal(ddim_sample(wrap(eps, plain), x_T, plain.timesteps, alphas), full)

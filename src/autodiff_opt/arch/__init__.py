@@ -20,11 +20,11 @@ from autodiff_opt.arch.operators import (
     repair,
     skip_cap,
 )
-from autodiff_opt.arch.skip import LayerSkipper, with_step_masks
+from autodiff_opt.arch.skip import LayerSkipper, per_step_skipping, with_step_masks
 
 __all__ = [
     "Budget", "JointSpace", "Layer", "LayerCosts", "LayerSkipper", "check_additivity", "crossover",
     "discover_layers", "example_inputs", "genome_from_named", "genome_to_named", "ids_from_names",
-    "measure_layer_costs", "mutate", "mutate_skips", "names_from_ids", "ramp_max_skip_frac",
+    "measure_layer_costs", "mutate", "mutate_skips", "names_from_ids", "per_step_skipping", "ramp_max_skip_frac",
     "random_genome", "repair", "skip_cap", "with_step_masks",
 ]

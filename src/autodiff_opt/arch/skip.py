@@ -243,3 +243,19 @@ def with_step_masks(
             return predict(*args, **kwargs)
 
     return masked
+
+
+def per_step_skipping(unet: nn.Module) -> Callable[[Callable[..., R], Genome], Callable[..., R]]:
+    """A ``StepWrapper`` for the generator: ``wrap(eps_fn, genome)`` returns ``eps_fn`` itself for a
+    genome without skips, else ``with_step_masks(eps_fn, skipper, genome)``. The ``LayerSkipper`` is
+    made on the first genome with skips, so stage-1-only runs never touch the model."""
+    skippers: list[LayerSkipper] = []
+
+    def wrap(eps_fn: Callable[..., R], genome: Genome) -> Callable[..., R]:
+        if not genome.has_skips:
+            return eps_fn
+        if not skippers:
+            skippers.append(LayerSkipper(unet))
+        return with_step_masks(eps_fn, skippers[0], genome)
+
+    return wrap
