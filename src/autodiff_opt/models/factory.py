@@ -49,6 +49,7 @@ def build_model(model_cfg: DictConfig, device: torch.device, cache_dir: str | Pa
     schedule = OmegaConf.to_container(model_cfg.noise_schedule) if model_cfg.noise_schedule else None
     model = load_model(pretrained, name=model_cfg.name, subfolder=model_cfg.subfolder, noise_schedule=schedule,  # type: ignore[arg-type]
                        device=device, dtype=_DTYPES[model_cfg.dtype])
+    model.extras["source"] = pretrained  # what a schedule file names to load this model again
     if model_cfg.classifier:
         attach_classifier(model, model_cfg, device)
     return model
@@ -82,10 +83,15 @@ def missing_files(cfg: DictConfig) -> list[str]:
     return out
 
 
-def step_wrapper_for(model_cfg: DictConfig, model: DiffusionModel) -> StepWrapper | None:
-    """Per-step layer skipping for genomes with masks (stage 2); None when nothing needs wrapping."""
-    try:
-        from autodiff_opt.arch import per_step_skipping
-    except ImportError:
-        return None
-    return per_step_skipping(model.unet)
+def step_wrapper_for(model: DiffusionModel) -> StepWrapper:
+    """Per-step layer skipping for genomes with masks (stage 2); genomes without masks run the plain model."""
+    from autodiff_opt.arch import LayerSkipper, with_step_masks
+
+    skipper = model.extras.get("skipper")
+    if skipper is None:
+        skipper = model.extras["skipper"] = LayerSkipper(model.unet)
+
+    def wrap(eps_fn, genome):  # type: ignore[no-untyped-def]
+        return with_step_masks(eps_fn, skipper, genome) if genome.has_skips else eps_fn
+
+    return wrap

@@ -58,7 +58,8 @@ def write_report(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | N
     genome = best_genome(study)
     cfg = exp.cfg
     info = {
-        "model": cfg.model.pretrained, "solver": cfg.solver.name, "clip_x0": cfg.solver.clip_x0,
+        "model": str(exp.model.extras.get("source", cfg.model.pretrained)), "subfolder": cfg.model.subfolder,
+        "solver": cfg.solver.name, "clip_x0": cfg.solver.clip_x0,
         "nfe": genome.num_steps, "fid_search": study.best_value, "study": study.study_name,
         "storage": cfg.storage.url, "trial": study.best_trial.number,
         "diffusers_snippet": diffusers_snippet(genome, str(cfg.model.pretrained), cfg.solver.name,
@@ -66,6 +67,8 @@ def write_report(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | N
     }
     if final is not None and not final.empty:
         info["final"] = json.loads(final.to_json(orient="records"))
-    export_schedule(paths["schedule"], genome, info)
+    skipper = exp.model.extras.get("skipper")
+    names = [layer.name for layer in skipper.layers] if skipper is not None else None
+    export_schedule(paths["schedule"], genome, info, layer_names=names)
     log.info("report written to %s", out_dir)
     return paths

@@ -40,8 +40,18 @@ def best_genome(study: optuna.Study) -> Genome:
     return genome
 
 
+def best_stage1_genome(study: optuna.Study) -> Genome | None:
+    """The best candidate without skipped layers (what stage 1 alone would have returned)."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.value is not None and genome_of(t) is not None and not genome_of(t).has_skips]
+    return genome_of(min(done, key=lambda t: t.value)) if done else None
+
+
 def final_candidates(study: optuna.Study, exp: "Experiment") -> dict[str, Genome]:
     candidates = {"searched": best_genome(study)}
+    stage1 = best_stage1_genome(study) if exp.stage2 is not None else None
+    if stage1 is not None and stage1 != candidates["searched"]:
+        candidates["searched_stage1"] = stage1
     candidates.update(exp.baselines)
     return candidates
 
@@ -64,9 +74,10 @@ def final_evaluation(study: optuna.Study, exp: "Experiment") -> pd.DataFrame:
         log.info("final evaluation of %s %s on %d fresh samples", name, list(genome.timesteps), num_samples)
         result = evaluate(exp.generator, exp.scorer, exp.reference, samples, genome)
         rows.append({
-            "schedule": name, "kind": "searched" if name == "searched" else "baseline",
+            "schedule": name, "kind": "searched" if name.startswith("searched") else "baseline",
             "timesteps": list(genome.timesteps), "skipped_layers": sum(len(s) for s in genome.skips),
             "nfe": genome.num_steps, "fid_search": search_fid.get(genome.key()),
+            "cost_full_steps": round(exp.stage2.budget.in_full_steps(genome), 3) if exp.stage2 else genome.num_steps,
             "fid_final": result["fid"], "seconds": round(result["gen_seconds"] + result["fid_seconds"], 3),
         })
     table = pd.DataFrame(rows)

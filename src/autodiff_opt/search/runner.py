@@ -48,6 +48,8 @@ class Experiment:
     generator: ImageGenerator
     samples: SampleSet
     baselines: dict[str, Genome] = field(default_factory=dict)
+    stage2: Any = None  # Stage2Policy when search.stage2.enabled
+    layer_costs: Any = None  # arch.LayerCosts when search.stage2.enabled
 
 
 def evolution_config(search: DictConfig) -> EvolutionConfig:
@@ -116,10 +118,35 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     from autodiff_opt.models.factory import step_wrapper_for
 
     generator = ImageGenerator(model, cfg.solver.name, cfg.solver.clip_x0, cfg.search.batch_size, cfg.precision,
-                               step_wrapper=step_wrapper_for(cfg.model, model))
+                               step_wrapper=step_wrapper_for(model))
     samples = SampleSet.draw(cfg.search.num_samples, model.sample_shape, model.num_classes, cfg.search.seed)
-    space = SearchSpace(cfg.search.num_steps, T)
-    return Experiment(cfg, model, scorer, reference, space, generator, samples, baselines)
+    exp = Experiment(cfg, model, scorer, reference, SearchSpace(cfg.search.num_steps, T), generator, samples, baselines)
+    if cfg.search.stage2.enabled:
+        attach_stage2(exp)
+    return exp
+
+
+def attach_stage2(exp: Experiment) -> None:
+    """Measure per-layer FLOPs once, set the budget, and widen K to what the budget may buy."""
+    from autodiff_opt.arch import measure_layer_costs
+    from autodiff_opt.arch.budget import Budget
+    from autodiff_opt.search.stage2 import Stage2Policy
+
+    cfg, s2 = exp.cfg, exp.cfg.search.stage2
+    K = cfg.search.num_steps
+    costs = measure_layer_costs(exp.model.unet, exp.model.extras["skipper"],
+                                cache_path=Path(cfg.cache_dir).expanduser() / "layer_costs.json")
+    if s2.budget_layers is not None:
+        budget = Budget.from_layer_count(len(costs.names), int(s2.budget_layers))
+    else:
+        budget = costs.budget(float(s2.budget_flops or K))
+    k_max = min(K + s2.max_extra_steps, exp.space.num_train_timesteps)
+    exp.space = SearchSpace(K, exp.space.num_train_timesteps, k_min=1, k_max=k_max)
+    exp.stage2 = Stage2Policy(budget, s2.max_prun, s2.ramp_steps, s2.start_generation, s2.patience,
+                              min_steps=1, max_steps=k_max)
+    exp.layer_costs = costs
+    log.info("stage 2: %d layers, budget %.2f full steps (%s), K in [1, %d]", len(costs.names),
+             budget.full_steps, budget.unit, k_max)
 
 
 def study_signature(cfg: DictConfig, space: SearchSpace) -> dict[str, Any]:
@@ -215,7 +242,8 @@ def run_search(study: optuna.Study, exp: Experiment) -> None:
     progress = _Progress(total, done, cfg.search.max_consecutive_failures, cfg.progress)
     if cfg.progress:  # the bar says it all; Optuna's per-trial lines stay in DEBUG
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-    objective = Objective(exp.generator, exp.scorer, exp.reference, exp.samples, exp.space)
+    cost_fn = exp.layer_costs.genome_flops if exp.layer_costs is not None else None
+    objective = Objective(exp.generator, exp.scorer, exp.reference, exp.samples, exp.space, cost_fn=cost_fn)
     try:
         study.optimize(objective, callbacks=[progress], catch=(Exception,), gc_after_trial=False)
     finally:
@@ -228,7 +256,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
 
     exp = build_experiment(cfg)
     sampler = AutoDiffusionSampler(exp.space, evolution_config(cfg.search), anchor=exp.baselines.get("ddim_uniform"),
-                                   seed=cfg.search.seed)
+                                   seed=cfg.search.seed, stage2=exp.stage2)
     storage = make_storage(cfg.storage.url, cfg.storage.heartbeat_interval, cfg.storage.grace_period, cfg.storage.max_retry)
     study = open_study(storage, cfg.storage.study_name, study_signature(cfg, exp.space), sampler)
     log.info("study %s in %s: %d trials so far", study.study_name, cfg.storage.url, len(study.trials))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import optuna
@@ -24,8 +24,10 @@ from optuna.samplers import BaseSampler, RandomSampler
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from autodiff_opt.arch import operators as joint_ops
 from autodiff_opt.search import operators
 from autodiff_opt.search.genome import Genome
+from autodiff_opt.search.stage2 import Stage2Policy
 from autodiff_opt.search.space import (
     GENERATION_ATTR,
     GENOME_ATTR,
@@ -37,6 +39,9 @@ from autodiff_opt.search.space import (
     genome_from_params,
     step_param,
 )
+
+if TYPE_CHECKING:
+    from autodiff_opt.arch.operators import JointSpace
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +91,7 @@ class AutoDiffusionSampler(BaseSampler):
         evolution: EvolutionConfig | None = None,
         anchor: Genome | None = None,
         seed: int | None = None,
-        stage2: Any | None = None,
+        stage2: "Stage2Policy | None" = None,
     ) -> None:
         self.space = space
         self.evolution = evolution or EvolutionConfig()
@@ -133,8 +138,9 @@ class AutoDiffusionSampler(BaseSampler):
         else:
             seen = {t.system_attrs[GENOME_ATTR] for t in trials if GENOME_ATTR in t.system_attrs}
             genome, operator, parents = self._make(study, trials, generation, slot, seen, rng)
+        stage = 2 if "+skip" in operator or genome.has_skips else 1
         attrs = {GENOME_ATTR: genome.key(), GENERATION_ATTR: generation, SLOT_ATTR: slot,
-                 OPERATOR_ATTR: operator, PARENTS_ATTR: parents, STAGE_ATTR: 1}
+                 OPERATOR_ATTR: operator.replace("+skip", ""), PARENTS_ATTR: parents, STAGE_ATTR: stage}
         for key, value in attrs.items():
             study._storage.set_trial_system_attr(trial._trial_id, key, value)
 
@@ -163,21 +169,31 @@ class AutoDiffusionSampler(BaseSampler):
         study._storage.set_study_system_attr(study._study_id, key, [t.number for t in top])
         return top
 
+    def _joint_space(self, study: Study, trials: Sequence[FrozenTrial], generation: int) -> "JointSpace | None":
+        """The stage-2 space of this generation, or None while the search is in stage 1."""
+        if self.stage2 is None:
+            return None
+        start = self.stage2.start(study, trials, generation)
+        if start is None or generation < start:
+            return None
+        return self.stage2.space(self.space.num_train_timesteps, generation - start)
+
     def _make(self, study: Study, trials: Sequence[FrozenTrial], generation: int, slot: int,
               seen: set[str], rng: np.random.Generator) -> tuple[Genome, str, list[int]]:
         evo, T = self.evolution, self.space.num_train_timesteps
         parents = self.parents(study, trials, generation) if generation > 0 else []
         operator = self._operator(generation, slot, len(parents))
+        joint = self._joint_space(study, trials, generation)
         for _ in range(evo.max_attempts):
-            genome, used = self._apply(operator, parents, rng)
-            if genome.key() not in seen:
-                return genome, operator, used
+            genome, used = self._apply_joint(operator, parents, joint, rng) if joint else self._apply(operator, parents, rng)
+            if genome is not None and genome.key() not in seen:
+                return genome, operator + ("+skip" if joint else ""), used
         fallback = "mutation" if parents else "random"
         log.debug("operator %s gave only seen genomes in %d attempts: %s instead", operator, evo.max_attempts, fallback)
         while True:
-            genome, used = self._apply(fallback, parents, rng)
-            if genome.key() not in seen:
-                return genome, fallback, used
+            genome, used = self._apply_joint(fallback, parents, joint, rng) if joint else self._apply(fallback, parents, rng)
+            if genome is not None and genome.key() not in seen:
+                return genome, fallback + ("+skip" if joint else ""), used
             fallback = "random"
 
     def _operator(self, generation: int, slot: int, num_parents: int) -> str:
@@ -205,6 +221,22 @@ class AutoDiffusionSampler(BaseSampler):
             child = operators.crossover(genome_of(a) or self._params_genome(a), genome_of(b) or self._params_genome(b), T, rng)
             return child, [a.number, b.number]
         return operators.random_genome(self.space.num_steps, T, rng), []
+
+    def _apply_joint(self, operator: str, parents: Sequence[FrozenTrial], joint: "JointSpace",
+                     rng: np.random.Generator) -> tuple[Genome | None, list[int]]:
+        """Stage-2 operators: masks mutate too, steps keep their masks, children fit the budget."""
+        p_mask = self.stage2.mask_mutation_prob if self.stage2 else 0.25
+        if operator == "mutation":
+            parent = parents[int(rng.integers(len(parents)))]
+            child = joint_ops.mutate(genome_of(parent) or self._params_genome(parent), joint, rng,
+                                     p_step=self.evolution.mutation_prob, p_mask=p_mask)
+            return child, [parent.number]
+        if operator == "crossover":
+            i, j = rng.choice(len(parents), size=2, replace=False)
+            a, b = parents[int(i)], parents[int(j)]
+            return joint_ops.crossover(genome_of(a) or self._params_genome(a), genome_of(b) or self._params_genome(b),
+                                       joint, rng), [a.number, b.number]
+        return joint_ops.random_genome(joint, rng), []
 
     def _params_genome(self, trial: FrozenTrial) -> Genome:
         return genome_from_params(trial.params, self.space)

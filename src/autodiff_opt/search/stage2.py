@@ -1,0 +1,63 @@
+"""Stage 2 of the evolution: time steps and per-step skipped layers together, under a compute budget.
+
+The stage starts once the best candidate did not improve for ``patience`` generations, or at
+``start_generation`` at the latest; the start is stored in the study, so every worker and every
+resumed run agrees on it. In stage-2 generation j (from 0) the most layers a step may skip is
+``max_prun * min(j + 1, ramp_steps) / ramp_steps`` of all layers (the authors' ramp).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from autodiff_opt.arch.budget import Budget
+from autodiff_opt.arch.operators import JointSpace, ramp_max_skip_frac
+from autodiff_opt.search.space import GENERATION_ATTR
+
+STAGE2_START_ATTR = "autodiff:stage2_start"
+
+
+@dataclass(frozen=True)
+class Stage2Policy:
+    budget: Budget
+    max_prun: float = 0.1
+    ramp_steps: int = 5
+    start_generation: int = 5
+    patience: int = 1
+    min_steps: int = 1
+    max_steps: int | None = None
+    mask_mutation_prob: float = 0.25
+
+    def start(self, study: optuna.Study, trials: Sequence[FrozenTrial], generation: int) -> int | None:
+        """The generation stage 2 started at (deciding it now if this generation triggers it), or None."""
+        storage = study._storage
+        stored = storage.get_study_system_attrs(study._study_id).get(STAGE2_START_ATTR)
+        if stored is not None:
+            return int(stored)
+        if generation < 1 or not (generation >= self.start_generation or self._stalled(trials, generation)):
+            return None
+        storage.set_study_system_attr(study._study_id, STAGE2_START_ATTR, generation)
+        return generation
+
+    def _stalled(self, trials: Sequence[FrozenTrial], generation: int) -> bool:
+        """True when the best of generations < g equals the best of generations < g - patience."""
+        if generation <= self.patience:
+            return False
+        now = _best_before(trials, generation)
+        then = _best_before(trials, generation - self.patience)
+        return now is not None and then is not None and now >= then
+
+    def space(self, num_train_timesteps: int, stage2_generation: int) -> JointSpace:
+        frac = ramp_max_skip_frac(stage2_generation, self.max_prun, self.ramp_steps)
+        return JointSpace(num_train_timesteps, self.budget, frac, self.min_steps, self.max_steps)
+
+
+def _best_before(trials: Sequence[FrozenTrial], generation: int) -> float | None:
+    values = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None
+              and np.isfinite(t.value) and (t.system_attrs.get(GENERATION_ATTR) or 0) < generation]
+    return min(values) if values else None
