@@ -1,0 +1,77 @@
+"""One candidate evaluation, measured: image-steps per second and the share of time in generation,
+features and the FID formula, on CPU and on CUDA when present.
+
+    python experiments/bench_eval.py [--model builtin:digits-ddpm] [--samples 1000] [--steps 4] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from autodiff_opt.generate import ImageGenerator, SampleSet
+from autodiff_opt.metrics.fid import FIDScorer, fid_from_stats
+from autodiff_opt.metrics.reference import reference_statistics
+from autodiff_opt.models.loading import load_model
+from autodiff_opt.search.genome import Genome
+from autodiff_opt.solvers import heuristic_schedule
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench(device: torch.device, args: argparse.Namespace) -> dict[str, float]:
+    model = load_model(args.model, device=device)
+    scorer = FIDScorer(args.extractor, device=device, batch_size=args.batch)
+    reference = reference_statistics(args.reference, scorer, args.cache_dir)
+    genome = Genome(tuple(heuristic_schedule("trailing", args.steps, model.alphas_cumprod)))
+    generator = ImageGenerator(model, "ddim", True, args.batch, args.precision)
+    samples = SampleSet.draw(args.samples, model.sample_shape, model.num_classes, 0)
+    generator.generate(genome, SampleSet.draw(min(64, args.samples), model.sample_shape, model.num_classes, 1))  # warm-up
+    times: dict[str, list[float]] = {"generate": [], "features": [], "fid": []}
+    for _ in range(args.repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        images = generator.generate(genome, samples)
+        _sync(device)
+        t1 = time.perf_counter()
+        stats = scorer.statistics(images)
+        t2 = time.perf_counter()
+        fid_from_stats(stats, reference)
+        t3 = time.perf_counter()
+        for key, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+            times[key].append(dt)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    total = sum(med.values())
+    return {"image_steps_per_s": args.samples * args.steps / med["generate"], "seconds": total,
+            **{f"share_{k}": v / total for k, v in med.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="builtin:digits-ddpm")
+    parser.add_argument("--extractor", default="digits-cnn")
+    parser.add_argument("--reference", default="builtin:digits-train")
+    parser.add_argument("--cache-dir", default="~/.cache/autodiff_opt")
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precision", default="fp32")
+    args = parser.parse_args()
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    print(f"one candidate: {args.samples} samples x {args.steps} steps of {args.model}, FID in {args.extractor} features")
+    print(f"{'device':8} {'threads':>7} {'img-steps/s':>12} {'s/candidate':>12} {'generate':>9} {'features':>9} {'fid':>6}")
+    for device in devices:
+        r = bench(device, args)
+        print(f"{device.type:8} {torch.get_num_threads():>7} {r['image_steps_per_s']:>12.0f} {r['seconds']:>12.3f}"
+              f" {r['share_generate']:>9.1%} {r['share_features']:>9.1%} {r['share_fid']:>6.1%}")
+
+
+if __name__ == "__main__":
+    main()
