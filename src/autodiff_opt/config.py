@@ -24,6 +24,10 @@ class ModelConfig:
     classifier: Optional[str] = None  # ADM noisy-image classifier checkpoint: enables classifier guidance
     classifier_scale: float = 1.0
     source_hint: str = ""  # where the weights are published (for the missing-file message)
+    # Text-to-image latent models (Stable Diffusion pipeline folder or hub id): prompts and guidance.
+    prompts: Optional[str] = None  # COCO captions JSON (captions_val2014.json) or .txt, one prompt a line
+    guidance_scale: float = 7.5  # classifier-free guidance s: eps_u + s * (eps_c - eps_u); 1.0 = conditional only
+    decode_batch_size: int = 8  # latents decoded by the VAE this many at a time
 
 
 @dataclass
@@ -31,6 +35,7 @@ class DatasetConfig:
     name: str = "digits"
     reference: str = "builtin:digits-train"  # builtin:NAME, image folder, .npz of images or of mu/sigma
     max_images: Optional[int] = None
+    source_hint: str = ""  # where the reference data (and prompts) are published (for the missing-file message)
 
 
 @dataclass
