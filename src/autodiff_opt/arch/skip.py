@@ -23,7 +23,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence, Set
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -190,7 +190,7 @@ class LayerSkipper:
         finally:
             self.set_skipped(previous)
 
-    def for_step(self, genome: Genome, step_index: int) -> Any:
+    def for_step(self, genome: Genome, step_index: int) -> AbstractContextManager["LayerSkipper"]:
         """Context manager that applies ``genome.skips[step_index]``, the mask paired with that step."""
         return self.skipping(genome.skips[step_index])
 
