@@ -48,3 +48,20 @@ def final_figure(final: pd.DataFrame) -> go.Figure:
                            text=[f"{v:.2f}" for v in ordered.fid_final], textposition="outside"))
     fig.update_layout(title="FID on fresh seeds, same NFE", yaxis_title="FID", template="plotly_white")
     return fig
+
+
+def pareto_figure(trials: pd.DataFrame) -> go.Figure:
+    """Multi-objective mode: FID against cost (in full network evaluations), the Pareto front joined."""
+    done = trials[(trials.state == "COMPLETE") & trials.cost_full_steps.notna()]
+    front = done.sort_values(["cost_full_steps", "fid"])
+    front = front[front.fid <= front.fid.cummin()]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=done.cost_full_steps, y=done.fid, mode="markers", name="candidates",
+                             marker={"color": done.generation, "colorscale": "Viridis", "size": 6},
+                             text=[str(s) for s in done.timesteps],
+                             hovertemplate="cost %{x:.2f}<br>FID %{y:.3f}<br>%{text}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=front.cost_full_steps, y=front.fid, mode="lines+markers", name="Pareto front",
+                             line={"color": "black"}))
+    fig.update_layout(title="FID vs compute (full network evaluations)", xaxis_title="cost (full steps)",
+                      yaxis_title="FID (search samples)", template="plotly_white")
+    return fig

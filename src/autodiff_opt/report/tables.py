@@ -6,7 +6,7 @@ import optuna
 import pandas as pd
 
 from autodiff_opt.search.sampler import genome_of
-from autodiff_opt.search.space import GENERATION_ATTR, OPERATOR_ATTR, STAGE_ATTR
+from autodiff_opt.search.space import GENERATION_ATTR, fid_of, OPERATOR_ATTR, STAGE_ATTR
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
@@ -16,7 +16,8 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         rows.append({
             "trial": t.number, "state": t.state.name, "generation": t.system_attrs.get(GENERATION_ATTR),
             "stage": t.system_attrs.get(STAGE_ATTR), "operator": t.system_attrs.get(OPERATOR_ATTR),
-            "baseline": t.user_attrs.get("baseline"), "fid": t.value,
+            "baseline": t.user_attrs.get("baseline"), "fid": fid_of(t),
+            "cost_full_steps": t.values[1] if t.values and len(t.values) > 1 else None,
             "timesteps": list(genome.timesteps) if genome else None,
             "nfe": genome.num_steps if genome else None,
             "skipped_layers": sum(len(s) for s in genome.skips) if genome else None,

@@ -11,9 +11,10 @@ import optuna
 import pandas as pd
 
 from autodiff_opt.report.export import diffusers_snippet, export_schedule
-from autodiff_opt.report.figures import final_figure, history_figure, schedules_figure
+from autodiff_opt.report.figures import final_figure, history_figure, pareto_figure, schedules_figure
 from autodiff_opt.report.tables import generation_summary, trials_table
 from autodiff_opt.search.final import best_genome
+from autodiff_opt.search.space import best_fid_trial, fid_of
 
 if TYPE_CHECKING:
     from autodiff_opt.search.runner import Experiment
@@ -48,6 +49,8 @@ def write_report(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | N
     trials.to_csv(paths["trials"], index=False)
     generation_summary(trials).to_csv(paths["generations"], index=False)
     figures = [history_figure(trials)]
+    if len(study.directions) > 1:
+        figures.append(pareto_figure(trials))
     if final is not None and not final.empty:
         paths["final_csv"], paths["final_md"] = out_dir / "final.csv", out_dir / "final.md"
         final.to_csv(paths["final_csv"], index=False)
@@ -55,13 +58,14 @@ def write_report(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | N
         figures += [final_figure(final), schedules_figure(final, exp.space.num_train_timesteps)]
         log.info("final comparison on fresh seeds:\n%s", final.to_string(index=False))
     _write_figures(paths["figures"], figures)
+    best = best_fid_trial(study)
     genome = best_genome(study)
     cfg = exp.cfg
     info = {
         "model": str(exp.model.extras.get("source", cfg.model.pretrained)), "subfolder": cfg.model.subfolder,
         "solver": cfg.solver.name, "clip_x0": cfg.solver.clip_x0,
-        "nfe": genome.num_steps, "fid_search": study.best_value, "study": study.study_name,
-        "storage": cfg.storage.url, "trial": study.best_trial.number,
+        "nfe": genome.num_steps, "fid_search": fid_of(best), "study": study.study_name,
+        "storage": cfg.storage.url, "trial": best.number,
         "diffusers_snippet": diffusers_snippet(genome, str(cfg.model.pretrained), cfg.solver.name,
                                               exp.model.sample_shape, exp.model.num_classes, cfg.model.subfolder),
     }

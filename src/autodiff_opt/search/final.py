@@ -13,6 +13,7 @@ from autodiff_opt.generate import SampleSet
 from autodiff_opt.search.genome import Genome
 from autodiff_opt.search.objective import evaluate
 from autodiff_opt.search.sampler import genome_of
+from autodiff_opt.search.space import best_fid_trial, pareto_front
 
 if TYPE_CHECKING:
     from autodiff_opt.search.runner import Experiment
@@ -27,13 +28,13 @@ def search_fid_by_genome(study: optuna.Study) -> dict[str, float]:
     out: dict[str, float] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         genome = genome_of(t)
-        if genome is not None and t.value is not None:
-            out[genome.key()] = float(t.value)
+        if genome is not None and t.values:
+            out[genome.key()] = float(t.values[0])
     return out
 
 
 def best_genome(study: optuna.Study) -> Genome:
-    best = study.best_trial
+    best = best_fid_trial(study)
     genome = genome_of(best)
     if genome is None:
         raise RuntimeError(f"best trial {best.number} has no genome attribute: was the study made by autodiff-opt?")
@@ -43,8 +44,8 @@ def best_genome(study: optuna.Study) -> Genome:
 def best_stage1_genome(study: optuna.Study) -> Genome | None:
     """The best candidate without skipped layers (what stage 1 alone would have returned)."""
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.value is not None and genome_of(t) is not None and not genome_of(t).has_skips]
-    return genome_of(min(done, key=lambda t: t.value)) if done else None
+            if t.values and genome_of(t) is not None and not genome_of(t).has_skips]
+    return genome_of(min(done, key=lambda t: t.values[0])) if done else None
 
 
 def final_candidates(study: optuna.Study, exp: "Experiment") -> dict[str, Genome]:
@@ -52,6 +53,13 @@ def final_candidates(study: optuna.Study, exp: "Experiment") -> dict[str, Genome
     stage1 = best_stage1_genome(study) if exp.stage2 is not None else None
     if stage1 is not None and stage1 != candidates["searched"]:
         candidates["searched_stage1"] = stage1
+    if len(study.directions) > 1:  # the Pareto front, at most 6 points spread over the cost axis
+        front = pareto_front(study.get_trials(deepcopy=False))
+        picks = front if len(front) <= 6 else [front[round(i * (len(front) - 1) / 5)] for i in range(6)]
+        for t in picks:
+            genome = genome_of(t)
+            if genome is not None and genome not in candidates.values():
+                candidates[f"searched_pareto_{t.values[1]:.2f}"] = genome
     candidates.update(exp.baselines)
     return candidates
 
@@ -60,7 +68,8 @@ def final_evaluation(study: optuna.Study, exp: "Experiment") -> pd.DataFrame:
     """Scores once per study and setting; stored in the study so workers and reruns reuse it."""
     cfg = exp.cfg
     num_samples = int(cfg.final.num_samples or 2 * cfg.search.num_samples)
-    setting = {"num_samples": num_samples, "seed": int(cfg.final.seed), "best_trial": study.best_trial.number}
+    setting = {"num_samples": num_samples, "seed": int(cfg.final.seed), "best_trial": best_fid_trial(study).number,
+               "trials": len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))}
     stored = study.user_attrs.get(FINAL_ATTR)
     if stored and stored.get("setting") == setting:
         log.info("final evaluation already in the study: reused")

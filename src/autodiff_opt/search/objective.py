@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Callable
 
 import optuna
 
@@ -36,15 +37,17 @@ class Objective:
     """Callable for study.optimize: every candidate sees the same noise and labels (common random numbers)."""
 
     def __init__(self, generator: ImageGenerator, scorer: FIDScorer, reference: FIDStats,
-                 samples: SampleSet, space: SearchSpace, cost_fn=None) -> None:
+                 samples: SampleSet, space: SearchSpace, cost_fn: Callable[[Genome], float] | None = None,
+                 cost_objective: Callable[[Genome], float] | None = None) -> None:
         self.generator = generator
         self.scorer = scorer
         self.reference = reference
         self.samples = samples
         self.space = space
         self.cost_fn = cost_fn
+        self.cost_objective = cost_objective
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         try:
             genome = suggest_genome(trial, self.space)
             trial.set_user_attr("nfe", genome.num_steps)
@@ -57,4 +60,6 @@ class Objective:
             raise
         for key in ("gen_seconds", "fid_seconds", "image_steps_per_s"):
             trial.set_user_attr(key, round(result[key], 4))
+        if self.cost_objective is not None:
+            return result["fid"], float(self.cost_objective(genome))
         return result["fid"]

@@ -22,7 +22,7 @@ from autodiff_opt.search.final import final_evaluation
 from autodiff_opt.search.genome import Genome, GenomeError, validate_timesteps
 from autodiff_opt.search.objective import Objective
 from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig
-from autodiff_opt.search.space import SearchSpace, genome_params
+from autodiff_opt.search.space import SearchSpace, best_fid_trial, fid_of, genome_params
 from autodiff_opt.search.study import make_storage, open_study
 from autodiff_opt.solvers import heuristic_schedule
 from autodiff_opt.utils import pick_device
@@ -50,6 +50,10 @@ class Experiment:
     baselines: dict[str, Genome] = field(default_factory=dict)
     stage2: Any = None  # Stage2Policy when search.stage2.enabled
     layer_costs: Any = None  # arch.LayerCosts when search.stage2.enabled
+
+    @property
+    def multi_objective(self) -> bool:
+        return self.stage2 is not None and bool(self.cfg.search.stage2.multi_objective)
 
 
 def evolution_config(search: DictConfig) -> EvolutionConfig:
@@ -136,11 +140,13 @@ def attach_stage2(exp: Experiment) -> None:
     K = cfg.search.num_steps
     costs = measure_layer_costs(exp.model.unet, exp.model.extras["skipper"],
                                 cache_path=Path(cfg.cache_dir).expanduser() / "layer_costs.json")
+    k_max = min(K + s2.max_extra_steps, exp.space.num_train_timesteps)
     if s2.budget_layers is not None:
         budget = Budget.from_layer_count(len(costs.names), int(s2.budget_layers))
+    elif s2.multi_objective:  # cost is an objective: the budget only bounds it at k_max full steps
+        budget = costs.budget(float(k_max))
     else:
         budget = costs.budget(float(s2.budget_flops or K))
-    k_max = min(K + s2.max_extra_steps, exp.space.num_train_timesteps)
     exp.space = SearchSpace(K, exp.space.num_train_timesteps, k_min=1, k_max=k_max)
     exp.stage2 = Stage2Policy(budget, s2.max_prun, s2.ramp_steps, s2.start_generation, s2.patience,
                               min_steps=1, max_steps=k_max)
@@ -157,7 +163,7 @@ def study_signature(cfg: DictConfig, space: SearchSpace) -> dict[str, Any]:
         "clip_x0": cfg.solver.clip_x0, "feature_extractor": cfg.metric.feature_extractor,
         "feature_layer": cfg.metric.feature_layer, "reference": cfg.dataset.reference,
         "num_samples": cfg.search.num_samples, "seed": cfg.search.seed, "population": cfg.search.population,
-        "stage2": cfg.search.stage2.enabled,
+        "stage2": cfg.search.stage2.enabled, "multi_objective": bool(cfg.search.stage2.multi_objective),
     }
 
 
@@ -219,7 +225,7 @@ class _Progress:
         if trial.state == TrialState.COMPLETE:
             self.failures = 0
             self.bar.update(1)
-            self.bar.set_postfix(best=f"{study.best_value:.3f}", gen=trial.system_attrs.get("autodiff:generation"))
+            self.bar.set_postfix(best=f"{fid_of(best_fid_trial(study)):.3f}", gen=trial.system_attrs.get("autodiff:generation"))
         elif trial.state == TrialState.FAIL:
             self.failures += 1
             if self.failures >= self.max_failures:
@@ -243,7 +249,8 @@ def run_search(study: optuna.Study, exp: Experiment) -> None:
     if cfg.progress:  # the bar says it all; Optuna's per-trial lines stay in DEBUG
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     cost_fn = exp.layer_costs.genome_flops if exp.layer_costs is not None else None
-    objective = Objective(exp.generator, exp.scorer, exp.reference, exp.samples, exp.space, cost_fn=cost_fn)
+    objective = Objective(exp.generator, exp.scorer, exp.reference, exp.samples, exp.space, cost_fn=cost_fn,
+                          cost_objective=exp.stage2.budget.in_full_steps if exp.multi_objective else None)
     try:
         study.optimize(objective, callbacks=[progress], catch=(Exception,), gc_after_trial=False)
     finally:
@@ -258,7 +265,8 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     sampler = AutoDiffusionSampler(exp.space, evolution_config(cfg.search), anchor=exp.baselines.get("ddim_uniform"),
                                    seed=cfg.search.seed, stage2=exp.stage2)
     storage = make_storage(cfg.storage.url, cfg.storage.heartbeat_interval, cfg.storage.grace_period, cfg.storage.max_retry)
-    study = open_study(storage, cfg.storage.study_name, study_signature(cfg, exp.space), sampler)
+    study = open_study(storage, cfg.storage.study_name, study_signature(cfg, exp.space), sampler,
+                       num_objectives=2 if exp.multi_objective else 1)
     log.info("study %s in %s: %d trials so far", study.study_name, cfg.storage.url, len(study.trials))
     recover_stale_trials(study, cfg)
     seed_study(study, exp)

@@ -37,6 +37,7 @@ from autodiff_opt.search.space import (
     STAGE_ATTR,
     SearchSpace,
     genome_from_params,
+    pareto_ranks,
     step_param,
 )
 
@@ -126,8 +127,8 @@ class AutoDiffusionSampler(BaseSampler):
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
         if GENOME_ATTR in trial.system_attrs:  # a retry of a stale trial: same genome, same slot
             return
-        if study.direction != StudyDirection.MINIMIZE:
-            raise ValueError("AutoDiffusionSampler minimises FID: create the study with direction='minimize'")
+        if any(d != StudyDirection.MINIMIZE for d in study.directions):
+            raise ValueError("AutoDiffusionSampler minimises FID (and cost): create the study with direction='minimize'")
         trials = study.get_trials(deepcopy=False)
         generation, slot = self._next_slot(trials)
         rng = np.random.default_rng([self._seed, trial.number])
@@ -164,8 +165,13 @@ class AutoDiffusionSampler(BaseSampler):
         if cached is not None:
             return [by_number[n] for n in cached if n in by_number]
         done = [t for t in trials if t.state == TrialState.COMPLETE and (generation_of(t) or 0) < generation
-                and t.value is not None and np.isfinite(t.value)]
-        top = sorted(done, key=lambda t: (t.value, t.number))[: self.evolution.num_parents]
+                and t.values and all(np.isfinite(v) for v in t.values)]
+        if len(study.directions) > 1:  # multi-objective: Pareto rank first, then FID
+            ranks = pareto_ranks(done)
+            top = sorted(done, key=lambda t: (ranks[t.number], t.values[0], t.number))
+        else:
+            top = sorted(done, key=lambda t: (t.values[0], t.number))
+        top = top[: self.evolution.num_parents]
         study._storage.set_study_system_attr(study._study_id, key, [t.number for t in top])
         return top
 

@@ -67,6 +67,42 @@ def genome_from_params(params: dict[str, Any], space: SearchSpace, skips: list[l
     return Genome.from_steps(steps, skips)
 
 
+def fid_of(trial: optuna.trial.FrozenTrial) -> float | None:
+    """The FID of a finished trial (the first objective; the second, in multi-objective mode, is cost)."""
+    values = trial.values
+    return float(values[0]) if values else None
+
+
+def best_fid_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    """The completed trial with the lowest FID (single- or multi-objective study)."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if fid_of(t) is not None]
+    if not done:
+        raise RuntimeError(f"study {study.study_name!r} has no completed candidate yet")
+    return min(done, key=lambda t: (fid_of(t), t.number))
+
+
+def pareto_front(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """Completed trials no other trial beats on every objective (all minimised), sorted by the last objective."""
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.values]
+    front = [t for t in done if not any(
+        all(b <= a for a, b in zip(t.values, u.values)) and any(b < a for a, b in zip(t.values, u.values)) for u in done)]
+    return sorted(front, key=lambda t: (t.values[-1], t.values[0]))
+
+
+def pareto_ranks(trials: list[optuna.trial.FrozenTrial]) -> dict[int, int]:
+    """Non-dominated sorting: trial number -> front index (0 = Pareto front)."""
+    remaining, ranks, rank = list(trials), {}, 0
+    while remaining:
+        front = pareto_front(remaining)
+        for t in front:
+            ranks[t.number] = rank
+        numbers = {t.number for t in front}
+        remaining = [t for t in remaining if t.number not in numbers]
+        rank += 1
+    return ranks
+
+
 def trial_system_attrs(trial: optuna.trial.Trial | optuna.trial.FrozenTrial) -> dict[str, Any]:
     if isinstance(trial, optuna.trial.FrozenTrial):
         return trial.system_attrs

@@ -58,6 +58,6 @@ class Stage2Policy:
 
 
 def _best_before(trials: Sequence[FrozenTrial], generation: int) -> float | None:
-    values = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None
-              and np.isfinite(t.value) and (t.system_attrs.get(GENERATION_ATTR) or 0) < generation]
+    values = [t.values[0] for t in trials if t.state == TrialState.COMPLETE and t.values
+              and np.isfinite(t.values[0]) and (t.system_attrs.get(GENERATION_ATTR) or 0) < generation]
     return min(values) if values else None

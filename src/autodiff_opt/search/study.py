@@ -74,11 +74,15 @@ def _redact(url: str) -> str:
 
 
 def open_study(
-    storage: BaseStorage, study_name: str, signature: dict[str, Any], sampler: optuna.samplers.BaseSampler
+    storage: BaseStorage, study_name: str, signature: dict[str, Any], sampler: optuna.samplers.BaseSampler,
+    num_objectives: int = 1,
 ) -> optuna.Study:
     """Create the study or resume it; refuse one whose search space (K, T, model, metric, ...) differs."""
-    study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
-                                direction="minimize", load_if_exists=True)
+    try:
+        study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
+                                    directions=["minimize"] * num_objectives, load_if_exists=True)
+    except ValueError as err:  # an existing study with other directions
+        raise StudyError(f"study {study_name!r}: {err}; use another storage.study_name") from err
     stored = study.user_attrs.get(SIGNATURE_ATTR)
     wanted = json.loads(json.dumps(signature))
     if stored is None:
