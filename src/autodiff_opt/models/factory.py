@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -11,11 +12,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from autodiff_opt.generate import StepWrapper
 from autodiff_opt.models.base import DiffusionModel, ModelLoadError
-from autodiff_opt.models.loading import load_model
+from autodiff_opt.models.latent import is_text_to_image_pipeline
+from autodiff_opt.models.loading import BUILTIN_PREFIX, _looks_like_path, load_model, resolve_pretrained
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+INCEPTION_HINT = ("torch-fidelity's Inception weights, published at github.com/toshas/torch-fidelity/releases/download/"
+                  "v0.2.0/weights-inception-2015-12-05-6726825d.pth")
 
 
 def _converted_folder(model_cfg: DictConfig, cache_dir: Path) -> Path:
@@ -44,6 +48,8 @@ def build_model(model_cfg: DictConfig, device: torch.device, cache_dir: str | Pa
     if model_cfg.dtype not in _DTYPES:
         raise ModelLoadError(f"model.dtype={model_cfg.dtype!r}: use one of {sorted(_DTYPES)}")
     pretrained = str(model_cfg.pretrained)
+    if model_cfg.prompts or is_text_to_image_pipeline(resolve_pretrained(pretrained)):
+        return build_text_to_image(model_cfg, device)
     if model_cfg.converter:
         pretrained = str(_converted_folder(model_cfg, Path(cache_dir).expanduser() / "converted"))
     schedule = OmegaConf.to_container(model_cfg.noise_schedule) if model_cfg.noise_schedule else None
@@ -52,6 +58,21 @@ def build_model(model_cfg: DictConfig, device: torch.device, cache_dir: str | Pa
     model.extras["source"] = pretrained  # what a schedule file names to load this model again
     if model_cfg.classifier:
         attach_classifier(model, model_cfg, device)
+    return model
+
+
+def build_text_to_image(model_cfg: DictConfig, device: torch.device) -> DiffusionModel:
+    """Stable Diffusion v1.x (pipeline folder or hub id): latents, CLIP prompts, classifier-free guidance."""
+    from autodiff_opt.models.latent import load_text_to_image
+
+    if model_cfg.converter or model_cfg.classifier:
+        raise ModelLoadError("model.converter and model.classifier apply to ADM checkpoints, not to text-to-image"
+                             " pipelines: set them to null")
+    model = load_text_to_image(str(model_cfg.pretrained), model_cfg.prompts, name=model_cfg.name,
+                               guidance_scale=float(model_cfg.guidance_scale),
+                               decode_batch_size=int(model_cfg.decode_batch_size), device=device,
+                               dtype=_DTYPES[model_cfg.dtype])
+    model.extras["source"] = str(model_cfg.pretrained)
     return model
 
 
@@ -72,15 +93,42 @@ def missing_files(cfg: DictConfig) -> list[str]:
         checks.append(("model.checkpoint", cfg.model.checkpoint, hint))
     if cfg.model.classifier:
         checks.append(("model.classifier", cfg.model.classifier, hint))
+    data_hint = f" ({cfg.dataset.source_hint})" if cfg.dataset.source_hint else ""
+    if cfg.model.prompts:
+        checks.append(("model.prompts", cfg.model.prompts, data_hint))
     if not str(cfg.dataset.reference).startswith("builtin:"):
-        checks.append(("dataset.reference", cfg.dataset.reference, ""))
+        checks.append(("dataset.reference", cfg.dataset.reference, data_hint))
     if cfg.metric.weights_path:
-        checks.append(("metric.weights_path", cfg.metric.weights_path, ""))
-    out = []
+        inception = str(cfg.metric.feature_extractor).startswith("inception")
+        checks.append(("metric.weights_path", cfg.metric.weights_path, f" ({INCEPTION_HINT})" if inception else ""))
+    out = _missing_pretrained(cfg.model, hint)
     for option, value, where in checks:
         if value is None or not Path(str(value)).expanduser().exists():
             out.append(f"{option}={value} is missing{where}: set {option}=/path/to/it")
     return out
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in ("model_index.json", "config.json"))
+
+
+def _missing_pretrained(model_cfg: DictConfig, hint: str) -> list[str]:
+    """model.pretrained: a local folder that is absent, or a hub id that an offline machine has not cached."""
+    ref = str(model_cfg.pretrained)
+    if model_cfg.converter or ref.startswith(BUILTIN_PREFIX) or Path(ref).expanduser().exists():
+        return []
+    if _looks_like_path(ref):
+        return [f"model.pretrained={ref}: no such file or directory{hint}: set model.pretrained=/path/to/the/model/folder"]
+    if _hub_offline() and not _hub_cached(ref):
+        return [f"model.pretrained={ref} is a hub id that is not in the local cache, and the hub is offline{hint}:"
+                f" download it elsewhere (huggingface-cli download {ref} --local-dir DIR) and set model.pretrained=DIR"]
+    return []
 
 
 def step_wrapper_for(model: DiffusionModel) -> StepWrapper:
