@@ -1,0 +1,88 @@
+"""Stage 2 in the sampler: start on stall or at the configured generation, ramp, budget, persistence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from autodiff_opt.arch.budget import Budget
+from autodiff_opt.arch.operators import ramp_max_skip_frac, skip_cap
+from autodiff_opt.search.genome import Genome
+from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig, genome_of
+from autodiff_opt.search.space import GENERATION_ATTR, STAGE_ATTR, SearchSpace, suggest_genome
+from autodiff_opt.search.stage2 import STAGE2_START_ATTR, Stage2Policy
+from cli_helpers import run_cli, tiny_overrides
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+L = 20
+BUDGET = Budget.from_flops(100, tuple([3] * L), full_steps=4.0)  # skipping 4 layers saves 12% of a step
+SPACE = SearchSpace(4, 1000, k_min=1, k_max=5)
+EVO = EvolutionConfig(population=10, num_parents=4, num_mutants=5, num_crossovers=3, init_random=4)
+
+
+def objective(trial: optuna.Trial) -> float:
+    g = suggest_genome(trial, SPACE)
+    # more steps help, skipping costs a little quality: the best candidates buy a 5th step by skipping
+    return 10.0 / g.num_steps + 0.01 * sum(len(s) for s in g.skips) + 0.001 * sum(g.timesteps) / 1000
+
+
+def make_sampler(start: int = 2, patience: int = 100) -> AutoDiffusionSampler:
+    policy = Stage2Policy(BUDGET, max_prun=0.4, ramp_steps=2, start_generation=start, patience=patience, max_steps=5)
+    return AutoDiffusionSampler(SPACE, EVO, anchor=Genome((750, 500, 250, 0)), seed=0, stage2=policy)
+
+
+def test_stage2_starts_ramps_respects_budget_and_resumes(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(storage=url, sampler=make_sampler(), study_name="s2")
+    study.optimize(objective, n_trials=35)
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    assert attrs[STAGE2_START_ATTR] == 2
+    resumed = optuna.load_study(study_name="s2", storage=url, sampler=make_sampler(start=99))
+    resumed.optimize(objective, n_trials=25)  # the stored start wins over the new process's setting
+    for t in resumed.trials:
+        g, gen = genome_of(t), t.system_attrs[GENERATION_ATTR]
+        assert BUDGET.fits(g), f"trial {t.number} over budget"
+        if gen < 2:
+            assert not g.has_skips and t.system_attrs[STAGE_ATTR] == 1
+        else:
+            cap = skip_cap(L, ramp_max_skip_frac(gen - 2, 0.4, 2))
+            assert all(len(m) <= cap for m in g.skips)
+    later = [genome_of(t) for t in resumed.trials if t.system_attrs[GENERATION_ATTR] >= 3]
+    assert any(g.has_skips for g in later) and any(g.num_steps == 5 for g in later)
+    assert genome_of(resumed.best_trial).num_steps == 5  # skipping bought the extra step
+
+
+def test_stage2_starts_early_when_the_best_stalls() -> None:
+    flat = optuna.create_study(sampler=make_sampler(start=50, patience=1))
+    flat.optimize(lambda t: float(len(suggest_genome(t, SPACE).timesteps)), n_trials=30)  # constant: stalls at once
+    start = flat._storage.get_study_system_attrs(flat._study_id)[STAGE2_START_ATTR]
+    assert start == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("multi_objective", [False, True])
+def test_stage2_end_to_end_through_the_cli(multi_objective: bool, tiny_model_dir: Path, tiny_reference: Path,
+                                           tmp_path: Path) -> None:
+    extra = {"search.stage2.enabled": "true", "search.stage2.start_generation": 1, "search.stage2.max_prun": 0.5,
+             "search.stage2.ramp_steps": 1, "search.generations": 3,
+             "search.stage2.multi_objective": str(multi_objective).lower()}
+    proc = run_cli(tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "s.db", **extra), tmp_path, tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = pd.read_csv(tmp_path / "run" / "trials.csv")
+    assert (trials.stage == 2).sum() >= 6 and (trials.skipped_layers > 0).any()
+    final = pd.read_csv(tmp_path / "run" / "final.csv")
+    assert (final.cost_full_steps <= 4.0 + 1e-9).all() or multi_objective
+    import json
+
+    best = json.loads((tmp_path / "run" / "best_schedule.json").read_text())
+    assert len(best["skipped_layer_names"]) == len(best["timesteps"])
+    from autodiff_opt.apply import generate_from_schedule
+
+    images = generate_from_schedule(best, num_images=4, device="cpu")
+    assert images.shape == (4, 1, 8, 8)
+    if multi_objective:
+        assert "Pareto" in (tmp_path / "run" / "report.html").read_text()
