@@ -1,0 +1,146 @@
+"""One worker process on a shared study: the real AutoDiffusionSampler, a pure-Python objective.
+
+Used by tests/test_workers.py and experiments/bench_storage.py to run several workers on one
+PostgreSQL or journal study without loading a diffusion model. The objective sleeps a fixed time
+(standing in for generation + FID) and returns the distance of the genome to a known schedule.
+
+    python tests/cheap_worker.py --storage URL --study NAME --population 8 --generations 4 --sleep 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+
+def _light_arch_package() -> None:
+    """Load autodiff_opt.arch without its __init__ (which imports torch and diffusers for the layer code).
+
+    The sampler only needs arch.operators and arch.budget (numpy); skipping the package __init__ makes a
+    worker start in about 1 s instead of 5-10 s on a loaded 2-core machine. The sampler's code is unchanged.
+    """
+    import importlib.util
+    import types
+
+    if "autodiff_opt.arch" in sys.modules:
+        return
+    spec = importlib.util.find_spec("autodiff_opt")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    package = types.ModuleType("autodiff_opt.arch")
+    package.__path__ = [str(Path(list(spec.submodule_search_locations)[0]) / "arch")]
+    package.__package__ = "autodiff_opt.arch"
+    sys.modules["autodiff_opt.arch"] = package
+
+
+_light_arch_package()
+
+import optuna  # noqa: E402
+
+from autodiff_opt.search.concurrency import (  # noqa: E402
+    SearchBudget,
+    StudyLockedSampler,
+    journal_storage,
+    sqlalchemy_url,
+)
+from autodiff_opt.search.genome import Genome  # noqa: E402
+from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig  # noqa: E402
+from autodiff_opt.search.space import SearchSpace, genome_params, suggest_genome  # noqa: E402
+from autodiff_opt.search.study import make_storage  # noqa: E402
+
+SPACE = SearchSpace(num_steps=4, num_train_timesteps=1000)
+TARGET = (900, 600, 300, 50)
+ANCHOR = Genome((750, 500, 250, 0))
+BASELINES = (Genome((999, 749, 499, 249)), Genome((800, 600, 400, 200)))
+
+
+def evolution(population: int) -> EvolutionConfig:
+    """The authors' proportions at a small population: half mutants, 30% crossovers, half of gen 0 random."""
+    return EvolutionConfig(population=population, num_parents=max(2, population // 4), num_mutants=population // 2,
+                           num_crossovers=(3 * population) // 10, init_random=population // 2)
+
+
+def distance(genome: Genome) -> float:
+    return float(sum(abs(a - b) for a, b in zip(genome.timesteps, TARGET)))
+
+
+def open_storage(url: str, heartbeat: int, grace: int) -> optuna.storages.BaseStorage:
+    if url.startswith("journal:"):
+        return journal_storage(url[len("journal:"):], heartbeat or None, grace, max_retry=3)
+    return make_storage(sqlalchemy_url(url), heartbeat or None, grace, max_retry=3)
+
+
+def make_sampler(population: int, lock: bool, seed: int = 0) -> optuna.samplers.BaseSampler:
+    sampler = AutoDiffusionSampler(SPACE, evolution(population), anchor=ANCHOR, seed=seed)
+    return StudyLockedSampler(sampler) if lock else sampler
+
+
+def create(storage: optuna.storages.BaseStorage, name: str, population: int) -> optuna.Study:
+    """The study as the CLI's first worker leaves it: created, the heuristic schedules queued."""
+    study = optuna.create_study(storage=storage, study_name=name, sampler=make_sampler(population, False),
+                                direction="minimize", load_if_exists=True)
+    for genome in BASELINES:
+        study.enqueue_trial(genome_params(genome, SPACE), skip_if_exists=True)
+    return study
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--storage", required=True)
+    p.add_argument("--study", required=True)
+    p.add_argument("--worker", type=int, default=0)
+    p.add_argument("--population", type=int, default=8)
+    p.add_argument("--generations", type=int, default=4)
+    p.add_argument("--sleep", type=float, default=0.1, help="seconds per candidate")
+    p.add_argument("--lock", action=argparse.BooleanOptionalAction, default=True, help="StudyLockedSampler")
+    p.add_argument("--heartbeat", type=int, default=1, help="heartbeat interval in s (0: none)")
+    p.add_argument("--grace", type=int, default=2)
+    p.add_argument("--stop", choices=("budget", "complete"), default="budget",
+                   help="budget: SearchBudget; complete: the runner's rule (stop once COMPLETE >= P*G)")
+    p.add_argument("--drain-timeout", type=float, default=60.0)
+    p.add_argument("--slow-trial", type=int, default=-1, help="this worker's n-th trial (0-based) sleeps --slow-sleep")
+    p.add_argument("--slow-sleep", type=float, default=60.0)
+    p.add_argument("--max-trials", type=int, default=10_000, help="a bound on this worker's loop")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format=f"worker {args.worker} %(levelname)s %(name)s: %(message)s")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    storage = open_storage(args.storage, args.heartbeat, args.grace)
+    sampler = make_sampler(args.population, args.lock)
+    study = optuna.load_study(study_name=args.study, storage=storage, sampler=sampler)
+    total = args.population * args.generations
+    done = {"n": 0}
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("worker", args.worker)
+        genome = suggest_genome(trial, SPACE)
+        slow = done["n"] == args.slow_trial
+        done["n"] += 1
+        if slow:
+            trial.set_user_attr("slow", True)
+        time.sleep(args.slow_sleep if slow else args.sleep)
+        return distance(genome)
+
+    def stop_when_complete(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))) >= total:
+            study.stop()
+
+    stop = SearchBudget(args.population, args.generations, poll=0.2, drain_timeout=args.drain_timeout) \
+        if args.stop == "budget" else stop_when_complete
+    t0 = time.perf_counter()
+    study.optimize(objective, n_trials=args.max_trials, callbacks=[stop], catch=(Exception,), gc_after_trial=False)
+    print(json.dumps({"worker": args.worker, "trials": done["n"], "seconds": round(time.perf_counter() - t0, 3),
+                      "lock_wait": round(getattr(sampler, "lock_wait_seconds", 0.0), 4)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
