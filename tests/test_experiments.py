@@ -5,6 +5,7 @@ formats (diffusers DDPMPipeline folders, a Stable Diffusion pipeline folder) run
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -24,6 +25,7 @@ from replicas import (
     write_png_folder,
 )
 
+REPRODUCE = Path(__file__).resolve().parents[1] / "experiments" / "reproduce_paper.py"
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 
 # name: (samples per candidate, final samples, options that name input files)
@@ -104,12 +106,15 @@ def test_without_files_the_cli_stops_before_any_work(name: str, tmp_path: Path) 
     assert "huggingface-cli download" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def _tiny_run(name: str, model: Path, reference: Path, tmp: Path, **extra: object) -> subprocess.CompletedProcess[str]:
-    overrides = tiny_overrides(model, reference, tmp / "s.db", **{
+def _tiny_overrides(model: Path, reference: Path, tmp: Path, **extra: object) -> list[str]:
+    return tiny_overrides(model, reference, tmp / "s.db", **{
         "search.num_samples": 16, "search.batch_size": 16, "search.population": 4, "search.generations": 1,
         "search.num_parents": 2, "search.num_mutants": 1, "search.num_crossovers": 1, "search.init_random": 1,
         "final.num_samples": 16, "metric.weights_path": "null", "metric.feature_layer": "null", **extra})
-    return run_cli([f"+experiment={name}", *overrides], tmp, tmp / "run", timeout=240)
+
+
+def _tiny_run(name: str, model: Path, reference: Path, tmp: Path, **extra: object) -> subprocess.CompletedProcess[str]:
+    return run_cli([f"+experiment={name}", *_tiny_overrides(model, reference, tmp, **extra)], tmp, tmp / "run", timeout=240)
 
 
 def _check_run(proc: subprocess.CompletedProcess[str], tmp: Path) -> pd.DataFrame:
@@ -123,10 +128,29 @@ def _check_run(proc: subprocess.CompletedProcess[str], tmp: Path) -> pd.DataFram
 
 
 @pytest.mark.slow
-def test_cifar10_ddpm_pipeline_folder_with_npz_reference(tmp_path: Path) -> None:
+def test_cifar10_through_reproduce_paper_search_then_final(tmp_path: Path) -> None:
+    """DDPMPipeline folder + .npz of images; the script's two CLI calls share one study."""
     model = make_tiny_ddpm_pipeline(tmp_path / "ddpm-cifar10-32", image_size=8)
     reference = write_image_npz(tmp_path / "cifar10_train.npz", blob_images(64, 8))
-    _check_run(_tiny_run("cifar10", model, reference, tmp_path), tmp_path)
+    overrides = [o for o in _tiny_overrides(model, reference, tmp_path) if not o.startswith("storage.url=")]
+    cmd = [sys.executable, str(REPRODUCE), "--experiment", "cifar10", "--storage", f"sqlite:///{tmp_path / 's.db'}",
+           "--output-dir", str(tmp_path / "out"), "--", *overrides]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert "1. search:  python -m autodiff_opt +experiment=cifar10" in proc.stdout
+    (tmp_path / "run").symlink_to(tmp_path / "out" / "cifar10-default" / "final")
+    _check_run(proc, tmp_path)
+    assert not (tmp_path / "out" / "cifar10-default" / "search" / "final.csv").exists()
+    assert "already has 4/4" in proc.stdout + proc.stderr
+
+
+def test_reproduce_paper_prints_the_plan_and_stops_without_files(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(REPRODUCE), "--experiment", "sd_coco", "--variant", "dpm10"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_offline_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "solver.name=dpmpp_2m" in proc.stdout and "search.num_steps=10" in proc.stdout
+    assert "final evaluation: 10000 fresh samples" in proc.stdout
+    for option in PAPER["sd_coco"][2]:
+        assert f"set {option}=" in proc.stderr
 
 
 @pytest.mark.slow
