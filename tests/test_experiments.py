@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 
 from autodiff_opt.cli import CONFIG_DIR
 from autodiff_opt.models.factory import missing_files
+from autodiff_opt.search.sampler import genome_of
 from cli_helpers import cli_command, cli_env, run_cli, tiny_overrides
 from replicas import (
     blob_images,
@@ -117,14 +118,14 @@ def _tiny_run(name: str, model: Path, reference: Path, tmp: Path, **extra: objec
     return run_cli([f"+experiment={name}", *_tiny_overrides(model, reference, tmp, **extra)], tmp, tmp / "run", timeout=240)
 
 
-def _check_run(proc: subprocess.CompletedProcess[str], tmp: Path) -> pd.DataFrame:
+def _check_run(proc: subprocess.CompletedProcess[str], tmp: Path, candidates: int = 4) -> optuna.Study:
     assert proc.returncode == 0, proc.stderr[-3000:]
     url = f"sqlite:///{tmp / 's.db'}"
     study = optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url)
-    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 4
+    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == candidates
     final = pd.read_csv(tmp / "run" / "final.csv")
     assert {"searched", "ddim_uniform", "trailing"} <= set(final.schedule) and final.fid_final.notna().all()
-    return final
+    return study
 
 
 @pytest.mark.slow
@@ -161,10 +162,16 @@ def test_lsun_church_ddpm_pipeline_folder_with_png_reference(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-def test_sd_coco_pipeline_folder_with_coco_captions(tmp_path: Path) -> None:
+def test_sd_coco_pipeline_folder_with_coco_captions_dpm_solver_and_stage2(tmp_path: Path) -> None:
+    """Generation 0 searches time steps; generation 1 (stage 2) also skips layers of the SD UNet."""
     model = make_tiny_sd_pipeline(tmp_path / "stable-diffusion-v1-4")
     captions = write_coco_captions(tmp_path / "annotations" / "captions_val2014.json")
     reference = write_image_npz(tmp_path / "coco_val2014.npz", blob_images(64, 32))
-    proc = _tiny_run("sd_coco", model, reference, tmp_path, **{"model.prompts": captions, "model.dtype": "float32"})
-    _check_run(proc, tmp_path)
+    proc = _tiny_run("sd_coco", model, reference, tmp_path, **{
+        "model.prompts": captions, "model.dtype": "float32", "solver.name": "dpmpp_2m", "search.generations": 2,
+        "search.stage2.enabled": "true", "search.stage2.start_generation": 1, "search.stage2.ramp_steps": 1,
+        "search.stage2.max_prun": 0.5})
+    study = _check_run(proc, tmp_path, candidates=8)
     assert "60 prompts" in proc.stderr + proc.stdout
+    skipped = [t for t in study.trials if genome_of(t) is not None and genome_of(t).has_skips]
+    assert skipped and all(t.state == optuna.trial.TrialState.COMPLETE for t in skipped)
