@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 HUB_IGNORE = ["*.bin", "*.ckpt", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.pb", "*.fp16.*", "*non_ema*"]
-MAX_CACHED_PROMPTS = 50_000
+CACHE_BYTES = 4 * 2**30  # prompt embeddings kept on CPU: 77 x 768 fp16 is 118 KiB, so ~36,000 prompts
 ENCODE_BATCH = 128
 
 
@@ -85,6 +85,7 @@ class PromptEncoder:
         positions = int(text_encoder.config.max_position_embeddings)
         self.max_length = min(int(tokenizer.model_max_length), positions)
         self._cache: dict[int, torch.Tensor] = {}
+        self._cache_bytes = 0
         self._empty: torch.Tensor | None = None
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
@@ -113,8 +114,12 @@ class PromptEncoder:
         for start in range(0, len(todo), ENCODE_BATCH):
             chunk = todo[start : start + ENCODE_BATCH]
             fresh.update(zip(chunk, self.encode([self.prompts[i] for i in chunk])))
-        room = MAX_CACHED_PROMPTS - len(self._cache)
-        self._cache.update(list(fresh.items())[: max(room, 0)])
+        for i, hidden in fresh.items():
+            size = hidden.numel() * hidden.element_size()
+            if self._cache_bytes + size > CACHE_BYTES:
+                break
+            self._cache[i] = hidden.clone()
+            self._cache_bytes += size
         return torch.stack([self._cache[i] if i in self._cache else fresh[i] for i in ids])
 
 
