@@ -40,3 +40,13 @@ def cli_command(overrides: list[str], run_dir: Path) -> list[str]:
 def run_cli(overrides: list[str], tmp: Path, run_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cli_command(overrides, run_dir), cwd=tmp, env=cli_env(tmp), capture_output=True,
                           text=True, timeout=timeout)
+
+
+def compose_cfg(overrides: list[str], output_dir: Path):  # type: ignore[no-untyped-def]
+    """The composed config of the real app, in-process (what `python -m autodiff_opt ...` would run)."""
+    from hydra import compose, initialize_config_dir
+
+    from autodiff_opt.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=[*overrides, f"output_dir={output_dir}"])

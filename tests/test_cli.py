@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sqlite3
 import subprocess
@@ -18,7 +19,7 @@ from optuna.trial import TrialState
 
 from autodiff_opt.cli import CONFIG_DIR
 from autodiff_opt.search.sampler import count_by_generation, genome_of
-from cli_helpers import cli_command, cli_env, run_cli, tiny_overrides
+from cli_helpers import cli_command, cli_env, compose_cfg, run_cli, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -118,22 +119,41 @@ def test_bad_override_fails_at_start(override: str, message: str, tmp_path: Path
     assert proc.returncode != 0 and message in proc.stderr
 
 
+def _with(overrides: list[str], override: str) -> list[str]:
+    key = override.split("=")[0]
+    return [o for o in overrides if o.split("=")[0] != key] + [override]
+
+
 @pytest.mark.parametrize("override,message", [
     ("search.num_steps=0", "K must be at least 1"),
-    ("search.num_steps=1001", "exceeds the model's T=1000"),
-    ("+search.schedules=[[10,500,20,5]]", "not strictly descending"),
-    ("+search.schedules=[[500,500,20,5]]", "more than once"),
-    ("+search.schedules=[[1500,500,20,5]]", "outside"),
-    ("model.pretrained=/nonexistent/model", "no such file or directory"),
     ("storage.url=postgresql://nobody@127.0.0.1:1/none", "cannot be opened"),
 ])
 def test_bad_input_gives_one_line_error_and_exit_2(override: str, message: str, tiny_model_dir: Path,
                                                    tiny_reference: Path, tmp_path: Path) -> None:
-    overrides = [o for o in tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "s.db")
-                 if o.split("=")[0] != override.lstrip("+").split("=")[0]] + [override.lstrip("+")]
-    proc = run_cli(overrides, tmp_path, tmp_path / "r", timeout=120)
+    proc = run_cli(_with(tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "s.db"), override), tmp_path,
+                   tmp_path / "r", timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("search.num_steps=1001", "exceeds the model's T=1000"),
+    ("search.schedules=[[10,500,20,5]]", "not strictly descending"),
+    ("search.schedules=[[500,500,20,5]]", "more than once"),
+    ("search.schedules=[[1500,500,20,5]]", "outside"),
+    ("search.schedules=[[500,20,5]]", "has 3 steps"),
+    ("model.pretrained=/nonexistent/model", "no such file or directory"),
+    ("dataset.reference=/nonexistent/ref.npz", "dataset.reference=/nonexistent/ref.npz is missing"),
+])
+def test_bad_input_is_refused_before_any_work(override: str, message: str, tiny_model_dir: Path,
+                                              tiny_reference: Path, tmp_path: Path) -> None:
+    from autodiff_opt.errors import USER_ERRORS
+    from autodiff_opt.search.runner import run
+
+    cfg = compose_cfg(_with(tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "s.db"), override), tmp_path)
+    with pytest.raises(USER_ERRORS, match=re.escape(message)):
+        run(cfg)
+    assert not (tmp_path / "s.db").exists(), "work started before the input was checked"
 
 
 def test_every_experiment_composes() -> None:
