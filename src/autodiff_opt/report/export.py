@@ -25,6 +25,22 @@ images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 '''
 
 
+_SD_SNIPPET = '''# Apply the searched schedule to a Stable Diffusion pipeline ({solver}, CFG {guidance}).
+import torch
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{model}")
+pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config,
+    algorithm_type="dpmsolver++", solver_order={order}, final_sigmas_type="zero", lower_order_final=True)
+image = pipe("a photo of a cat", timesteps={timesteps}, guidance_scale={guidance}).images[0]
+'''
+
+
+def sd_snippet(genome: Genome, model: str, solver: str, guidance: float) -> str:
+    return _SD_SNIPPET.format(solver=solver, model=model, timesteps=list(genome.timesteps), guidance=guidance,
+                              order=1 if solver == "ddim" else 2)
+
+
 def diffusers_snippet(genome: Genome, model: str, solver: str, shape: tuple[int, ...], num_classes: int | None,
                       subfolder: str | None = None) -> str:
     """DPM-Solver++ with order 1 is DDIM (eta=0); order 2 is DPM-Solver++(2M) (without x0 clipping)."""

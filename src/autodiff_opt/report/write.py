@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 import pandas as pd
 
-from autodiff_opt.report.export import diffusers_snippet, export_schedule
+from autodiff_opt.report.export import diffusers_snippet, export_schedule, sd_snippet
 from autodiff_opt.report.figures import final_figure, history_figure, pareto_figure, schedules_figure
 from autodiff_opt.report.tables import generation_summary, trials_table
 from autodiff_opt.search.final import best_genome
@@ -66,8 +66,11 @@ def write_report(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | N
         "solver": cfg.solver.name, "clip_x0": cfg.solver.clip_x0,
         "nfe": genome.num_steps, "fid_search": fid_of(best), "study": study.study_name,
         "storage": cfg.storage.url, "trial": best.number,
-        "diffusers_snippet": diffusers_snippet(genome, str(cfg.model.pretrained), cfg.solver.name,
-                                              exp.model.sample_shape, exp.model.num_classes, cfg.model.subfolder),
+        "diffusers_snippet": (sd_snippet(genome, str(cfg.model.pretrained), cfg.solver.name, cfg.model.guidance_scale)
+                              if cfg.model.prompts else
+                              diffusers_snippet(genome, str(exp.model.extras.get("source", cfg.model.pretrained)),
+                                                cfg.solver.name, exp.model.sample_shape, exp.model.num_classes,
+                                                cfg.model.subfolder)),
     }
     if final is not None and not final.empty:
         info["final"] = json.loads(final.to_json(orient="records"))
