@@ -8,7 +8,7 @@ STORAGE ?= sqlite:///autodiff_opt.db
 WORKERS ?= 2
 PORT   ?= 8080
 
-.PHONY: setup run test dashboard workers bench clean
+.PHONY: setup run test dashboard workers bench bench-skip bench-storage clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,8 +34,15 @@ dashboard: $(STAMP)
 workers: $(STAMP)
 	$(PY) -m autodiff_opt.workers --workers $(WORKERS) --storage '$(STORAGE)' -- $(ARGS)
 
+## Benchmarks print their figures (see README "Measured").
 bench: $(STAMP)
 	$(PY) experiments/bench_eval.py
+
+bench-skip: $(STAMP)
+	$(PY) experiments/bench_skip.py --threads 1
+
+bench-storage: $(STAMP)
+	$(PY) experiments/bench_storage.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache
