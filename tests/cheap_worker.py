@@ -77,8 +77,30 @@ def open_storage(url: str, heartbeat: int, grace: int) -> optuna.storages.BaseSt
     return make_storage(sqlalchemy_url(url), heartbeat or None, grace, max_retry=3)
 
 
-def make_sampler(population: int, lock: bool, seed: int = 0) -> optuna.samplers.BaseSampler:
-    sampler = AutoDiffusionSampler(SPACE, evolution(population), anchor=ANCHOR, seed=seed)
+class RendezvousSampler(AutoDiffusionSampler):
+    """The real sampler, paused after choosing its slot until `parties` workers have chosen one (at most
+    `pause` s): the interleaving in which workers race for one slot, made certain for a test."""
+
+    def __init__(self, population: int, rendezvous: Path, name: str, parties: int, pause: float) -> None:
+        super().__init__(SPACE, evolution(population), anchor=ANCHOR, seed=0)
+        self.rendezvous, self.name, self.parties, self.pause = rendezvous, name, parties, pause
+
+    def _next_slot(self, trials):  # type: ignore[no-untyped-def]
+        choice = super()._next_slot(trials)
+        self.rendezvous.mkdir(parents=True, exist_ok=True)
+        (self.rendezvous / self.name).touch()
+        deadline = time.monotonic() + self.pause
+        while len(list(self.rendezvous.iterdir())) < self.parties and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return choice
+
+
+def make_sampler(population: int, lock: bool, seed: int = 0, rendezvous: str | None = None, name: str = "",
+                 pause: float = 4.0) -> optuna.samplers.BaseSampler:
+    if rendezvous:
+        sampler: AutoDiffusionSampler = RendezvousSampler(population, Path(rendezvous), name, 2, pause)
+    else:
+        sampler = AutoDiffusionSampler(SPACE, evolution(population), anchor=ANCHOR, seed=seed)
     return StudyLockedSampler(sampler) if lock else sampler
 
 
@@ -101,20 +123,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sleep", type=float, default=0.1, help="seconds per candidate")
     p.add_argument("--lock", action=argparse.BooleanOptionalAction, default=True, help="StudyLockedSampler")
     p.add_argument("--heartbeat", type=int, default=1, help="heartbeat interval in s (0: none)")
-    p.add_argument("--grace", type=int, default=2)
+    p.add_argument("--grace", type=int, default=4, help="s without a beat before a trial is stale (> storage latency)")
     p.add_argument("--stop", choices=("budget", "complete"), default="budget",
                    help="budget: SearchBudget; complete: the runner's rule (stop once COMPLETE >= P*G)")
     p.add_argument("--drain-timeout", type=float, default=60.0)
     p.add_argument("--slow-trial", type=int, default=-1, help="this worker's n-th trial (0-based) sleeps --slow-sleep")
     p.add_argument("--slow-sleep", type=float, default=60.0)
     p.add_argument("--max-trials", type=int, default=10_000, help="a bound on this worker's loop")
+    p.add_argument("--ready", metavar="DIR", help="start optimizing once --parties workers are ready in DIR (max 60 s)")
+    p.add_argument("--parties", type=int, default=1)
+    p.add_argument("--ask-once", metavar="DIR", help="ask one trial, meeting another worker in DIR between the"
+                   " sampler's read and write; print its generation, slot and genome")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format=f"worker {args.worker} %(levelname)s %(name)s: %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     storage = open_storage(args.storage, args.heartbeat, args.grace)
-    sampler = make_sampler(args.population, args.lock)
+    sampler = make_sampler(args.population, args.lock, rendezvous=args.ask_once, name=str(args.worker))
     study = optuna.load_study(study_name=args.study, storage=storage, sampler=sampler)
+    if args.ask_once:
+        trial = study.ask()
+        attrs = study._storage.get_trial_system_attrs(trial._trial_id)
+        print(json.dumps([attrs["autodiff:generation"], attrs["autodiff:slot"], attrs["autodiff:genome"]]), flush=True)
+        return 0
     total = args.population * args.generations
     done = {"n": 0}
 
@@ -135,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
 
     stop = SearchBudget(args.population, args.generations, poll=0.2, drain_timeout=args.drain_timeout) \
         if args.stop == "budget" else stop_when_complete
+    if args.ready:  # workers start together, whatever their import times
+        Path(args.ready).mkdir(parents=True, exist_ok=True)
+        (Path(args.ready) / str(args.worker)).touch()
+        deadline = time.monotonic() + 60
+        while len(list(Path(args.ready).iterdir())) < args.parties and time.monotonic() < deadline:
+            time.sleep(0.01)
     t0 = time.perf_counter()
     study.optimize(objective, n_trials=args.max_trials, callbacks=[stop], catch=(Exception,), gc_after_trial=False)
     print(json.dumps({"worker": args.worker, "trials": done["n"], "seconds": round(time.perf_counter() - t0, 3),

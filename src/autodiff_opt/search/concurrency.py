@@ -69,7 +69,9 @@ def sqlalchemy_url(url: str) -> str:
 
 def _backend(storage: BaseStorage) -> BaseStorage:
     """The storage under Optuna's cache wrapper (RDB storages are wrapped by create_study)."""
-    return getattr(storage, "_backend", storage)
+    from optuna.storages._cached_storage import _CachedStorage
+
+    return storage._backend if isinstance(storage, _CachedStorage) else storage
 
 
 # --- a study-wide lock ------------------------------------------------------------------------
@@ -194,6 +196,9 @@ class StudyLockedSampler(BaseSampler):
         return self.inner.sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
+        # A beat now and once the candidate is chosen: Optuna's heartbeat thread only starts after ask()
+        # returns, and a trial waiting here must not look dead to the journal storage's stale check.
+        _beat(study, trial)
         if GENOME_ATTR in trial.system_attrs:
             self.inner.before_trial(study, trial)
             return
@@ -201,9 +206,18 @@ class StudyLockedSampler(BaseSampler):
         with study_lock(study, self.timeout):
             self.lock_wait_seconds += time.perf_counter() - t0
             self.inner.before_trial(study, trial)
+        _beat(study, trial)
 
     def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
         self.inner.after_trial(study, trial, state, values)
+
+
+def _beat(study: Study, trial: FrozenTrial) -> None:
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    storage = study._storage
+    if is_heartbeat_enabled(storage):
+        storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
 
 
 # --- heartbeats for journal files ----------------------------------------------------------------
@@ -297,7 +311,7 @@ class BudgetStatus:
     complete: int  # COMPLETE trials of generations < G
     assigned: int  # trials of generations < G that hold a slot (not FAIL), plus queued trials without one yet
     waiting: int  # WAITING trials (queued baselines, retries of stale trials)
-    running: int
+    running: int  # RUNNING trials of generations < G
     beyond: int  # trials (not FAIL) of generations >= G: the sampler has moved past the budget
 
 
@@ -305,10 +319,7 @@ def budget_status(trials: Sequence[FrozenTrial], population: int, generations: i
     complete = assigned = waiting = running = beyond = 0
     for t in trials:
         generation = t.system_attrs.get(GENERATION_ATTR)
-        if t.state == TrialState.WAITING:
-            waiting += 1
-        elif t.state == TrialState.RUNNING:
-            running += 1
+        waiting += t.state == TrialState.WAITING
         if t.state == TrialState.FAIL:
             continue
         if generation is None:
@@ -316,6 +327,7 @@ def budget_status(trials: Sequence[FrozenTrial], population: int, generations: i
         elif generation < generations:
             assigned += 1
             complete += t.state == TrialState.COMPLETE
+            running += t.state == TrialState.RUNNING
         else:
             beyond += 1
     return BudgetStatus(complete, assigned, waiting, running, beyond)
@@ -324,9 +336,10 @@ def budget_status(trials: Sequence[FrozenTrial], population: int, generations: i
 class SearchBudget:
     """A study.optimize callback: stop once generations 0..G-1 are complete, without starting generation G.
 
-    When every slot is taken but trials of other workers still run, it waits for them (polling every
-    `poll` seconds, at most `drain_timeout`), failing stale trials meanwhile; it returns as soon as a
-    slot frees up or a retry is queued, so this worker evaluates it.
+    While slots are free it lets the worker go on. Once every slot is taken but trials of other workers
+    still run, it waits for them (polling every `poll` seconds, at most `drain_timeout`), failing stale
+    ones meanwhile, and returns as soon as a trial is queued (a retry of a dead worker's candidate) so
+    that this worker evaluates it. A worker that started generation G by a race (`beyond`) also waits.
     """
 
     def __init__(self, population: int, generations: int, poll: float = 1.0, drain_timeout: float = 3600.0) -> None:
@@ -339,27 +352,28 @@ class SearchBudget:
 
     def __call__(self, study: Study, trial: FrozenTrial) -> None:
         status = self._status(study)
-        if status.complete >= self.total or status.beyond:
-            # beyond: a slot freed late (a failure in an older generation) is not refilled by the sampler,
-            # which only fills its newest generation; going on would only add to generation G
-            study.stop()
-            return
-        if status.assigned < self.total:
-            return
         deadline = time.monotonic() + self.drain_timeout
-        while time.monotonic() < deadline:
+        while True:
+            if status.complete >= self.total:
+                break
+            if status.assigned < self.total and not status.beyond:
+                return  # free slots: the sampler fills them
+            if status.waiting:
+                return  # a queued trial (a retry) to evaluate
+            if not status.running:
+                # a slot freed late in an older generation: the sampler only fills its newest one
+                log.warning("search budget: %d of %d candidates complete and nothing left running: stopping",
+                            status.complete, self.total)
+                break
+            if time.monotonic() > deadline:
+                log.warning("search budget: %d trial(s) still running elsewhere after %.0fs: this worker stops",
+                            status.running, self.drain_timeout)
+                break
             time.sleep(self.poll)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(study)
             status = self._status(study)
-            if status.complete >= self.total or status.beyond:
-                break
-            if status.assigned < self.total or status.waiting:
-                return
-        else:
-            log.warning("search budget: %d trial(s) still running elsewhere after %.0fs: this worker stops",
-                        status.assigned - status.complete, self.drain_timeout)
         study.stop()
 
 
