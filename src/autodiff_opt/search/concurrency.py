@@ -351,15 +351,20 @@ class SearchBudget:
         return budget_status(study.get_trials(deepcopy=False), self.population, self.generations)
 
     def __call__(self, study: Study, trial: FrozenTrial) -> None:
+        if self.should_stop(study):
+            study.stop()
+
+    def should_stop(self, study: Study) -> bool:
+        """False at once while there is work; else waits (bounded) for other workers' trials."""
         status = self._status(study)
         deadline = time.monotonic() + self.drain_timeout
         while True:
             if status.complete >= self.total:
                 break
             if status.assigned < self.total and not status.beyond:
-                return  # free slots: the sampler fills them
+                return False  # free slots: the sampler fills them
             if status.waiting:
-                return  # a queued trial (a retry) to evaluate
+                return False  # a queued trial (a retry) to evaluate
             if not status.running:
                 # a slot freed late in an older generation: the sampler only fills its newest one
                 log.warning("search budget: %d of %d candidates complete and nothing left running: stopping",
@@ -374,7 +379,7 @@ class SearchBudget:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(study)
             status = self._status(study)
-        study.stop()
+        return True
 
 
 # --- audits ------------------------------------------------------------------------------------

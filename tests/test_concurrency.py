@@ -1,0 +1,254 @@
+"""The pieces many workers rely on, one at a time: URLs, the study lock, journal heartbeats, the end of a
+search, orphan recovery, the slot rule, audits. (The processes themselves: tests/test_workers.py.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import IntDistribution
+from optuna.storages._heartbeat import is_heartbeat_enabled
+from optuna.trial import TrialState, create_trial
+
+import cheap_worker as cw
+from autodiff_opt.search.concurrency import (
+    HEARTBEAT_ATTR,
+    HeartbeatJournalStorage,
+    SearchBudget,
+    StudyLockedSampler,
+    audit,
+    budget_status,
+    fail_orphaned_trials,
+    journal_storage,
+    next_slot,
+    sqlalchemy_url,
+    study_lock,
+)
+from autodiff_opt.search.sampler import count_by_generation
+from autodiff_opt.search.space import GENERATION_ATTR, GENOME_ATTR, SLOT_ATTR
+from autodiff_opt.search.study import make_storage
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def frozen(state: TrialState, generation: int | None, slot: int | None, genome: str = "g", value: float = 1.0,
+           **attrs: object) -> optuna.trial.FrozenTrial:
+    system = {**attrs}
+    if generation is not None:
+        system.update({GENERATION_ATTR: generation, SLOT_ATTR: slot, GENOME_ATTR: genome})
+    return create_trial(state=state, value=value if state == TrialState.COMPLETE else None, system_attrs=system,
+                        params={"t0": 1}, distributions={"t0": IntDistribution(0, 999)})
+
+
+# --- URLs ------------------------------------------------------------------------------------------
+def test_sqlalchemy_url_picks_the_installed_postgres_driver() -> None:
+    has_v3 = importlib.util.find_spec("psycopg") is not None
+    expected = "postgresql://u@h/db" if has_v3 else "postgresql+psycopg2://u@h/db"
+    assert sqlalchemy_url("postgresql://u@h/db") == expected
+    assert sqlalchemy_url("postgres://u@h/db") == expected
+    for url in ("postgresql+psycopg2://u@h/db", "sqlite:///a.db", "journal:/x.log", "mysql+pymysql://u@h/db"):
+        assert sqlalchemy_url(url) == url
+
+
+def test_a_bare_postgresql_url_opens_a_real_server(pg_url: str) -> None:
+    assert pg_url.startswith("postgresql://")
+    storage = make_storage(sqlalchemy_url(pg_url), heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(storage=storage, study_name="x")
+    study.optimize(lambda t: t.suggest_int("a", 0, 3), n_trials=2)
+    assert len(optuna.load_study(study_name="x", storage=sqlalchemy_url(pg_url)).trials) == 2
+
+
+# --- the study lock ----------------------------------------------------------------------------------
+def _overlaps(make_study, threads: int = 3, hold: float = 0.15) -> list[tuple[float, float]]:
+    spans: list[tuple[float, float]] = []
+    errors: list[BaseException] = []
+
+    def hold_lock() -> None:
+        try:
+            study = make_study()
+            with study_lock(study, timeout=30):
+                start = time.monotonic()
+                time.sleep(hold)
+                spans.append((start, time.monotonic()))
+        except BaseException as err:  # noqa: BLE001
+            errors.append(err)
+
+    workers = [threading.Thread(target=hold_lock) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    assert not errors, errors
+    assert len(spans) == threads
+    return sorted(spans)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal", "postgresql", "memory"])
+def test_study_lock_is_exclusive(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 's.db'}"
+    elif kind == "journal":
+        url = f"journal:{tmp_path / 's.journal'}"
+    elif kind == "postgresql":
+        url = request.getfixturevalue("pg_url")
+    memory = optuna.storages.InMemoryStorage()
+    storage_of = (lambda: memory) if kind == "memory" else (lambda: cw.open_storage(url, 0, 2))
+    optuna.create_study(storage=storage_of(), study_name="s")
+    spans = _overlaps(lambda: optuna.load_study(study_name="s", storage=storage_of()))
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert start >= end - 1e-3, spans  # one holder at a time
+
+
+def test_locked_sampler_keeps_the_sampler_and_its_generations(tmp_path: Path) -> None:
+    sampler = StudyLockedSampler(cw.make_sampler(8, lock=False))
+    assert sampler.evolution.population == 8 and sampler.space is cw.SPACE  # attributes of the wrapped sampler
+    storage = make_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(storage=storage, sampler=sampler)
+    study.optimize(lambda t: cw.distance(cw.suggest_genome(t, cw.SPACE)), n_trials=24)
+    assert count_by_generation(study) == {0: 8, 1: 8, 2: 8}
+    assert audit(study).duplicate_genomes == 0 and audit(study).duplicate_slots == 0
+    assert sampler.lock_wait_seconds >= 0
+
+
+# --- heartbeats for journal files ----------------------------------------------------------------------
+def test_journal_heartbeat_fails_a_silent_trial_and_queues_it_again(tmp_path: Path) -> None:
+    storage = journal_storage(tmp_path / "s.journal", heartbeat_interval=1, grace_period=1, max_retry=3)
+    assert isinstance(storage, HeartbeatJournalStorage) and is_heartbeat_enabled(storage)
+    study = optuna.create_study(storage=storage)
+    alive, dead = study.ask(), study.ask()
+    for trial in (alive, dead):
+        storage.set_trial_system_attr(trial._trial_id, GENOME_ATTR, f"genome-{trial.number}")
+        storage.set_trial_system_attr(trial._trial_id, GENERATION_ATTR, 0)
+        storage.record_heartbeat(trial._trial_id)
+    time.sleep(0.7)
+    storage.record_heartbeat(alive._trial_id)
+    time.sleep(0.6)
+    assert storage._get_stale_trial_ids(study._study_id) == [dead._trial_id]
+    optuna.storages.fail_stale_trials(study)
+    assert study.trials[dead.number].state == TrialState.FAIL and study.trials[alive.number].state == TrialState.RUNNING
+    retry = study.get_trials(states=(TrialState.WAITING,))
+    assert len(retry) == 1 and retry[0].system_attrs["failed_trial"] == dead.number
+    assert retry[0].system_attrs[GENOME_ATTR] == f"genome-{dead.number}"
+    # the retry carries the dead trial's last beat; once it runs, its own start counts, so it is not stale
+    popped = study.ask()
+    assert popped.number == retry[0].number
+    assert popped._trial_id not in storage._get_stale_trial_ids(study._study_id)
+    study.tell(popped, 1.0)
+    storage.record_heartbeat(popped._trial_id)  # a late beat of a finished trial is ignored, not an error
+    assert HEARTBEAT_ATTR in study.trials[popped.number].system_attrs
+
+
+def test_journal_without_heartbeat_is_the_plain_storage(tmp_path: Path) -> None:
+    storage = journal_storage(tmp_path / "s.journal", heartbeat_interval=None)
+    assert type(storage) is optuna.storages.JournalStorage and not is_heartbeat_enabled(storage)
+    with pytest.raises(ValueError, match="positive"):
+        HeartbeatJournalStorage(storage._backend, heartbeat_interval=0)
+
+
+def test_fail_orphaned_trials_requeues_running_trials_with_their_attrs(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=journal_storage(tmp_path / "s.journal", heartbeat_interval=None))
+    orphan = study.ask()
+    study._storage.set_trial_system_attr(orphan._trial_id, GENOME_ATTR, "g")
+    study._storage.set_trial_system_attr(orphan._trial_id, SLOT_ATTR, 3)
+    done = study.ask()
+    study.tell(done, 0.5)
+    assert fail_orphaned_trials(study) == [orphan.number]
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert [t.system_attrs[SLOT_ATTR] for t in waiting] == [3] and waiting[0].system_attrs[GENOME_ATTR] == "g"
+    assert study.trials[done.number].state == TrialState.COMPLETE
+    assert fail_orphaned_trials(study) == []
+
+
+# --- the slot rule ---------------------------------------------------------------------------------------
+def test_next_slot_refills_the_oldest_gap_first() -> None:
+    full0 = [frozen(TrialState.COMPLETE, 0, s, f"a{s}") for s in range(4)]
+    gen1 = [frozen(TrialState.COMPLETE, 1, 0), frozen(TrialState.COMPLETE, 1, 1), frozen(TrialState.FAIL, 1, 2),
+            frozen(TrialState.RUNNING, 1, 3)]
+    gen2 = [frozen(TrialState.RUNNING, 2, 0), frozen(TrialState.RUNNING, 2, 1)]
+    assert next_slot(full0 + gen1 + gen2, 4) == (1, 2)  # the late failure's slot, not generation 2's
+    assert next_slot(full0 + gen1[:2] + [frozen(TrialState.WAITING, 1, 2)] + gen1[3:] + gen2, 4) == (2, 2)
+    assert next_slot(full0, 4) == (1, 0)
+    assert next_slot([], 4) == (0, 0)
+    assert next_slot([frozen(TrialState.WAITING, None, None)], 4) == (0, 0)
+
+
+# --- the end of a search ----------------------------------------------------------------------------------
+def _study_with(trials: list[optuna.trial.FrozenTrial]) -> optuna.Study:
+    study = optuna.create_study()
+    for t in trials:
+        study.add_trial(t)
+    return study
+
+
+def _complete(population: int, generations: int) -> list[optuna.trial.FrozenTrial]:
+    return [frozen(TrialState.COMPLETE, g, s, f"{g}-{s}") for g in range(generations) for s in range(population)]
+
+
+def test_search_budget_stops_when_every_generation_is_complete() -> None:
+    study = _study_with(_complete(3, 2))
+    assert SearchBudget(3, 2, poll=0.01, drain_timeout=1).should_stop(study)
+
+
+def test_search_budget_goes_on_while_slots_are_free() -> None:
+    study = _study_with(_complete(3, 2)[:-1])
+    assert not SearchBudget(3, 2, poll=0.01, drain_timeout=1).should_stop(study)
+
+
+def test_search_budget_waits_for_running_trials_then_stops(caplog: pytest.LogCaptureFixture) -> None:
+    study = _study_with(_complete(3, 2)[:-1] + [frozen(TrialState.RUNNING, 1, 2, "r")])
+    running = study.trials[-1]
+
+    def finish_later() -> None:
+        time.sleep(0.3)
+        study._storage.set_trial_state_values(running._trial_id, TrialState.COMPLETE, [1.0])
+
+    threading.Thread(target=finish_later).start()
+    t0 = time.monotonic()
+    assert SearchBudget(3, 2, poll=0.02, drain_timeout=10).should_stop(study)
+    assert 0.25 < time.monotonic() - t0 < 5  # waited for it, not for the timeout
+
+    stuck = _study_with(_complete(3, 2)[:-1] + [frozen(TrialState.RUNNING, 1, 2, "r")])
+    with caplog.at_level(logging.WARNING, logger="autodiff_opt.search.concurrency"):
+        assert SearchBudget(3, 2, poll=0.02, drain_timeout=0.2).should_stop(stuck)
+    assert "still running elsewhere" in caplog.text
+
+
+def test_search_budget_returns_to_evaluate_a_queued_retry() -> None:
+    study = _study_with(_complete(3, 2)[:-1] + [frozen(TrialState.RUNNING, 1, 2, "r")])
+
+    def retry_later() -> None:
+        time.sleep(0.2)
+        study._storage.set_trial_state_values(study.trials[-1]._trial_id, TrialState.FAIL)
+        study.add_trial(frozen(TrialState.WAITING, 1, 2, "r"))
+
+    threading.Thread(target=retry_later).start()
+    assert not SearchBudget(3, 2, poll=0.02, drain_timeout=10).should_stop(study)
+
+
+def test_search_budget_stops_when_the_sampler_moved_past_a_gap(caplog: pytest.LogCaptureFixture) -> None:
+    trials = _complete(3, 2)
+    trials[2] = frozen(TrialState.FAIL, 0, 2)  # failed after generation 1 began: never refilled by the sampler
+    study = _study_with(trials + [frozen(TrialState.COMPLETE, 2, 0, "beyond")])
+    status = budget_status(study.trials, 3, 2)
+    assert (status.complete, status.assigned, status.beyond, status.running) == (5, 5, 1, 0)
+    with caplog.at_level(logging.WARNING, logger="autodiff_opt.search.concurrency"):
+        assert SearchBudget(3, 2, poll=0.01, drain_timeout=5).should_stop(study)
+    assert "nothing left running" in caplog.text
+
+
+# --- audits -------------------------------------------------------------------------------------------------
+def test_audit_counts_duplicates_overshoot_and_retries() -> None:
+    trials = [frozen(TrialState.COMPLETE, 0, 0, "a"), frozen(TrialState.COMPLETE, 0, 0, "b"),
+              frozen(TrialState.COMPLETE, 0, 1, "a"), frozen(TrialState.FAIL, 0, 2, "c"),
+              frozen(TrialState.COMPLETE, 0, 2, "c", failed_trial=3), frozen(TrialState.COMPLETE, 1, 0, "d"),
+              frozen(TrialState.COMPLETE, None, None)]
+    a = audit(_study_with(trials), generations=1)
+    assert a.complete_by_generation == {0: 4, 1: 1} and a.overshoot == 1 and a.untracked == 1
+    assert a.duplicate_genomes == 1 and a.duplicate_slots == 1 and a.retries == [(3, 4)]
+    assert a.states == {"COMPLETE": 6, "FAIL": 1}
+    assert not a.generations_complete(3, 1) and a.generations_complete(4, 1)
