@@ -7,6 +7,10 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from autodiff_opt.search.sampler import EvolutionConfig
+
+AUTHORS = EvolutionConfig()
+
 DEFAULT_BASELINES = ["ddim_uniform", "trailing", "quadratic", "logsnr", "karras"]
 
 
@@ -72,14 +76,15 @@ class SearchConfig:
     num_samples: int = 1000
     batch_size: int = 500
     generations: int = 10
-    population: int = 50
-    num_parents: int = 10
-    num_mutants: int = 25
-    mutation_prob: float = 0.25
-    num_crossovers: int = 15
-    init_random: int = 25
-    init_mutation_prob: float = 0.1
-    max_attempts: int = 10
+    # the evolution's defaults are the authors', defined once in EvolutionConfig
+    population: int = AUTHORS.population
+    num_parents: int = AUTHORS.num_parents
+    num_mutants: int = AUTHORS.num_mutants
+    mutation_prob: float = AUTHORS.mutation_prob
+    num_crossovers: int = AUTHORS.num_crossovers
+    init_random: int = AUTHORS.init_random
+    init_mutation_prob: float = AUTHORS.init_mutation_prob
+    max_attempts: int = AUTHORS.max_attempts
     seed: int = 0
     baselines: List[str] = field(default_factory=lambda: list(DEFAULT_BASELINES))
     schedules: List[List[int]] = field(default_factory=list)  # your own schedules, scored alongside
