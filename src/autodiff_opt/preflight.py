@@ -1,0 +1,134 @@
+"""Checks of bad input that the run does not make yet, or makes only after expensive work.
+
+Each raises one of the errors in `autodiff_opt.errors.USER_ERRORS` (one line on stderr, exit 2) with
+the setting and the fix in its message. To be called at the start of `runner.build_experiment` /
+`runner.run`, before the model is loaded and before reference statistics are computed (see
+docs/errors.md for where each one goes). Nothing here loads a model or touches the data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json",
+                "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")
+
+
+def _config_error(message: str) -> Exception:
+    from autodiff_opt.search.runner import ConfigError  # runner imports this module's callers: import late
+
+    return ConfigError(message)
+
+
+def check_device(name: str) -> None:
+    """'auto', 'cpu', 'cuda', 'cuda:N' (N < the number of GPUs here), 'mps' where it exists."""
+    import torch
+
+    if name in ("auto", "cpu"):
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise _config_error(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise _config_error(f"device={name}: CUDA is not available on this machine: use device=cpu (or device=auto)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise _config_error(f"device={name}: this machine has {count} CUDA device(s): use cuda:0 .. cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise _config_error(f"device={name}: MPS is not available on this machine: use device=cpu (or device=auto)")
+    elif device.type not in ("cuda", "mps", "cpu"):
+        raise _config_error(f"device={name}: unsupported device type {device.type!r}: use auto, cpu or cuda:N")
+
+
+def check_search(search: Any) -> None:
+    """The evolution's sizes, before any model is loaded (EvolutionConfig raises a bare ValueError later)."""
+    from autodiff_opt.search.sampler import EvolutionConfig
+
+    for key in ("population", "generations", "batch_size", "max_consecutive_failures", "num_parents"):
+        if key in search and int(search[key]) < 1:
+            raise _config_error(f"search.{key}={search[key]}: must be at least 1")
+    keys = ("population", "num_parents", "num_mutants", "mutation_prob", "num_crossovers", "init_random",
+            "init_mutation_prob", "max_attempts")
+    try:
+        EvolutionConfig(**{k: search[k] for k in keys if k in search})
+    except ValueError as err:
+        raise _config_error(f"{err}: lower them or raise search.population") from err
+    for key in ("mutation_prob", "init_mutation_prob"):
+        if key in search and not 0.0 <= float(search[key]) <= 1.0:
+            raise _config_error(f"search.{key}={search[key]}: a probability must be in [0, 1]")
+
+
+def _unet_folder(root: Path, subfolder: str | None) -> Path:
+    if subfolder:
+        return root / subfolder
+    if (root / "model_index.json").is_file():
+        return root / "unet"
+    return root
+
+
+def check_model_folder(pretrained: str, subfolder: str | None = None) -> None:
+    """A local diffusers folder must have a readable config.json and a weights file beside it.
+
+    Hub ids, builtin: names and missing paths are left to the loader (it already reports them).
+    """
+    from autodiff_opt.models.base import ModelLoadError
+
+    if pretrained.startswith("builtin:"):
+        return
+    root = Path(pretrained).expanduser()
+    if not root.is_dir():
+        return
+    folder = _unet_folder(root, subfolder)
+    config = folder / "config.json"
+    if not config.is_file():
+        return  # the loader says what a diffusers folder must contain
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"{config} is not a readable JSON model config ({type(err).__name__}: {err}):"
+                             " point model.pretrained at a folder written by save_pretrained") from err
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{config} is not a model config (a JSON object): point model.pretrained at a folder"
+                             " written by save_pretrained")
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise ModelLoadError(f"{folder} has a config.json but no weights ({WEIGHT_FILES[0]} or {WEIGHT_FILES[1]}):"
+                             " copy the whole folder written by save_pretrained")
+
+
+def check_feature_layer(feature_extractor: str, feature_layer: str | None) -> None:
+    """The layer must be one the (registered) extractor provides; an unknown extractor is reported by FIDScorer."""
+    import torch_fidelity.registry as registry
+
+    from autodiff_opt.metrics.fid import MetricError, ensure_registered
+
+    ensure_registered()
+    cls = registry.FEATURE_EXTRACTORS_REGISTRY.get(feature_extractor)
+    if cls is None or feature_layer is None:
+        return
+    provided = [str(x) for x in cls.get_provided_features_list()]
+    if str(feature_layer) not in provided:
+        raise MetricError(f"metric.feature_layer={feature_layer!r} is not provided by {feature_extractor}:"
+                          f" use one of {provided} (or null for its FID default)")
+
+
+def open_storage(storage_cfg: Any):  # -> optuna.storages.BaseStorage
+    """The study's storage, opened (and so checked) first: an unreachable database is refused before the
+    model is loaded and reference statistics are computed. Bare postgresql:// URLs get the installed driver."""
+    from autodiff_opt.search.concurrency import sqlalchemy_url
+    from autodiff_opt.search.study import make_storage
+
+    return make_storage(sqlalchemy_url(str(storage_cfg.url)), storage_cfg.heartbeat_interval,
+                        storage_cfg.grace_period, storage_cfg.max_retry)
+
+
+def run_all(cfg: Any) -> Any:
+    """Every check above in order, cheapest first; returns the opened storage."""
+    check_search(cfg.search)
+    check_device(str(cfg.device))
+    check_model_folder(str(cfg.model.pretrained), cfg.model.subfolder)
+    return open_storage(cfg.storage)
