@@ -95,8 +95,6 @@ def test_nan_candidates_fail_with_their_reason_and_the_search_goes_on(nan_model_
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="final_evaluation lets a baseline's NonFiniteSamples escape, so no report is"
-                   " written (traceback, exit 1); patch proposed in docs/errors.md ('A baseline gives NaN...')")
 def test_a_nan_baseline_does_not_lose_the_final_report(nan_model_dir: Path, tiny_reference: Path, tmp_path: Path) -> None:
     db = tmp_path / "s.db"
     proc = run_cli(tiny_overrides(nan_model_dir, tiny_reference, db, **{"search.generations": 1}), tmp_path, tmp_path / "run")

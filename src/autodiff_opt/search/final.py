@@ -9,7 +9,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from autodiff_opt.generate import SampleSet
+from autodiff_opt.generate import NonFiniteSamples, SampleSet
 from autodiff_opt.search.genome import Genome
 from autodiff_opt.search.objective import evaluate
 from autodiff_opt.search.sampler import genome_of
@@ -81,7 +81,11 @@ def final_evaluation(study: optuna.Study, exp: "Experiment") -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
     for name, genome in final_candidates(study, exp).items():
         log.info("final evaluation of %s %s on %d fresh samples", name, list(genome.timesteps), num_samples)
-        result = evaluate(exp.generator, exp.scorer, exp.reference, samples, genome)
+        try:
+            result = evaluate(exp.generator, exp.scorer, exp.reference, samples, genome)
+        except NonFiniteSamples as err:  # a broken schedule gets NaN in the table, the others still count
+            log.warning("final evaluation of %s failed: %s", name, err)
+            result = {"fid": float("nan"), "gen_seconds": float("nan"), "fid_seconds": float("nan")}
         rows.append({
             "schedule": name, "kind": "searched" if name.startswith("searched") else "baseline",
             "timesteps": list(genome.timesteps), "skipped_layers": sum(len(s) for s in genome.skips),
