@@ -37,7 +37,8 @@ def assert_refused(proc: subprocess.CompletedProcess[str], message: str, tmp_pat
     assert "error: " in proc.stderr, proc.stderr[-2500:]
     error = proc.stderr[proc.stderr.rindex("error: "):].strip()  # one line, or one line per missing input file
     assert message in error and "Traceback" not in error, error
-    assert not (tmp_path / "s.db").exists(), "a study was opened before the input was checked"
+    db = tmp_path / "s.db"
+    assert not db.exists() or not optuna.get_all_study_names(f"sqlite:///{db}"), "a study was made before the check"
 
 
 @pytest.fixture(scope="module")
