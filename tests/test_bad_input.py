@@ -79,7 +79,6 @@ def _pending(fix: str):  # noqa: ANN202
     return pytest.mark.xfail(strict=True, raises=AssertionError, reason=f"pending: {fix} (docs/errors.md)")
 
 
-@_pending("runner should call preflight.check_model_folder")
 def test_folder_with_config_but_no_weights(tiny_model_dir: Path, tiny_reference: Path, tmp_path: Path) -> None:
     folder = tmp_path / "no-weights"
     folder.mkdir()
@@ -88,7 +87,6 @@ def test_folder_with_config_but_no_weights(tiny_model_dir: Path, tiny_reference:
                    "has a config.json but no weights", tmp_path)
 
 
-@_pending("runner should call preflight.check_model_folder")
 def test_folder_whose_config_is_not_json(tiny_model_dir: Path, tiny_reference: Path, tmp_path: Path) -> None:
     folder = tmp_path / "garbage"
     shutil.copytree(tiny_model_dir, folder)
@@ -97,25 +95,21 @@ def test_folder_whose_config_is_not_json(tiny_model_dir: Path, tiny_reference: P
                    "is not a readable JSON model config", tmp_path)
 
 
-@_pending("runner should call preflight.check_device (utils.pick_device raises a bare RuntimeError)")
 def test_a_device_this_machine_lacks(tiny_model_dir: Path, tiny_reference: Path, tmp_path: Path) -> None:
     assert_refused(run_with({"device": "cuda:999"}, tiny_model_dir, tiny_reference, tmp_path), "device=cuda:999", tmp_path)
 
 
-@_pending("runner should call preflight.check_feature_layer after import_plugins")
 def test_a_feature_layer_the_extractor_lacks(tiny_model_dir: Path, tiny_reference: Path, tmp_path: Path) -> None:
     assert_refused(run_with({"metric.feature_layer": "foo"}, tiny_model_dir, tiny_reference, tmp_path),
                    "metric.feature_layer='foo' is not provided by test-randconv", tmp_path)
 
 
-@_pending("runner should call preflight.check_search (EvolutionConfig raises a bare ValueError after loading)")
 def test_more_mutants_and_crossovers_than_the_population(tiny_model_dir: Path, tiny_reference: Path,
                                                          tmp_path: Path) -> None:
     assert_refused(run_with({"search.num_mutants": 9}, tiny_model_dir, tiny_reference, tmp_path),
                    "exceeds search.population", tmp_path)
 
 
-@_pending("runner should open the storage first (preflight.open_storage)")
 def test_unreachable_storage_is_refused_before_reference_statistics(tiny_model_dir: Path, tiny_reference: Path,
                                                                      tmp_path: Path) -> None:
     proc = run_with({"storage.url": "postgresql+psycopg2://nobody@127.0.0.1:1/none"}, tiny_model_dir, tiny_reference,
@@ -124,7 +118,6 @@ def test_unreachable_storage_is_refused_before_reference_statistics(tiny_model_d
     assert not list((tmp_path / "cache").glob("ref-*.npz")), "reference statistics were computed first"
 
 
-@_pending("make_storage should pass URLs through concurrency.sqlalchemy_url (SQLAlchemy 2.1 maps postgresql:// to psycopg 3)")
 def test_a_plain_postgresql_url_works(pg_url: str, tiny_model_dir: Path, tiny_reference: Path, tmp_path: Path) -> None:
     proc = run_with({"storage.url": pg_url, "search.generations": 1, "final.enabled": "false"}, tiny_model_dir,
                     tiny_reference, tmp_path)

@@ -23,7 +23,8 @@ from autodiff_opt.search.genome import Genome, GenomeError, validate_timesteps
 from autodiff_opt.search.objective import Objective
 from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig
 from autodiff_opt.search.space import SearchSpace, best_fid_trial, fid_of, genome_params
-from autodiff_opt.search.study import make_storage, open_study
+from autodiff_opt.search.concurrency import SearchBudget, StudyLockedSampler, study_lock
+from autodiff_opt.search.study import open_study
 from autodiff_opt.solvers import heuristic_schedule
 from autodiff_opt.utils import pick_device
 
@@ -98,16 +99,22 @@ def import_plugins(modules: list[str]) -> None:
             raise ConfigError(f"imports: cannot import {name!r} ({err}): check the name and PYTHONPATH") from err
 
 
-def build_experiment(cfg: DictConfig) -> Experiment:
-    from autodiff_opt.models.factory import build_model
-
+def check_inputs(cfg: DictConfig) -> None:
+    """Everything that needs no model, cheapest first: settings, then files."""
     from autodiff_opt.models.factory import missing_files
 
     check_config(cfg)
     missing = missing_files(cfg)
     if missing:
         raise ConfigError("input files are missing, nothing was started:\n  " + "\n  ".join(missing))
+
+
+def build_experiment(cfg: DictConfig) -> Experiment:
+    from autodiff_opt.models.factory import build_model
+    from autodiff_opt.preflight import check_feature_layer
+
     import_plugins(list(cfg.imports))
+    check_feature_layer(cfg.metric.feature_extractor, cfg.metric.feature_layer)
     device = pick_device(cfg.device)
     model = build_model(cfg.model, device, cfg.cache_dir)
     T = model.num_train_timesteps
@@ -196,7 +203,7 @@ def _ensure_heartbeats(study: optuna.Study, trials: list[optuna.trial.FrozenTria
 def recover_stale_trials(study: optuna.Study, cfg: DictConfig) -> None:
     """A RUNNING trial left by a killed process is failed once its heartbeat is stale, then retried."""
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    if not running or not cfg.storage.heartbeat_interval or cfg.storage.url.startswith("journal:"):
+    if not running or not cfg.storage.heartbeat_interval:
         return
     _ensure_heartbeats(study, running)
     log.info("%d trial(s) still RUNNING: waiting up to %ds for their heartbeat to go stale", len(running),
@@ -217,9 +224,9 @@ def _finished(study: optuna.Study) -> int:
 class _Progress:
     """A tqdm bar over candidates, and a guard that stops a study whose candidates all fail."""
 
-    def __init__(self, total: int, done: int, max_failures: int, enabled: bool) -> None:
-        self.bar = tqdm(total=total, initial=done, desc="candidates", unit="cand", disable=not enabled)
-        self.total, self.max_failures, self.failures = total, max_failures, 0
+    def __init__(self, budget: SearchBudget, done: int, max_failures: int, enabled: bool) -> None:
+        self.bar = tqdm(total=budget.total, initial=done, desc="candidates", unit="cand", disable=not enabled)
+        self.budget, self.max_failures, self.failures = budget, max_failures, 0
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state == TrialState.COMPLETE:
@@ -234,7 +241,7 @@ class _Progress:
                     f"{self.failures} candidates failed in a row (last: {trial.user_attrs.get('fail_reason')}):"
                     " the setup is broken, not the candidates; finished trials are kept in the study"
                 )
-        if _finished(study) >= self.total:
+        if self.budget.should_stop(study):  # generations 0..G-1 complete (waits for other workers' last trials)
             study.stop()
 
 
@@ -245,7 +252,8 @@ def run_search(study: optuna.Study, exp: Experiment) -> None:
     if done >= total:
         log.info("study %s already has %d/%d candidates: search done", study.study_name, done, total)
         return
-    progress = _Progress(total, done, cfg.search.max_consecutive_failures, cfg.progress)
+    budget = SearchBudget(cfg.search.population, cfg.search.generations, poll=max(1, cfg.storage.heartbeat_interval or 1))
+    progress = _Progress(budget, done, cfg.search.max_consecutive_failures, cfg.progress)
     if cfg.progress:  # the bar says it all; Optuna's per-trial lines stay in DEBUG
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     cost_fn = exp.layer_costs.genome_flops if exp.layer_costs is not None else None
@@ -261,15 +269,20 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     """The default experiment end to end; returns the final comparison table."""
     from autodiff_opt.report import write_report
 
+    from autodiff_opt.preflight import run_all
+
+    check_inputs(cfg)
+    storage = run_all(cfg)  # search sizes, device, model folder; the storage is opened (checked) before any model
     exp = build_experiment(cfg)
-    sampler = AutoDiffusionSampler(exp.space, evolution_config(cfg.search), anchor=exp.baselines.get("ddim_uniform"),
-                                   seed=cfg.search.seed, stage2=exp.stage2)
-    storage = make_storage(cfg.storage.url, cfg.storage.heartbeat_interval, cfg.storage.grace_period, cfg.storage.max_retry)
+    sampler = StudyLockedSampler(AutoDiffusionSampler(  # one worker at a time decides slots and genomes
+        exp.space, evolution_config(cfg.search), anchor=exp.baselines.get("ddim_uniform"),
+        seed=cfg.search.seed, stage2=exp.stage2))
     study = open_study(storage, cfg.storage.study_name, study_signature(cfg, exp.space), sampler,
                        num_objectives=2 if exp.multi_objective else 1)
     log.info("study %s in %s: %d trials so far", study.study_name, cfg.storage.url, len(study.trials))
     recover_stale_trials(study, cfg)
-    seed_study(study, exp)
+    with study_lock(study):  # workers starting together enqueue the baselines once
+        seed_study(study, exp)
     t0 = time.perf_counter()
     run_search(study, exp)
     log.info("search took %.1fs", time.perf_counter() - t0)

@@ -26,6 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autodiff_opt.arch import operators as joint_ops
 from autodiff_opt.search import operators
+from autodiff_opt.search.concurrency import next_slot
 from autodiff_opt.search.genome import Genome
 from autodiff_opt.search.stage2 import Stage2Policy
 from autodiff_opt.search.space import (
@@ -147,15 +148,8 @@ class AutoDiffusionSampler(BaseSampler):
 
     # --- generations ----------------------------------------------------------------------
     def _next_slot(self, trials: Sequence[FrozenTrial]) -> tuple[int, int]:
-        """The lowest free slot of the current generation; failed trials free their slot."""
-        live = [t for t in trials if t.state != TrialState.FAIL and generation_of(t) is not None]
-        counts = Counter(generation_of(t) for t in live)
-        generation = max(counts) if counts else 0
-        if counts[generation] >= self.evolution.population:
-            generation += 1
-        used = {t.system_attrs.get(SLOT_ATTR) for t in live if generation_of(t) == generation}
-        slot = next(s for s in range(self.evolution.population + len(used) + 1) if s not in used)
-        return generation, slot
+        """The lowest free slot of the oldest generation with one (failed trials free their slot)."""
+        return next_slot(trials, self.evolution.population)
 
     def parents(self, study: Study, trials: Sequence[FrozenTrial], generation: int) -> list[FrozenTrial]:
         """Top-k completed candidates of earlier generations, fixed (cached in storage) per generation."""

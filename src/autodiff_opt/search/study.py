@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages import BaseStorage, RDBStorage
+
+from autodiff_opt.search.concurrency import journal_storage, sqlalchemy_url
 
 from autodiff_opt.search.space import SIGNATURE_ATTR
 
@@ -50,15 +52,11 @@ def make_storage(
 ) -> BaseStorage:
     """'sqlite:///file.db', 'postgresql://user@host/db', or 'journal:/path/file.log'; a clear error when unreachable."""
     try:
-        if url.startswith(JOURNAL_PREFIX):
-            from optuna.storages.journal import JournalFileBackend
-
-            path = Path(url[len(JOURNAL_PREFIX):]).expanduser()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(JournalFileBackend(str(path)))
+        if url.startswith(JOURNAL_PREFIX):  # heartbeats kept as trial attributes (Optuna has none for journals)
+            return journal_storage(url[len(JOURNAL_PREFIX):], heartbeat_interval, grace_period, max_retry)
         if url.startswith("sqlite:///"):
             Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        return _rdb_storage(url, heartbeat_interval, grace_period, max_retry)
+        return _rdb_storage(sqlalchemy_url(url), heartbeat_interval, grace_period, max_retry)
     except Exception as err:
         raise StudyError(
             f"storage.url={_redact(url)} cannot be opened ({type(err).__name__}: {str(err).splitlines()[0][:200]}):"
