@@ -171,14 +171,16 @@ def test_check_feature_layer() -> None:
         preflight.check_feature_layer("test-randconv", "2048")
 
 
-def test_open_storage_first(pg_url: str, tmp_path: Path) -> None:
-    class Cfg:
-        url, heartbeat_interval, grace_period, max_retry = pg_url, 1, 2, 3
-
-    storage = preflight.open_storage(Cfg)
-    optuna.create_study(storage=storage, study_name="ok")
-    Cfg.url = "postgresql://nobody@127.0.0.1:1/none"
+def test_check_storage(pg_url: str, tmp_path: Path) -> None:
     from autodiff_opt.search.study import StudyError
 
+    preflight.check_storage(pg_url)  # a bare postgresql:// URL, a live server
+    preflight.check_storage(f"journal:{tmp_path / 'new' / 'study.log'}")
+    preflight.check_storage(f"sqlite:///{tmp_path / 'other' / 's.db'}")
+    assert not (tmp_path / "new" / "study.log").exists() and not (tmp_path / "other" / "s.db").exists()
     with pytest.raises(StudyError, match="Connection refused"):
-        preflight.open_storage(Cfg)
+        preflight.check_storage("postgresql://nobody:pw@127.0.0.1:1/none")
+    with pytest.raises(StudyError, match=r"postgresql://\*\*\*@127.0.0.1:1/none"):  # no password in messages
+        preflight.check_storage("postgresql://nobody:pw@127.0.0.1:1/none")
+    with pytest.raises(StudyError, match="cannot be opened"):
+        preflight.check_storage("journal:/proc/no/such/dir/study.log")

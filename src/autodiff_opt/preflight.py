@@ -116,19 +116,58 @@ def check_feature_layer(feature_extractor: str, feature_layer: str | None) -> No
                           f" use one of {provided} (or null for its FID default)")
 
 
-def open_storage(storage_cfg: Any):  # -> optuna.storages.BaseStorage
-    """The study's storage, opened (and so checked) first: an unreachable database is refused before the
-    model is loaded and reference statistics are computed. Bare postgresql:// URLs get the installed driver."""
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def _storage_error(url: str, err: BaseException) -> Exception:
+    from autodiff_opt.search.study import StudyError
+
+    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+    return StudyError(f"storage.url={_redact(url)} cannot be opened ({type(err).__name__}: {first}): check the URL,"
+                      " that the database server is running and reachable, and the credentials")
+
+
+def check_storage(url: str) -> None:
+    """The storage can be reached, checked without creating a study, tables or files: a database server
+    must accept a connection; for journal and SQLite files the folder must exist (it is created, as
+    make_storage would) and be writable. Bare postgresql:// URLs are tried with the installed driver."""
+    import os
+
     from autodiff_opt.search.concurrency import sqlalchemy_url
-    from autodiff_opt.search.study import make_storage
 
-    return make_storage(sqlalchemy_url(str(storage_cfg.url)), storage_cfg.heartbeat_interval,
-                        storage_cfg.grace_period, storage_cfg.max_retry)
+    url = str(url)
+    path = url[len("journal:"):] if url.startswith("journal:") else url[len("sqlite:///"):] if url.startswith("sqlite:///") else None
+    if path is not None:
+        if path in ("", ":memory:"):
+            return
+        folder = Path(path).expanduser().parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise PermissionError(f"{folder} is not writable")
+        except OSError as err:
+            raise _storage_error(url, err) from err
+        return
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(sqlalchemy_url(url))
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except Exception as err:  # driver missing, refused, unknown host, bad credentials: all the user's to fix
+        raise _storage_error(url, err) from err
 
 
-def run_all(cfg: Any) -> Any:
-    """Every check above in order, cheapest first; returns the opened storage."""
+def run_all(cfg: Any) -> None:
+    """Every check above that needs no plugin, cheapest first: call before anything is loaded."""
     check_search(cfg.search)
     check_device(str(cfg.device))
     check_model_folder(str(cfg.model.pretrained), cfg.model.subfolder)
-    return open_storage(cfg.storage)
+    check_storage(str(cfg.storage.url))
