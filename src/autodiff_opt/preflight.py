@@ -165,9 +165,20 @@ def check_storage(url: str) -> None:
         raise _storage_error(url, err) from err
 
 
-def run_all(cfg: Any) -> None:
-    """Every check above that needs no plugin, cheapest first: call before anything is loaded."""
+def open_storage(storage_cfg: Any):  # -> optuna.storages.BaseStorage
+    """The study's storage, opened (and so checked). Bare postgresql:// URLs get the installed driver."""
+    from autodiff_opt.search.concurrency import sqlalchemy_url
+    from autodiff_opt.search.study import make_storage
+
+    return make_storage(sqlalchemy_url(str(storage_cfg.url)), storage_cfg.heartbeat_interval,
+                        storage_cfg.grace_period, storage_cfg.max_retry)
+
+
+def run_all(cfg: Any):  # -> optuna.storages.BaseStorage
+    """Every check above that needs no plugin, cheapest first, then the storage opened: call before anything
+    is loaded, and use the storage it returns (check_storage alone creates no study, table or file)."""
     check_search(cfg.search)
     check_device(str(cfg.device))
     check_model_folder(str(cfg.model.pretrained), cfg.model.subfolder)
     check_storage(str(cfg.storage.url))
+    return open_storage(cfg.storage)
