@@ -50,19 +50,24 @@ class TrainConfig:
     channels: tuple[int, ...]
     norm_groups: int
     threads: int
+    cnn_width: int = 32
+    train_subset: int | None = None  # use only the first N training images (smoke tests)
 
 
 def unet_for_digits(channels: tuple[int, ...], norm_groups: int) -> UNet2DModel:
     """Tiny 8x8 epsilon UNet: plain resnet blocks at 8x8, resnet+attention at 4x4, no mid block."""
-    n = len(channels)
+    if len(channels) < 2:
+        raise ValueError("need at least two resolution levels (8x8 and 4x4)")
+    down = ["DownBlock2D"] * len(channels)
+    down[1] = "AttnDownBlock2D"
     return UNet2DModel(
         sample_size=8,
         in_channels=1,
         out_channels=1,
         block_out_channels=channels,
         layers_per_block=1,
-        down_block_types=("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",),
-        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
+        down_block_types=tuple(down),
+        up_block_types=tuple(name.replace("Down", "Up") for name in reversed(down)),
         mid_block_type=None,
         attention_head_dim=8,
         norm_num_groups=norm_groups,
@@ -110,8 +115,8 @@ def train_classifier(cfg: TrainConfig) -> tuple[DigitsCNN, float]:
     torch.manual_seed(cfg.seed)
     x_train, y_train = load_digits_images("train")
     x_held, y_held = load_digits_images("heldout")
-    x_train, y_train = x_train.to(cfg.device), y_train.to(cfg.device)
-    model = DigitsCNN(DigitsCNNConfig()).to(cfg.device)
+    x_train, y_train = x_train[: cfg.train_subset].to(cfg.device), y_train[: cfg.train_subset].to(cfg.device)
+    model = DigitsCNN(DigitsCNNConfig(width=cfg.cnn_width)).to(cfg.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.cnn_lr, weight_decay=5e-4)
     batches = math.ceil(len(y_train) / cfg.cnn_batch_size)
     total = cfg.cnn_epochs * batches
@@ -144,7 +149,7 @@ def train_ddpm(cfg: TrainConfig) -> tuple[UNet2DModel, DDPMScheduler, float]:
     """Epsilon-prediction DDPM on the training split with AdamW, warm-up + cosine lr, and EMA weights."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     torch.manual_seed(cfg.seed + 1)
-    x0_all = uint8_to_model(load_digits_images("train")[0]).to(cfg.device)
+    x0_all = uint8_to_model(load_digits_images("train")[0][: cfg.train_subset]).to(cfg.device)
     model = unet_for_digits(cfg.channels, cfg.norm_groups).to(cfg.device)
     ema = unet_for_digits(cfg.channels, cfg.norm_groups).to(cfg.device)
     ema.load_state_dict(model.state_dict())
@@ -188,16 +193,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=ASSETS_DIR, help="writes digits-cnn/ and digits-ddpm/ here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch (the model is tiny: a second thread gains little and stalls on shared cores)",
+    )
     p.add_argument("--only", choices=("both", "cnn", "ddpm"), default="both")
     p.add_argument("--cnn-epochs", type=int, default=60)
     p.add_argument("--cnn-batch-size", type=int, default=64)
     p.add_argument("--cnn-lr", type=float, default=2e-3)
-    p.add_argument("--ddpm-steps", type=int, default=40_000)
+    p.add_argument("--ddpm-steps", type=int, default=20_000)
     p.add_argument("--ddpm-batch-size", type=int, default=128)
     p.add_argument("--ddpm-lr", type=float, default=2e-3)
     p.add_argument("--ddpm-warmup", type=int, default=500)
-    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--ema-decay", type=float, default=0.9995)
     p.add_argument("--beta-schedule", choices=("linear", "squaredcos_cap_v2"), default="squaredcos_cap_v2")
     p.add_argument("--channels", type=int, nargs="+", default=[16, 32], help="UNet block_out_channels")
     p.add_argument("--norm-groups", type=int, default=8)
@@ -228,7 +238,7 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
     )
     if args.smoke:
         cfg.cnn_epochs, cfg.ddpm_steps, cfg.ddpm_batch_size, cfg.ddpm_warmup = 1, 3, 16, 1
-        cfg.channels, cfg.norm_groups = (8, 16), 4
+        cfg.channels, cfg.norm_groups, cfg.cnn_width, cfg.train_subset = (8, 16), 4, 8, 256
     return cfg
 
 

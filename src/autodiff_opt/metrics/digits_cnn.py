@@ -116,8 +116,16 @@ def _resolve_paths(path: str | Path | None) -> tuple[Path, Path]:
     return p.with_name(CONFIG_FILENAME), p
 
 
+def _load_state_dict(weights_path: Path) -> dict[str, torch.Tensor]:
+    if weights_path.suffix == ".safetensors":
+        return load_file(str(weights_path), device="cpu")
+    return torch.load(weights_path, map_location="cpu", weights_only=True)
+
+
 def load_digits_cnn(path: str | Path | None = None, device: str | torch.device = "cpu") -> DigitsCNN:
-    """Load a trained classifier (eval mode) from an asset folder or a ``.safetensors`` file."""
+    """Load a trained classifier (eval mode) from an asset folder, a ``.safetensors`` file, or a
+    plain state-dict file (``torch.load(weights_only=True)``); the architecture comes from the
+    ``config.json`` beside the weights, or the default config when there is none."""
     config_path, weights_path = _resolve_paths(path)
     if not weights_path.is_file():
         raise FileNotFoundError(f"digits-cnn weights not found: {weights_path}")
@@ -125,7 +133,7 @@ def load_digits_cnn(path: str | Path | None = None, device: str | torch.device =
     if config_path.is_file():
         config = DigitsCNNConfig(**json.loads(config_path.read_text()))
     model = DigitsCNN(config)
-    model.load_state_dict(load_file(str(weights_path), device="cpu"))
+    model.load_state_dict(_load_state_dict(weights_path))
     logger.debug("loaded digits-cnn from %s", weights_path)
     return model.to(device).eval()
 
@@ -142,7 +150,8 @@ class FeatureExtractorDigitsCNN(FeatureExtractorBase):
 
     Provides ``digits-cnn-features`` (64-d penultimate ReLU layer, used for FID/KID/PRC) and
     ``digits-cnn-logits`` (10-d, used for the Inception Score). Loads the shipped weights unless
-    ``feature_extractor_weights_path`` names an asset folder or a ``.safetensors`` file.
+    ``feature_extractor_weights_path`` names an asset folder, a ``.safetensors`` file or a plain
+    state-dict file saved with ``torch.save``.
     """
 
     def __init__(
