@@ -6,7 +6,7 @@ Writes ``<out-dir>/digits-cnn/`` (config.json + model.safetensors) and ``<out-di
 is the package's shipped asset folder. Data: scikit-learn's 8x8 digits, training split only
 (see ``autodiff_opt.data.digits``). Runs on CUDA when present, else CPU.
 
-    python experiments/train_digits.py                 # full run (about 15 min on 2 CPU cores)
+    python experiments/train_digits.py                 # full run (about 23 min on 2 shared CPU cores)
     python experiments/train_digits.py --smoke --out-dir /tmp/x   # seconds, for tests
 """
 
