@@ -54,6 +54,11 @@ def _check_weights_file(path: str) -> None:
     if not Path(path).is_file():
         raise MetricError(f"metric.weights_path={path!r}: no such file")
     try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            load_file(path)
+            return
         torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise MetricError(f"metric.weights_path={path!r} is not a plain state dict loadable with weights_only=True: {err}") from err
