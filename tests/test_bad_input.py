@@ -1,8 +1,7 @@
 """Bad input not covered in test_cli.py: each gives one line naming the fix, exit 2, before any work.
 
-The table of inputs and messages is docs/errors.md. Inputs the run does not refuse cleanly yet are
-strict xfails here (each names its fix, a function of autodiff_opt.preflight that the runner should
-call); the preflight functions themselves are tested directly below.
+The table of inputs and messages is docs/errors.md. The checks of autodiff_opt.preflight (called by
+runner.run before anything is loaded) are also tested on their own at the end.
 """
 
 from __future__ import annotations
@@ -74,11 +73,7 @@ def test_missing_inception_weights_offline(tiny_model_dir: Path, tiny_reference:
     assert "metric.weights_path=/path/to/that/file" in proc.stderr
 
 
-# --- gaps: refused today with a traceback (exit 1), or only after the expensive part ---------------------------
-def _pending(fix: str):  # noqa: ANN202
-    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=f"pending: {fix} (docs/errors.md)")
-
-
+# --- inputs that ended in tracebacks, or were refused only after the expensive part, before 5a47475 ----------
 def test_folder_with_config_but_no_weights(tiny_model_dir: Path, tiny_reference: Path, tmp_path: Path) -> None:
     folder = tmp_path / "no-weights"
     folder.mkdir()
