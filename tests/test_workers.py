@@ -13,6 +13,7 @@ and shown gone under the study lock.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -271,3 +272,49 @@ def test_launcher_gives_each_worker_its_device_and_run_dir(tmp_path: Path) -> No
         assert "storage.url='postgresql+psycopg2://u@h/db?host=/tmp/s&x=y'" in lines[i]
     assert "final.enabled" not in lines[3] and "device=cuda:0" in lines[3]
     assert lines[3].endswith(f"hydra.run.dir={tmp_path / 'r'}")
+
+
+def test_launcher_survives_a_killed_cli_worker(tiny_model_dir: Path, tiny_reference: Path, tmp_path: Path) -> None:
+    """SIGKILL one real CLI worker mid-candidate: finished trials stay, its candidate is redone (same genome),
+    the launcher's final run completes the study and writes the report once."""
+    journal = tmp_path / "study.journal"
+    overrides = [o for o in tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "unused.db",
+                                           **{"search.num_samples": 360, "search.batch_size": 24})
+                 if not o.startswith("storage.url=")]
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen([sys.executable, "-m", "autodiff_opt.workers", "--workers", "2", "--storage",
+                                 f"journal:{journal}", "--", *overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                                env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    roster = run_dir / "workers.json"
+    deadline = time.monotonic() + 240
+    storage, victim, finished = None, None, {}
+    while victim is None:
+        assert time.monotonic() < deadline and launcher.poll() is None, "never saw both workers mid-candidate"
+        time.sleep(0.05)
+        if not journal.exists() or not roster.exists() or len(json.loads(roster.read_text())) < 2:
+            continue
+        storage = storage or cw.open_storage(f"journal:{journal}", 0, 2)
+        names = optuna.get_all_study_names(storage)
+        if not names:
+            continue
+        trials = optuna.load_study(study_name=names[0], storage=storage).get_trials(deepcopy=False)
+        running = [t for t in trials if t.state == TrialState.RUNNING and GENOME_ATTR in t.system_attrs]
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        if len(complete) >= 2 and len(running) == 2:  # each worker is evaluating a candidate
+            finished = {t.number: (t.system_attrs[GENOME_ATTR], t.value) for t in complete}
+            victim = next(w["pid"] for w in json.loads(roster.read_text()) if w["worker"] == 1)
+    os.kill(victim, signal.SIGKILL)
+    out, _ = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, out[-4000:]
+    assert "worker 1: killed by SIGKILL" in out, out[-3000:]
+    study = optuna.load_study(study_name=names[0], storage=cw.open_storage(f"journal:{journal}", 0, 2))
+    for number, (genome, value) in finished.items():  # nothing finished was lost or changed
+        assert study.trials[number].state == TrialState.COMPLETE
+        assert (study.trials[number].system_attrs[GENOME_ATTR], study.trials[number].value) == (genome, value)
+    a = audit(study, 2)
+    assert a.generations_complete(6, 2) and a.duplicate_genomes == 0 and a.overshoot <= 1, a
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and [r[0] for r in a.retries] == [failed[0].number], a
+    retry = study.trials[a.retries[0][1]]
+    assert retry.state == TrialState.COMPLETE and retry.system_attrs[GENOME_ATTR] == failed[0].system_attrs[GENOME_ATTR]
+    assert sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("final.csv")) == ["final.csv"]

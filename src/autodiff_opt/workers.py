@@ -210,6 +210,17 @@ def start(worker: Worker, num_workers: int) -> None:
              f", {worker.device}" if worker.device else "", worker.log_path)
 
 
+def write_roster(p: "Plan") -> None:
+    """<run dir>/workers.json: index, pid, device and log of every started worker (to watch or stop one)."""
+    import json
+
+    roster = [{"worker": w.index, "pid": w.proc.pid, "device": w.device, "log": str(w.log_path)}
+              for w in p.workers if w.proc is not None]
+    tmp = p.base_dir / "workers.json.tmp"
+    tmp.write_text(json.dumps(roster, indent=1))
+    tmp.replace(p.base_dir / "workers.json")
+
+
 def poll(worker: Worker) -> bool:
     """True once the worker has exited (and records how)."""
     if worker.proc is None or worker.returncode is not None:
@@ -269,6 +280,7 @@ def run_workers(p: Plan, storage, start_timeout: float, interval: float = 1.0) -
     """Start worker 0, wait until the study is seeded (or worker 0 ends), start the rest, wait for all."""
     first, rest = p.workers[0], p.workers[1:]
     start(first, len(p.workers))
+    write_roster(p)
     if rest and not study_seeded(storage, p.study_name):
         log.info("waiting for worker 0 to create study %s and queue the baselines", p.study_name)
         deadline = time.monotonic() + start_timeout
@@ -281,6 +293,7 @@ def run_workers(p: Plan, storage, start_timeout: float, interval: float = 1.0) -
             time.sleep(interval)
     for w in rest:
         start(w, len(p.workers))
+    write_roster(p)
     while not all(poll(w) for w in p.workers):
         time.sleep(interval)
 
