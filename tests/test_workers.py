@@ -318,3 +318,15 @@ def test_launcher_survives_a_killed_cli_worker(tiny_model_dir: Path, tiny_refere
     retry = study.trials[a.retries[0][1]]
     assert retry.state == TrialState.COMPLETE and retry.system_attrs[GENOME_ATTR] == failed[0].system_attrs[GENOME_ATTR]
     assert sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("final.csv")) == ["final.csv"]
+
+
+def test_launcher_stops_when_the_first_worker_refuses_the_input(tiny_reference: Path, tmp_path: Path) -> None:
+    proc = _launcher(["--workers", "3", "--storage", f"journal:{tmp_path / 'j.log'}", "--",
+                      "model.pretrained=/nonexistent/model", f"dataset.reference={tiny_reference}",
+                      f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: worker 0 failed") and "model.pretrained=/nonexistent/model" in last, last
+    roster = json.loads((tmp_path / "run" / "workers.json").read_text())
+    assert [w["worker"] for w in roster] == [0]  # the others were never started
+    assert not (tmp_path / "run" / "final.csv").exists()

@@ -244,13 +244,18 @@ def study_seeded(storage, study_name: str) -> bool:
 
 
 def last_error_line(path: Path) -> str:
-    """The worker's own one-line error ('error: ...'), else the last line of its log."""
+    """The worker's own error ('error: ...' and its indented continuation lines), else its log's last line."""
     try:
-        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        lines = [line.rstrip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
         return ""
-    errors = [line for line in lines if line.startswith("error: ")]
-    return errors[-1] if errors else (lines[-1] if lines else "")
+    starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    if not starts:
+        return lines[-1].strip() if lines else ""
+    i = starts[-1]
+    block = [lines[i][len("error: "):]]
+    block += [line.strip() for line in lines[i + 1:] if line.startswith((" ", "\t"))]
+    return " / ".join(block)
 
 
 class _Stop(Exception):
@@ -286,7 +291,9 @@ def run_workers(p: Plan, storage, start_timeout: float, interval: float = 1.0) -
         deadline = time.monotonic() + start_timeout
         while not study_seeded(storage, p.study_name):
             if poll(first):
-                break  # it failed (or finished everything alone): the others still try
+                if first.returncode != 0:
+                    return  # it failed before the study existed: the others would fail the same way
+                break  # it finished everything alone: the others find the search done
             if time.monotonic() > deadline:
                 raise UsageError(f"study {p.study_name} was not created within --start-timeout={start_timeout:.0f}s;"
                                  f" see {first.log_path}")
@@ -351,17 +358,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
-    log.info("workers done:\n  %s", "\n  ".join(w.describe() for w in p.workers))
-    failed = [w for w in p.workers if w.returncode != 0]
+    log.info("workers done:\n  %s", "\n  ".join(w.describe() for w in p.workers if w.proc is not None))
+    started = [w for w in p.workers if w.proc is not None]
+    failed = [w for w in started if w.returncode != 0]
     for w in failed:
         log.warning("worker %d: %s", w.index, last_error_line(w.log_path))
-    if len(failed) == len(p.workers):
+    if len(failed) == len(started):
         code = next((w.returncode for w in failed if w.returncode == 2), failed[0].returncode)
-        print(f"error: every worker failed; worker 0: {last_error_line(p.workers[0].log_path)}", file=sys.stderr)
+        print(f"error: {'every worker' if len(started) > 1 else 'worker 0'} failed; worker 0 says:"
+              f" {last_error_line(p.workers[0].log_path)}", file=sys.stderr)
         return code if code and code > 0 else 1
     recover_orphans(p.url, storage, p.study_name)
     log.info("final run (evaluation on fresh seeds and report, once) in %s", p.base_dir)
-    final = subprocess.run(p.final_command)
+    try:
+        final = subprocess.run(p.final_command)
+    except KeyboardInterrupt:
+        log.warning("interrupted during the final run: rerun the same command to finish it")
+        return 130
     return final.returncode
 
 
