@@ -3,8 +3,8 @@
     .venv/bin/python experiments/bench_storage.py              # starts a throwaway PostgreSQL server
     .venv/bin/python experiments/bench_storage.py --pg-url postgresql://user@host/db --trials 1000
 
-(a) Overhead per trial with a no-op objective, `--trials` trials in one process, as the CLI sets the
-    storage up (RDB heartbeat on): SQLite file, PostgreSQL, journal file, in memory for reference. The
+(a) Overhead per trial with a no-op objective, `--trials` trials in one process, the storage opened as
+    the CLI opens it (heartbeat every 5 s): SQLite file, PostgreSQL, journal file, in memory for reference. The
     sampler reads every trial at each ask, so the cost grows with the study: first and last 10% shown.
 (b) Throughput of 1, 2, 4 worker processes (tests/cheap_worker.py: the real AutoDiffusionSampler, an
     objective that sleeps `--sleep` s) on PostgreSQL: candidates per minute and the ratio to ideal
@@ -32,7 +32,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "src")]
 import cheap_worker as cw  # noqa: E402  (loads the sampler without torch)
 import optuna  # noqa: E402
 
-from autodiff_opt.search.concurrency import StudyLockedSampler, audit, journal_storage, sqlalchemy_url  # noqa: E402
+from autodiff_opt.search.concurrency import audit, sqlalchemy_url  # noqa: E402
 from autodiff_opt.search.space import suggest_genome  # noqa: E402
 from autodiff_opt.search.study import make_storage  # noqa: E402
 
@@ -57,10 +57,8 @@ def new_database(server_url: str) -> str:
 def overhead(kind: str, url: str | None, trials: int, population: int, locked: bool) -> dict[str, float]:
     if kind == "memory":
         storage = optuna.storages.InMemoryStorage()
-    elif kind == "journal":
-        storage = journal_storage(url[len("journal:"):], heartbeat_interval=None)  # the CLI's journal: no heartbeat
-    else:
-        storage = make_storage(sqlalchemy_url(url), heartbeat_interval=5, grace_period=20)  # the CLI's defaults
+    else:  # as the CLI opens it: heartbeat every 5 s (RDB, and journal files through HeartbeatJournalStorage)
+        storage = make_storage(url, heartbeat_interval=5, grace_period=20)
     sampler = cw.make_sampler(population, lock=locked)
     study = optuna.create_study(storage=storage, sampler=sampler, study_name=f"bench-{kind}")
     times: list[float] = []

@@ -279,7 +279,8 @@ def test_launcher_survives_a_killed_cli_worker(tiny_model_dir: Path, tiny_refere
     the launcher's final run completes the study and writes the report once."""
     journal = tmp_path / "study.journal"
     overrides = [o for o in tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "unused.db",
-                                           **{"search.num_samples": 360, "search.batch_size": 24})
+                                           **{"search.num_samples": 360, "search.batch_size": 24,
+                                              "search.generations": 3})
                  if not o.startswith("storage.url=")]
     run_dir = tmp_path / "run"
     launcher = subprocess.Popen([sys.executable, "-m", "autodiff_opt.workers", "--workers", "2", "--storage",
@@ -300,7 +301,8 @@ def test_launcher_survives_a_killed_cli_worker(tiny_model_dir: Path, tiny_refere
         trials = optuna.load_study(study_name=names[0], storage=storage).get_trials(deepcopy=False)
         running = [t for t in trials if t.state == TrialState.RUNNING and GENOME_ATTR in t.system_attrs]
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
-        if len(complete) >= 2 and len(running) == 2:  # each worker is evaluating a candidate
+        within = [t for t in running if t.system_attrs.get(GENERATION_ATTR, 9) < 3]  # inside the budget
+        if len(complete) >= 2 and len(running) == 2 and len(within) == 2:  # each worker is evaluating a candidate
             finished = {t.number: (t.system_attrs[GENOME_ATTR], t.value) for t in complete}
             victim = next(w["pid"] for w in json.loads(roster.read_text()) if w["worker"] == 1)
     os.kill(victim, signal.SIGKILL)
@@ -311,8 +313,8 @@ def test_launcher_survives_a_killed_cli_worker(tiny_model_dir: Path, tiny_refere
     for number, (genome, value) in finished.items():  # nothing finished was lost or changed
         assert study.trials[number].state == TrialState.COMPLETE
         assert (study.trials[number].system_attrs[GENOME_ATTR], study.trials[number].value) == (genome, value)
-    a = audit(study, 2)
-    assert a.generations_complete(6, 2) and a.duplicate_genomes == 0 and a.overshoot <= 1, a
+    a = audit(study, 3)
+    assert a.generations_complete(6, 3) and a.duplicate_genomes == 0 and a.overshoot <= 1, a
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert len(failed) == 1 and [r[0] for r in a.retries] == [failed[0].number], a
     retry = study.trials[a.retries[0][1]]
