@@ -252,3 +252,29 @@ def test_audit_counts_duplicates_overshoot_and_retries() -> None:
     assert a.duplicate_genomes == 1 and a.duplicate_slots == 1 and a.retries == [(3, 4)]
     assert a.states == {"COMPLETE": 6, "FAIL": 1}
     assert not a.generations_complete(3, 1) and a.generations_complete(4, 1)
+
+
+# --- the throwaway server's own failure mode ------------------------------------------------------------------
+def test_missing_postgres_binaries_are_an_error_that_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pg
+
+    monkeypatch.setattr(pg.shutil, "which", lambda name: None)
+    monkeypatch.setattr(pg.glob, "glob", lambda pattern: [])
+    with pytest.raises(pg.PostgresUnavailable, match="apt-get install -y postgresql"):
+        pg.find_bin_dir()
+    with pytest.raises(pg.PostgresUnavailable):
+        pg.start_server()
+
+
+def test_the_throwaway_server_listens_on_loopback_only(pg_server) -> None:  # noqa: ANN001
+    import psycopg2
+
+    con = psycopg2.connect(host="127.0.0.1", port=pg_server.port, user="postgres", dbname="postgres", connect_timeout=10)
+    try:
+        with con.cursor() as cur:
+            cur.execute("SHOW listen_addresses")
+            assert cur.fetchone()[0] == "127.0.0.1"
+            cur.execute("SHOW unix_socket_directories")
+            assert cur.fetchone()[0] == str(pg_server.root)
+    finally:
+        con.close()
