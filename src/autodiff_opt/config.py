@@ -106,6 +106,7 @@ class FinalConfig:
     enabled: bool = True
     num_samples: Optional[int] = None  # null: 2x search.num_samples
     seed: int = 1_000_003  # fresh seeds: never the search's
+    repeats: int = 3  # independent fresh sample sets; the table reports their mean FID and its std
 
 
 @dataclass

@@ -44,9 +44,11 @@ def schedules_figure(final: pd.DataFrame, num_train_timesteps: int) -> go.Figure
 def final_figure(final: pd.DataFrame) -> go.Figure:
     ordered = final.sort_values("fid_final")
     colors = ["seagreen" if k == "searched" else "steelblue" for k in ordered.kind]
-    fig = go.Figure(go.Bar(x=ordered.schedule, y=ordered.fid_final, marker_color=colors,
+    error = {"type": "data", "array": ordered.fid_final_std} if "fid_final_std" in ordered else None
+    fig = go.Figure(go.Bar(x=ordered.schedule, y=ordered.fid_final, marker_color=colors, error_y=error,
                            text=[f"{v:.2f}" for v in ordered.fid_final], textposition="outside"))
-    fig.update_layout(title="FID on fresh seeds, same NFE", yaxis_title="FID", template="plotly_white")
+    fig.update_layout(title="FID on fresh seeds (mean and std over independent sample sets), same NFE",
+                      yaxis_title="FID", template="plotly_white")
     return fig
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import optuna
 import pandas as pd
 from optuna.trial import TrialState
@@ -41,18 +42,20 @@ def best_genome(study: optuna.Study) -> Genome:
     return genome
 
 
-def best_stage1_genome(study: optuna.Study) -> Genome | None:
-    """The best candidate without skipped layers (what stage 1 alone would have returned)."""
+def best_genome_where(study: optuna.Study, with_skips: bool) -> Genome | None:
+    """The best candidate without skipped layers (what stage 1 alone returns), or the best with some."""
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.values and genome_of(t) is not None and not genome_of(t).has_skips]
+            if t.values and genome_of(t) is not None and genome_of(t).has_skips == with_skips]
     return genome_of(min(done, key=lambda t: t.values[0])) if done else None
 
 
 def final_candidates(study: optuna.Study, exp: "Experiment") -> dict[str, Genome]:
     candidates = {"searched": best_genome(study)}
-    stage1 = best_stage1_genome(study) if exp.stage2 is not None else None
-    if stage1 is not None and stage1 != candidates["searched"]:
-        candidates["searched_stage1"] = stage1
+    if exp.stage2 is not None:  # stage-1-only best and best with skipped layers, whichever is not the winner
+        for name, with_skips in (("searched_stage1", False), ("searched_with_skips", True)):
+            genome = best_genome_where(study, with_skips)
+            if genome is not None and genome != candidates["searched"]:
+                candidates[name] = genome
     if len(study.directions) > 1:  # the Pareto front, at most 6 points spread over the cost axis
         front = pareto_front(study.get_trials(deepcopy=False))
         picks = front if len(front) <= 6 else [front[round(i * (len(front) - 1) / 5)] for i in range(6)]
@@ -64,11 +67,25 @@ def final_candidates(study: optuna.Study, exp: "Experiment") -> dict[str, Genome
     return candidates
 
 
+def _fresh_fids(exp: "Experiment", genome: Genome, sample_sets: list[SampleSet], name: str) -> tuple[list[float], float]:
+    """FID on each fresh sample set (NaN for a schedule whose samples are not finite) and the time it took."""
+    fids, seconds = [], 0.0
+    for samples in sample_sets:
+        try:
+            result = evaluate(exp.generator, exp.scorer, exp.reference, samples, genome)
+        except NonFiniteSamples as err:  # a broken schedule gets NaN in the table, the others still count
+            log.warning("final evaluation of %s failed: %s", name, err)
+            return [float("nan")] * len(sample_sets), seconds
+        fids.append(result["fid"])
+        seconds += result["gen_seconds"] + result["fid_seconds"]
+    return fids, seconds
+
+
 def final_evaluation(study: optuna.Study, exp: "Experiment") -> pd.DataFrame:
     """Scores once per study and setting; stored in the study so workers and reruns reuse it."""
     cfg = exp.cfg
     num_samples = int(cfg.final.num_samples or 2 * cfg.search.num_samples)
-    setting = {"num_samples": num_samples, "seed": int(cfg.final.seed), "best_trial": best_fid_trial(study).number,
+    setting = {"num_samples": num_samples, "seed": int(cfg.final.seed), "repeats": int(cfg.final.repeats), "best_trial": best_fid_trial(study).number,
                "trials": len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))}
     stored = study.user_attrs.get(FINAL_ATTR)
     if stored and stored.get("setting") == setting:
@@ -76,22 +93,21 @@ def final_evaluation(study: optuna.Study, exp: "Experiment") -> pd.DataFrame:
         return pd.DataFrame(stored["rows"])
     if cfg.final.seed == cfg.search.seed:
         raise ValueError("final.seed equals search.seed: the final comparison needs fresh seeds")
-    samples = SampleSet.draw(num_samples, exp.model.sample_shape, exp.model.num_classes, int(cfg.final.seed))
+    repeats = int(cfg.final.repeats)
+    sample_sets = [SampleSet.draw(num_samples, exp.model.sample_shape, exp.model.num_classes,
+                                  int(cfg.final.seed) + 7919 * r) for r in range(repeats)]
     search_fid = search_fid_by_genome(study)
     rows: list[dict[str, Any]] = []
     for name, genome in final_candidates(study, exp).items():
-        log.info("final evaluation of %s %s on %d fresh samples", name, list(genome.timesteps), num_samples)
-        try:
-            result = evaluate(exp.generator, exp.scorer, exp.reference, samples, genome)
-        except NonFiniteSamples as err:  # a broken schedule gets NaN in the table, the others still count
-            log.warning("final evaluation of %s failed: %s", name, err)
-            result = {"fid": float("nan"), "gen_seconds": float("nan"), "fid_seconds": float("nan")}
+        log.info("final evaluation of %s %s on %d x %d fresh samples", name, list(genome.timesteps), repeats, num_samples)
+        fids, seconds = _fresh_fids(exp, genome, sample_sets, name)
         rows.append({
             "schedule": name, "kind": "searched" if name.startswith("searched") else "baseline",
             "timesteps": list(genome.timesteps), "skipped_layers": sum(len(s) for s in genome.skips),
             "nfe": genome.num_steps, "fid_search": search_fid.get(genome.key()),
             "cost_full_steps": round(exp.stage2.budget.in_full_steps(genome), 3) if exp.stage2 else genome.num_steps,
-            "fid_final": result["fid"], "seconds": round(result["gen_seconds"] + result["fid_seconds"], 3),
+            "fid_final": float(np.mean(fids)), "fid_final_std": float(np.std(fids, ddof=1)) if repeats > 1 else 0.0,
+            "seconds": round(seconds, 3),
         })
     table = pd.DataFrame(rows)
     best_baseline = table.loc[table.kind == "baseline", "fid_final"].min() if (table.kind == "baseline").any() else float("nan")
