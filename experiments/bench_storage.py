@@ -115,6 +115,7 @@ def main() -> None:
     p.add_argument("--scaling-generations", type=int, default=5)
     p.add_argument("--workers", default="1,2,4")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c")
+    p.add_argument("--storages", default="memory,sqlite,postgresql,journal", help="part (a): which storages")
     args = p.parse_args()
     skip = set(args.skip.split(","))
 
@@ -132,7 +133,7 @@ def main() -> None:
             print(f"\n## (a) sampler + storage overhead, {args.trials} trials, no-op objective, population {args.population}")
             print("| storage | sampler | total s | ms/trial | first 10% ms/trial | last 10% ms/trial |")
             print("|---|---|---|---|---|---|")
-            for kind in ("memory", "sqlite", "postgresql", "journal"):
+            for kind in args.storages.split(","):
                 for locked in (False, True):
                     url = {"sqlite": f"sqlite:///{tmp / uuid.uuid4().hex}.db", "journal": f"journal:{tmp / uuid.uuid4().hex}.log",
                            "postgresql": new_database(args.pg_url) if kind == "postgresql" else None}.get(kind)
