@@ -245,11 +245,12 @@ def with_step_masks(
     return masked
 
 
-def per_step_skipping(unet: nn.Module) -> Callable[[Callable[..., R], Genome], Callable[..., R]]:
+def per_step_skipping(unet: nn.Module, skipper: LayerSkipper | None = None
+                      ) -> Callable[[Callable[..., R], Genome], Callable[..., R]]:
     """A ``StepWrapper`` for the generator: ``wrap(eps_fn, genome)`` returns ``eps_fn`` itself for a
     genome without skips, else ``with_step_masks(eps_fn, skipper, genome)``. The ``LayerSkipper`` is
-    made on the first genome with skips, so stage-1-only runs never touch the model."""
-    skippers: list[LayerSkipper] = []
+    made on the first genome with skips (unless one is given), so stage-1-only runs never touch the model."""
+    skippers: list[LayerSkipper] = [skipper] if skipper is not None else []
 
     def wrap(eps_fn: Callable[..., R], genome: Genome) -> Callable[..., R]:
         if not genome.has_skips:

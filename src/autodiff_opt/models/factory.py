@@ -132,14 +132,13 @@ def _missing_pretrained(model_cfg: DictConfig, hint: str) -> list[str]:
 
 
 def step_wrapper_for(model: DiffusionModel) -> StepWrapper:
-    """Per-step layer skipping for genomes with masks (stage 2); genomes without masks run the plain model."""
-    from autodiff_opt.arch import LayerSkipper, with_step_masks
+    """Per-step layer skipping for genomes with masks (stage 2); genomes without masks run the plain model.
 
-    skipper = model.extras.get("skipper")
-    if skipper is None:
-        skipper = model.extras["skipper"] = LayerSkipper(model.unet)
+    The model's LayerSkipper is kept in ``model.extras["skipper"]``: the cost model and the export use it too.
+    """
+    from autodiff_opt.arch import LayerSkipper
+    from autodiff_opt.arch.skip import per_step_skipping
 
-    def wrap(eps_fn, genome):  # type: ignore[no-untyped-def]
-        return with_step_masks(eps_fn, skipper, genome) if genome.has_skips else eps_fn
-
-    return wrap
+    if "skipper" not in model.extras:
+        model.extras["skipper"] = LayerSkipper(model.unet)
+    return per_step_skipping(model.unet, model.extras["skipper"])
