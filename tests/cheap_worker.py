@@ -134,12 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parties", type=int, default=1)
     p.add_argument("--ask-once", metavar="DIR", help="ask one trial, meeting another worker in DIR between the"
                    " sampler's read and write; print its generation, slot and genome")
+    p.add_argument("--pause", type=float, default=4.0, help="--ask-once: wait at most this long for the other worker")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format=f"worker {args.worker} %(levelname)s %(name)s: %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     storage = open_storage(args.storage, args.heartbeat, args.grace)
-    sampler = make_sampler(args.population, args.lock, rendezvous=args.ask_once, name=str(args.worker))
+    sampler = make_sampler(args.population, args.lock, rendezvous=args.ask_once, name=str(args.worker), pause=args.pause)
     study = optuna.load_study(study_name=args.study, storage=storage, sampler=sampler)
     if args.ask_once:
         trial = study.ask()

@@ -186,6 +186,9 @@ def _two_concurrent_asks(url: str, locked: bool, tmp_path: Path) -> list[list]:
     rendezvous = tmp_path / f"rendezvous-{locked}"
     procs = [subprocess.Popen([sys.executable, str(WORKER), "--storage", url, "--study", "s", "--worker", str(i),
                                "--population", str(POPULATION), "--heartbeat", "0", "--ask-once", str(rendezvous),
+                               # bare: wait for the other however late it starts; locked: the other cannot
+                               # arrive while the first holds the lock, so a short wait
+                               "--pause", "2" if locked else "60",
                                "--lock" if locked else "--no-lock"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(2)]
     outs = []
