@@ -283,6 +283,9 @@ def test_launcher_gives_each_worker_its_device_and_run_dir(tmp_path: Path, monke
         assert "storage.url='postgresql+psycopg2://u@h/db?host=/tmp/s&x=y'" in lines[i]
     assert "final.enabled" not in lines[3] and "device=cuda:0" in lines[3]
     assert lines[3].endswith(f"hydra.run.dir={tmp_path / 'r'}")
+    monkeypatch.setenv("AUTODIFF_OPT_DEVICES", "cuda:1")  # what `make workers` can pass
+    assert workers.main(["--workers", "2", "--storage", "journal:j.log", "--dry-run"]) == 0
+    assert all("device=cuda:1" in line for line in capsys.readouterr().out.strip().splitlines())
 
 
 def test_launcher_survives_a_killed_cli_worker(tiny_model_dir: Path, tiny_reference: Path, tmp_path: Path) -> None:

@@ -97,7 +97,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--storage", required=True,
                         help="shared storage: postgresql://user@host/db (several machines), journal:/path/file.log"
                              " or sqlite:///file.db (one machine)")
-    parser.add_argument("--devices", default="", help="comma-separated devices given to workers round robin, e.g. cuda:0,cuda:1")
+    parser.add_argument("--devices", default=os.environ.get("AUTODIFF_OPT_DEVICES", ""),
+                        help="comma-separated devices given to workers round robin, e.g. cuda:0,cuda:1"
+                             " (default: $AUTODIFF_OPT_DEVICES, for `make workers`)")
     parser.add_argument("--start-timeout", type=float, default=6 * 3600.0,
                         help="seconds to wait for the first worker to create the study before giving up")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
