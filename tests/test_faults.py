@@ -122,7 +122,8 @@ def test_failure_guard_stops_a_broken_setup_and_keeps_finished_trials(tiny_model
     second = run_cli(tiny_overrides(model, tiny_reference, db, **{"search.generations": 3,
                                                                   "search.max_consecutive_failures": 3}),
                      tmp_path, tmp_path / "r2")
-    assert second.returncode != 0
+    assert second.returncode == 2  # a user-fixable setup error: one line, not a traceback
+    assert "3 candidates failed in a row" in second.stderr.strip().splitlines()[-1]
     assert "3 candidates failed in a row" in second.stderr and "NonFiniteSamples" in second.stderr
     study = _load(db)
     for number, (key, value) in finished.items():  # finished work is kept as it was
@@ -182,3 +183,4 @@ def test_out_of_memory_at_batch_one_fails_only_that_candidate(tiny_model_dir: Pa
     assert oom.user_attrs[FAIL_REASON_ATTR].startswith("OutOfMemoryError: CUDA out of memory")
     assert 1 in double.sizes  # halved all the way down before giving up
     assert [t.state for t in rest] == [TrialState.COMPLETE] * 3
+    assert objective.generator.batch_size == 8 and double.sizes[-1] == 8  # later candidates run at full batch

@@ -3,7 +3,7 @@
 from autodiff_opt.metrics.fid import MetricError
 from autodiff_opt.models.base import ModelLoadError
 from autodiff_opt.search.genome import GenomeError
-from autodiff_opt.search.runner import ConfigError
+from autodiff_opt.search.runner import ConfigError, SearchAborted
 from autodiff_opt.search.study import StudyError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, GenomeError, MetricError, ModelLoadError, StudyError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, GenomeError, MetricError, ModelLoadError, SearchAborted, StudyError)

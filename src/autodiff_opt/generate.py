@@ -83,7 +83,7 @@ class ImageGenerator:
     def generate(self, genome: Genome, samples: SampleSet, progress: bool = False) -> torch.Tensor:
         """uint8 images (N, C, H, W) for the genome; halves the batch on CUDA out-of-memory and retries."""
         out: list[torch.Tensor] = []
-        start = 0
+        start, initial = 0, self.batch_size
         bar = tqdm(total=len(samples), desc="sampling", unit="img", disable=not progress, leave=False)
         while start < len(samples):
             stop = min(start + self.batch_size, len(samples))
@@ -91,7 +91,8 @@ class ImageGenerator:
             try:
                 out.append(self._batch(genome, samples.noise[start:stop], labels))
             except torch.cuda.OutOfMemoryError:
-                if self.batch_size == 1:
+                if self.batch_size == 1:  # this candidate cannot run; the next one starts at the full batch
+                    self.batch_size = initial
                     raise
                 self.batch_size = max(1, self.batch_size // 2)
                 log.warning("CUDA out of memory: batch size halved to %d", self.batch_size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +102,7 @@ def reference_statistics(
     log.info("computing reference statistics of %s (%d images, %s/%s)", source, len(images), scorer.name, scorer.layer)
     stats = scorer.statistics(images)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")  # one per process: workers may compute it together
     stats.save(tmp)
     tmp.replace(cache)
     return stats

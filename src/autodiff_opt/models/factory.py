@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -38,9 +39,12 @@ def _converted_folder(model_cfg: DictConfig, cache_dir: Path) -> Path:
     from autodiff_opt.models.adm import convert_checkpoint, unet_preset
 
     log.info("converting %s to a diffusers folder in %s", ckpt, out)
-    tmp = out.with_name(out.name + ".partial")
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.partial")  # one per process: workers may convert together
     convert_checkpoint(ckpt, unet_preset(model_cfg.preset or "imagenet64"), tmp)
-    tmp.replace(out)
+    if (out / "config.json").is_file():  # another worker finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.replace(out)
     return out
 
 

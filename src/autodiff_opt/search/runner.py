@@ -37,6 +37,10 @@ class ConfigError(ValueError):
     """A setting is wrong; the message names it and the fix."""
 
 
+class SearchAborted(RuntimeError):
+    """Candidates failed in a row: the setup is broken (finished trials are kept)."""
+
+
 @dataclass
 class Experiment:
     """Everything a search needs, built once per process."""
@@ -237,7 +241,7 @@ class _Progress:
             self.failures += 1
             if self.failures >= self.max_failures:
                 study.stop()
-                raise RuntimeError(
+                raise SearchAborted(
                     f"{self.failures} candidates failed in a row (last: {trial.user_attrs.get('fail_reason')}):"
                     " the setup is broken, not the candidates; finished trials are kept in the study"
                 )
@@ -259,6 +263,9 @@ def run_search(study: optuna.Study, exp: Experiment) -> None:
     cost_fn = exp.layer_costs.genome_flops if exp.layer_costs is not None else None
     objective = Objective(exp.generator, exp.scorer, exp.reference, exp.samples, exp.space, cost_fn=cost_fn,
                           cost_objective=exp.stage2.budget.in_full_steps if exp.multi_objective else None)
+    if budget.should_stop(study):  # every slot taken (other workers finish them): start no new generation
+        progress.bar.close()
+        return
     try:
         study.optimize(objective, callbacks=[progress], catch=(Exception,), gc_after_trial=False)
     finally:
