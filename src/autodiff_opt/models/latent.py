@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from autodiff_opt.models.base import DiffusionModel, EpsFn, ModelLoadError
-from autodiff_opt.models.loading import _alphas_cumprod, _looks_like_path, _read_json, resolve_pretrained
+from autodiff_opt.models.loading import _alphas_cumprod, _read_json, local_root
 
 log = logging.getLogger(__name__)
 
@@ -200,12 +200,7 @@ def _fetch_pipeline(repo_id: str) -> Path:
 
 
 def _pipeline_root(pretrained: str) -> Path:
-    ref = resolve_pretrained(pretrained)
-    root = Path(ref)
-    if not root.exists():
-        if _looks_like_path(ref):
-            raise ModelLoadError(f"model.pretrained={pretrained!r}: no such file or directory")
-        root = _fetch_pipeline(ref)
+    root = local_root(pretrained, _fetch_pipeline)
     missing = [c for c in COMPONENTS if not (root / c).is_dir()]
     if not (root / "model_index.json").is_file() or missing:
         raise ModelLoadError(

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -107,6 +107,17 @@ def _fetch_hub(repo_id: str) -> Path:
         ) from err
 
 
+def local_root(pretrained: str, fetch: Callable[[str], Path]) -> Path:
+    """The local folder of model.pretrained: an embedded asset, a path, or a hub id resolved by `fetch`."""
+    ref = resolve_pretrained(pretrained)
+    root = Path(ref)
+    if root.exists():
+        return root
+    if _looks_like_path(ref):
+        raise ModelLoadError(f"model.pretrained={pretrained!r}: no such file or directory")
+    return fetch(ref)
+
+
 def load_model(
     pretrained: str,
     *,
@@ -117,12 +128,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
 ) -> DiffusionModel:
     """Load a UNet with its alpha_bar and prediction type; pixel-space models only (latent models add a decoder)."""
-    ref = resolve_pretrained(pretrained)
-    root = Path(ref)
-    if not root.exists():
-        if _looks_like_path(ref):
-            raise ModelLoadError(f"model.pretrained={pretrained!r}: no such file or directory")
-        root = _fetch_hub(ref)
+    root = local_root(pretrained, _fetch_hub)
     source, unet_sub, unet_dir = _local_parts(root, subfolder)
     unet = _load_unet(source, unet_sub, local_only=True, dtype=dtype).to(device=device).eval()
     unet.requires_grad_(False)
