@@ -14,6 +14,7 @@ def tiny_overrides(model_dir: Path, reference: Path, db: Path, **extra: object) 
     base = {
         "model.pretrained": str(model_dir), "dataset.reference": str(reference),
         "metric.feature_extractor": "test-randconv", "imports": "[randconv_extractor]",
+        "search.sampler": "autodiffusion_paper", "search.peers": "[]",
         "search.num_samples": 48, "search.batch_size": 48, "search.population": 6, "search.generations": 2,
         "search.num_parents": 3, "search.num_mutants": 3, "search.num_crossovers": 1, "search.init_random": 2,
         "search.baselines": "[ddim_uniform,trailing]", "storage.url": f"sqlite:///{db}",

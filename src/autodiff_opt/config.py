@@ -7,10 +7,6 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from autodiff_opt.search.sampler import EvolutionConfig
-
-AUTHORS = EvolutionConfig()
-
 DEFAULT_BASELINES = ["ddim_uniform", "trailing", "quadratic", "logsnr", "karras"]
 
 
@@ -75,18 +71,27 @@ class SearchConfig:
     num_steps: int = 4
     num_samples: int = 1000
     batch_size: int = 500
-    generations: int = 10
-    # the evolution's defaults are the authors', defined once in EvolutionConfig
-    population: int = AUTHORS.population
-    num_parents: int = AUTHORS.num_parents
-    num_mutants: int = AUTHORS.num_mutants
-    mutation_prob: float = AUTHORS.mutation_prob
-    num_crossovers: int = AUTHORS.num_crossovers
-    init_random: int = AUTHORS.init_random
-    init_mutation_prob: float = AUTHORS.init_mutation_prob
-    max_attempts: int = AUTHORS.max_attempts
+    # autodiffusion (default) | autodiffusion_paper | tpe | cmaes | gp | random (search/samplers.py)
+    sampler: str = "autodiffusion"
+    budget: Optional[float] = None  # candidate-equivalents of image-steps; null: population x generations
+    # null: the chosen sampler's default (search/samplers.py PRESETS; the paper's are 50/10/25/0.25/15/25/0.1)
+    generations: Optional[int] = None
+    population: Optional[int] = None
+    num_parents: Optional[int] = None
+    num_mutants: Optional[int] = None
+    mutation_prob: Optional[float] = None
+    num_crossovers: Optional[int] = None
+    init_random: Optional[int] = None
+    init_mutation_prob: Optional[float] = None
+    max_attempts: Optional[int] = None
+    prune: Optional[bool] = None  # multi-fidelity: stop candidates on sample prefixes (null: sampler default)
+    rungs: List[float] = field(default_factory=lambda: [0.25, 0.5])  # prefixes, as fractions of num_samples
+    pool_size: int = 256  # offspring the surrogate ranks per candidate (autodiffusion)
     seed: int = 0
     baselines: List[str] = field(default_factory=lambda: list(DEFAULT_BASELINES))
+    peers: List[str] = field(default_factory=lambda: ["gits_dp", "ays"])  # peer methods' schedules, scored alongside
+    peer_samples: int = 256  # teacher samples of the trajectory-DP peer
+    peer_grid: int = 100  # teacher steps of the trajectory-DP peer
     schedules: List[List[int]] = field(default_factory=list)  # your own schedules, scored alongside
     max_consecutive_failures: int = 10
     stage2: Stage2Config = field(default_factory=Stage2Config)

@@ -35,6 +35,11 @@ class SampleSet:
     def __len__(self) -> int:
         return int(self.noise.shape[0])
 
+    def slice(self, start: int, stop: int) -> "SampleSet":
+        """Samples start..stop-1 (a prefix for multi-fidelity scoring keeps the same noise and labels)."""
+        labels = self.class_labels[start:stop] if self.class_labels is not None else None
+        return SampleSet(self.noise[start:stop], labels, self.seed)
+
     @classmethod
     def draw(cls, num_samples: int, sample_shape: tuple[int, ...], num_classes: int | None, seed: int) -> "SampleSet":
         gen = torch.Generator().manual_seed(seed)
@@ -67,10 +72,13 @@ class ImageGenerator:
     def device(self) -> torch.device:
         return self.model.device
 
-    def _batch(self, genome: Genome, noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    def eps_for(self, genome: Genome, labels: torch.Tensor | None) -> EpsFn:
+        """The batch's eps function for this genome (labels bound; per-step skipping, guidance applied)."""
         eps_fn = self.model.eps_fn(class_labels=labels.to(self.device) if labels is not None else None)
-        if self.step_wrapper is not None:
-            eps_fn = self.step_wrapper(eps_fn, genome)
+        return self.step_wrapper(eps_fn, genome) if self.step_wrapper is not None else eps_fn
+
+    def _batch(self, genome: Genome, noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        eps_fn = self.eps_for(genome, labels)
         with torch.no_grad(), autocast(self.device, self.precision):  # no_grad: guidance re-enables grad inside
             x0 = self.solver(eps_fn, noise.to(self.device), genome.timesteps, self.model.alphas_cumprod,
                              clip_x0=self.clip_x0)

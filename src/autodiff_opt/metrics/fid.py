@@ -135,7 +135,12 @@ class FIDScorer:
         return FIDStats(feats.mean(axis=0), np.cov(feats, rowvar=False), int(feats.shape[0]))
 
     def fid(self, images: torch.Tensor, reference: FIDStats) -> float:
-        return fid_from_stats(self.statistics(images), reference)
+        return self.fid_of_features(self.features(images), reference)
+
+    def fid_of_features(self, feats: np.ndarray, reference: FIDStats) -> float:
+        """FID of features (N, D) against the reference, with the reference's square root cached."""
+        stats = FIDStats(feats.mean(axis=0), np.cov(feats, rowvar=False), int(feats.shape[0]))
+        return fast_fid(stats, reference, self.device)
 
 
 def fid_from_stats(a: FIDStats, b: FIDStats) -> float:
@@ -150,3 +155,41 @@ def fid_from_stats(a: FIDStats, b: FIDStats) -> float:
     out = fid_statistics_to_metric({"mu": a.mu, "sigma": a.sigma}, {"mu": b.mu, "sigma": b.sigma}, False)
     return float(out[KEY_METRIC_FID])
 
+
+
+class _SqrtCache:
+    """sqrt(sigma_ref) per reference (by identity), so each candidate costs one eigendecomposition."""
+
+    def __init__(self) -> None:
+        self._key: tuple[int, float, str] | None = None
+        self._value: torch.Tensor | None = None
+
+    def get(self, reference: FIDStats, device: torch.device) -> torch.Tensor:
+        key = (id(reference.sigma), float(reference.sigma.sum()), str(device))
+        if self._key != key or self._value is None:
+            sigma = torch.as_tensor(reference.sigma, dtype=torch.float64, device=device)
+            w, v = torch.linalg.eigh((sigma + sigma.T) / 2)
+            self._value = (v * w.clamp(min=0).sqrt()) @ v.T
+            self._key = key
+        return self._value
+
+
+_SQRT_REF = _SqrtCache()
+
+
+def fast_fid(a: FIDStats, reference: FIDStats, device: torch.device | str = "cpu") -> float:
+    """The Frechet distance with tr sqrt(S_a S_ref) = sum sqrt(eig(R S_a R)), R = sqrt(S_ref) computed once.
+
+    R S_a R is symmetric positive semi-definite and has the eigenvalues of S_a S_ref, so one symmetric
+    eigendecomposition (float64, on the scorer's device) replaces scipy's general matrix square root.
+    """
+    if a.dim != reference.dim:
+        return fid_from_stats(a, reference)  # raises the dimension error
+    device = torch.device(device)
+    root = _SQRT_REF.get(reference, device)
+    sigma = torch.as_tensor(a.sigma, dtype=torch.float64, device=device)
+    inner = root @ sigma @ root
+    eig = torch.linalg.eigvalsh((inner + inner.T) / 2)
+    trace_sqrt = float(eig.clamp(min=0).sqrt().sum())
+    diff = a.mu - reference.mu
+    return float(diff @ diff + np.trace(a.sigma) + np.trace(reference.sigma) - 2.0 * trace_sqrt)

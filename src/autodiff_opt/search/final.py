@@ -63,8 +63,27 @@ def final_candidates(study: optuna.Study, exp: "Experiment") -> dict[str, Genome
             genome = genome_of(t)
             if genome is not None and genome not in candidates.values():
                 candidates[f"searched_pareto_{t.values[1]:.2f}"] = genome
-    candidates.update(exp.baselines)
+    candidates.update(exp.all_baselines())
     return candidates
+
+
+def kind_of(name: str, exp: "Experiment") -> str:
+    """searched, heuristic (the built-in schedules), user (search.schedules) or peer (another method's)."""
+    if name.startswith("searched"):
+        return "searched"
+    if name in exp.peers and name not in exp.baselines:
+        return "peer"
+    return "user" if name.startswith("user") else "heuristic"
+
+
+def add_ratios(table: pd.DataFrame) -> pd.DataFrame:
+    """FID ratios to the best baseline of all, to the best heuristic and to the best peer (fresh seeds)."""
+    baseline = table.kind != "searched"
+    for column, mask in (("ratio_to_best_baseline", baseline), ("ratio_to_best_heuristic", table.kind == "heuristic"),
+                         ("ratio_to_best_peer", table.kind == "peer")):
+        best = table.loc[mask, "fid_final"].min() if mask.any() else float("nan")
+        table[column] = table["fid_final"] / best
+    return table
 
 
 def _fresh_fids(exp: "Experiment", genome: Genome, sample_sets: list[SampleSet], name: str) -> tuple[list[float], float]:
@@ -102,7 +121,7 @@ def final_evaluation(study: optuna.Study, exp: "Experiment") -> pd.DataFrame:
         log.info("final evaluation of %s %s on %d x %d fresh samples", name, list(genome.timesteps), repeats, num_samples)
         fids, seconds = _fresh_fids(exp, genome, sample_sets, name)
         rows.append({
-            "schedule": name, "kind": "searched" if name.startswith("searched") else "baseline",
+            "schedule": name, "kind": kind_of(name, exp),
             "timesteps": list(genome.timesteps), "skipped_layers": sum(len(s) for s in genome.skips),
             "nfe": genome.num_steps, "fid_search": search_fid.get(genome.key()),
             "cost_full_steps": round(exp.stage2.budget.in_full_steps(genome), 3) if exp.stage2 else genome.num_steps,
@@ -110,7 +129,6 @@ def final_evaluation(study: optuna.Study, exp: "Experiment") -> pd.DataFrame:
             "seconds": round(seconds, 3),
         })
     table = pd.DataFrame(rows)
-    best_baseline = table.loc[table.kind == "baseline", "fid_final"].min() if (table.kind == "baseline").any() else float("nan")
-    table["ratio_to_best_baseline"] = table["fid_final"] / best_baseline
+    table = add_ratios(table)
     study.set_user_attr(FINAL_ATTR, {"setting": setting, "rows": table.to_dict(orient="records")})
     return table

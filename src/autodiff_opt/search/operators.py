@@ -53,3 +53,12 @@ def crossover(a: Genome, b: Genome, num_train_timesteps: int, rng: np.random.Gen
             steps.append(_unused_step(set(steps), num_train_timesteps, rng))
             masks.append(sorted(first.skips[i]))
     return Genome.from_steps(steps, masks)
+
+
+def perturb(genome: Genome, scale: float, num_train_timesteps: int, rng: np.random.Generator) -> Genome:
+    """Local mutation: every step moves by a Gaussian of std `scale` x T, then colliding steps are pushed apart."""
+    from autodiff_opt.solvers.schedules import make_distinct
+
+    moved = [int(round(t + rng.normal(0.0, scale * num_train_timesteps))) for t in genome.timesteps]
+    steps = make_distinct(moved, num_train_timesteps)
+    return Genome.from_steps(steps, [sorted(s) for s in genome.skips])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +21,14 @@ from autodiff_opt.metrics.reference import check_reference, reference_statistics
 from autodiff_opt.models.base import DiffusionModel
 from autodiff_opt.search.final import final_evaluation
 from autodiff_opt.search.genome import Genome, GenomeError, validate_timesteps
+from autodiff_opt.search import coding
+from autodiff_opt.search.fidelity import PEER_COST_ATTR, ImageStepBudget, make_pruner, rung_sizes
 from autodiff_opt.search.objective import Objective
 from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig
+from autodiff_opt.search.samplers import SearchSetup, builtin_sampler, resolve
 from autodiff_opt.search.space import SearchSpace, best_fid_trial, fid_of, genome_params
 from autodiff_opt.search.concurrency import SearchBudget, StudyLockedSampler, study_lock
-from autodiff_opt.search.study import open_study
+from autodiff_opt.search.study import _redact, open_study
 from autodiff_opt.solvers import heuristic_schedule
 from autodiff_opt.utils import pick_device
 
@@ -53,6 +57,8 @@ class Experiment:
     generator: ImageGenerator
     samples: SampleSet
     baselines: dict[str, Genome] = field(default_factory=dict)
+    setup: SearchSetup | None = None
+    peers: dict[str, Genome] = field(default_factory=dict)  # peer methods' schedules (filled once the study is open)
     stage2: Any = None  # Stage2Policy when search.stage2.enabled
     layer_costs: Any = None  # arch.LayerCosts when search.stage2.enabled
 
@@ -60,11 +66,23 @@ class Experiment:
     def multi_objective(self) -> bool:
         return self.stage2 is not None and bool(self.cfg.search.stage2.multi_objective)
 
+    @property
+    def search_setup(self) -> SearchSetup:
+        return self.setup if self.setup is not None else resolve(self.cfg.search)
+
+    def all_baselines(self) -> dict[str, Genome]:
+        """Heuristic and user schedules, then the peers' (what the search is compared against)."""
+        return {**self.baselines, **{k: v for k, v in self.peers.items() if v not in self.baselines.values()}}
+
+    def params_of(self, genome: Genome) -> dict[str, Any]:
+        """The trial params a sampler asks for this genome (to enqueue it)."""
+        if self.search_setup.evolutionary:
+            return genome_params(genome, self.space)
+        return coding.params_of(genome, self.space.num_train_timesteps)
+
 
 def evolution_config(search: DictConfig) -> EvolutionConfig:
-    keys = ("population", "num_parents", "num_mutants", "mutation_prob", "num_crossovers",
-            "init_random", "init_mutation_prob", "max_attempts")
-    return EvolutionConfig(**{k: search[k] for k in keys})
+    return resolve(search).evolution
 
 
 def baseline_genomes(cfg: DictConfig, alphas_cumprod: Any, T: int) -> dict[str, Genome]:
@@ -135,7 +153,8 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     generator = ImageGenerator(model, cfg.solver.name, cfg.solver.clip_x0, cfg.search.batch_size, cfg.precision,
                                step_wrapper=step_wrapper_for(model))
     samples = SampleSet.draw(cfg.search.num_samples, model.sample_shape, model.num_classes, cfg.search.seed)
-    exp = Experiment(cfg, model, scorer, reference, SearchSpace(cfg.search.num_steps, T), generator, samples, baselines)
+    exp = Experiment(cfg, model, scorer, reference, SearchSpace(cfg.search.num_steps, T), generator, samples, baselines,
+                     setup=resolve(cfg.search))
     if cfg.search.stage2.enabled:
         attach_stage2(exp)
     return exp
@@ -167,23 +186,53 @@ def attach_stage2(exp: Experiment) -> None:
 
 
 def study_signature(cfg: DictConfig, space: SearchSpace) -> dict[str, Any]:
-    """What must match for a study to be resumed: a study never mixes search spaces."""
+    """What must match for a study to be resumed: a study never mixes search spaces or objectives."""
+    s2 = cfg.search.stage2
     return {
         "num_steps": space.num_steps, "num_train_timesteps": space.num_train_timesteps,
         "model": cfg.model.pretrained, "checkpoint": cfg.model.checkpoint, "solver": cfg.solver.name,
         "clip_x0": cfg.solver.clip_x0, "feature_extractor": cfg.metric.feature_extractor,
-        "feature_layer": cfg.metric.feature_layer, "reference": cfg.dataset.reference,
-        "num_samples": cfg.search.num_samples, "seed": cfg.search.seed, "population": cfg.search.population,
-        "stage2": cfg.search.stage2.enabled, "multi_objective": bool(cfg.search.stage2.multi_objective),
+        "feature_layer": cfg.metric.feature_layer, "weights_path": cfg.metric.weights_path,
+        "reference": cfg.dataset.reference, "max_images": cfg.dataset.max_images,
+        "guidance_scale": cfg.model.guidance_scale, "classifier": cfg.model.classifier,
+        "classifier_scale": cfg.model.classifier_scale, "prompts": cfg.model.prompts,
+        "num_samples": cfg.search.num_samples, "seed": cfg.search.seed, **resolve(cfg.search).signature(),
+        "stage2": s2.enabled, "multi_objective": bool(s2.multi_objective),
+        "stage2_budget": [s2.budget_flops, s2.budget_layers, s2.max_extra_steps, s2.max_prun] if s2.enabled else None,
     }
 
 
+PEERS_ATTR = "autodiff:peers"
+
+
+def compute_peers(study: optuna.Study, exp: Experiment) -> dict[str, Genome]:
+    """The peer schedules, computed once per study and kept in it (their cost counts in the budget)."""
+    from autodiff_opt.search.peers import ays_schedule, trajectory_dp
+
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    if PEERS_ATTR in attrs:
+        return {name: Genome.from_json(g) for name, g in attrs[PEERS_ATTR].items()}
+    cfg, out, cost = exp.cfg, {}, 0
+    if "gits_dp" in cfg.search.peers:
+        peer = trajectory_dp(exp.generator, exp.space.num_steps, cfg.search.peer_samples, cfg.search.peer_grid,
+                             seed=cfg.search.seed + 1, clip_x0=cfg.solver.clip_x0)
+        out[peer.name], cost = peer.genome, cost + peer.image_steps
+    if "ays" in cfg.search.peers:
+        if cfg.model.prompts is not None:  # AYS publishes schedules for Stable Diffusion, not for other models
+            out["ays"] = ays_schedule(exp.space.num_steps, exp.model.alphas_cumprod)
+        else:
+            log.info("peer ays: published for Stable Diffusion only; not used for %s", cfg.model.name)
+    study._storage.set_study_system_attr(study._study_id, PEERS_ATTR, {k: g.to_json() for k, g in out.items()})
+    study._storage.set_study_system_attr(study._study_id, PEER_COST_ATTR, cost)
+    return out
+
+
 def seed_study(study: optuna.Study, exp: Experiment) -> None:
-    """Enqueue the heuristic schedules once, as the first candidates of generation 0."""
+    """Enqueue the heuristic, user and peer schedules once, as the first candidates of generation 0."""
     if study._storage.get_study_system_attrs(study._study_id).get(SEEDED_ATTR):
         return
-    for name, genome in exp.baselines.items():
-        study.enqueue_trial(genome_params(genome, exp.space), user_attrs={"baseline": name}, skip_if_exists=True)
+    for name, genome in exp.all_baselines().items():
+        study.enqueue_trial(exp.params_of(genome), user_attrs={"baseline": name}, skip_if_exists=True)
     study._storage.set_study_system_attr(study._study_id, SEEDED_ATTR, True)
 
 
@@ -228,15 +277,25 @@ def _finished(study: optuna.Study) -> int:
 class _Progress:
     """A tqdm bar over candidates, and a guard that stops a study whose candidates all fail."""
 
-    def __init__(self, budget: SearchBudget, done: int, max_failures: int, enabled: bool) -> None:
-        self.bar = tqdm(total=budget.total, initial=done, desc="candidates", unit="cand", disable=not enabled)
+    def __init__(self, budget: SearchBudget | ImageStepBudget, done: float, max_failures: int, enabled: bool) -> None:
+        total = budget.candidates if isinstance(budget, ImageStepBudget) else budget.total
+        self.bar = tqdm(total=round(total, 1), initial=round(done, 1), desc="candidates", unit="cand",
+                        disable=not enabled, mininterval=5.0 if not sys.stderr.isatty() else 0.1)
         self.budget, self.max_failures, self.failures = budget, max_failures, 0
+        self.best = float("inf")
+
+    def _advance(self, trial: optuna.trial.FrozenTrial) -> None:
+        if isinstance(self.budget, ImageStepBudget):  # pruned candidates count the part they cost
+            self.bar.update(round(trial.user_attrs.get("image_steps", 0) / self.budget.unit, 3))
+        elif trial.state == TrialState.COMPLETE:
+            self.bar.update(1)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self._advance(trial)
         if trial.state == TrialState.COMPLETE:
             self.failures = 0
-            self.bar.update(1)
-            self.bar.set_postfix(best=f"{fid_of(best_fid_trial(study)):.3f}", gen=trial.system_attrs.get("autodiff:generation"))
+            self.best = min(self.best, fid_of(trial) if fid_of(trial) is not None else self.best)
+            self.bar.set_postfix(best=f"{self.best:.3f}", gen=trial.system_attrs.get("autodiff:generation"), refresh=False)
         elif trial.state == TrialState.FAIL:
             self.failures += 1
             if self.failures >= self.max_failures:
@@ -249,20 +308,58 @@ class _Progress:
             study.stop()
 
 
+def make_objective(exp: Experiment) -> Objective:
+    setup, T, K = exp.search_setup, exp.space.num_train_timesteps, exp.space.num_steps
+    cost_fn = exp.layer_costs.genome_flops if exp.layer_costs is not None else None
+    rungs = rung_sizes(len(exp.samples), setup.rung_fractions) if setup.prune and not exp.multi_objective else []
+    genome_fn = None if setup.evolutionary else (lambda trial: coding.suggest(trial, K, T))
+    return Objective(exp.generator, exp.scorer, exp.reference, exp.samples, exp.space, cost_fn=cost_fn,
+                     cost_objective=exp.stage2.budget.in_full_steps if exp.multi_objective else None,
+                     rungs=rungs, genome_fn=genome_fn)
+
+
+def make_sampler(exp: Experiment, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    """The configured sampler (seeded by search.seed unless given); it decides under the study lock."""
+    from autodiff_opt.search.surrogate_sampler import SurrogateConfig, SurrogateEvolutionSampler
+
+    setup = exp.search_setup
+    seed = exp.cfg.search.seed if seed is None else seed
+    anchor = exp.baselines.get("ddim_uniform")
+    if setup.sampler == "autodiffusion_paper":
+        inner: optuna.samplers.BaseSampler = AutoDiffusionSampler(exp.space, setup.evolution, anchor=anchor,
+                                                                  seed=seed, stage2=exp.stage2)
+    elif setup.sampler == "autodiffusion":
+        inner = SurrogateEvolutionSampler(exp.space, setup.evolution, anchor=anchor, seed=seed,
+                                          stage2=exp.stage2, surrogate=SurrogateConfig(pool_size=setup.pool_size))
+    else:
+        inner = builtin_sampler(setup.sampler, seed)
+    return StudyLockedSampler(inner)
+
+
+def _stop_rule(study: optuna.Study, exp: Experiment) -> SearchBudget | ImageStepBudget:
+    setup, cfg = exp.search_setup, exp.cfg
+    if setup.sampler == "autodiffusion_paper":  # whole generations, waiting for other workers' last trials
+        return SearchBudget(setup.evolution.population, setup.generations, poll=max(1, cfg.storage.heartbeat_interval or 1))
+    unit = len(exp.samples) * exp.space.num_steps
+    return ImageStepBudget(int(round(setup.budget * unit)), unit)
+
+
 def run_search(study: optuna.Study, exp: Experiment) -> None:
     cfg = exp.cfg
-    total = cfg.search.population * cfg.search.generations
-    done = _finished(study)
+    budget = _stop_rule(study, exp)
+    if isinstance(budget, ImageStepBudget):
+        done, total = budget.spent(study), budget.candidates
+    else:
+        done, total = _finished(study), budget.total
     if done >= total:
-        log.info("study %s already has %d/%d candidates: search done", study.study_name, done, total)
+        log.info("study %s already spent %.0f of %.0f candidate-equivalents: search done", study.study_name, done, total)
         return
-    budget = SearchBudget(cfg.search.population, cfg.search.generations, poll=max(1, cfg.storage.heartbeat_interval or 1))
     progress = _Progress(budget, done, cfg.search.max_consecutive_failures, cfg.progress)
+    if _finished(study):
+        progress.best = fid_of(best_fid_trial(study)) or float("inf")
     if cfg.progress:  # the bar says it all; Optuna's per-trial lines stay in DEBUG
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-    cost_fn = exp.layer_costs.genome_flops if exp.layer_costs is not None else None
-    objective = Objective(exp.generator, exp.scorer, exp.reference, exp.samples, exp.space, cost_fn=cost_fn,
-                          cost_objective=exp.stage2.budget.in_full_steps if exp.multi_objective else None)
+    objective = make_objective(exp)
     if budget.should_stop(study):  # every slot taken (other workers finish them): start no new generation
         progress.bar.close()
         return
@@ -281,14 +378,15 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     check_inputs(cfg)
     storage = run_all(cfg)  # search sizes, device, model folder; the storage is opened (checked) before any model
     exp = build_experiment(cfg)
-    sampler = StudyLockedSampler(AutoDiffusionSampler(  # one worker at a time decides slots and genomes
-        exp.space, evolution_config(cfg.search), anchor=exp.baselines.get("ddim_uniform"),
-        seed=cfg.search.seed, stage2=exp.stage2))
-    study = open_study(storage, cfg.storage.study_name, study_signature(cfg, exp.space), sampler,
-                       num_objectives=2 if exp.multi_objective else 1)
-    log.info("study %s in %s: %d trials so far", study.study_name, cfg.storage.url, len(study.trials))
+    study = open_study(storage, cfg.storage.study_name, study_signature(cfg, exp.space), make_sampler(exp),
+                       num_objectives=2 if exp.multi_objective else 1,
+                       pruner=make_pruner(exp.search_setup.prune and not exp.multi_objective,
+                                          exp.search_setup.evolution.num_parents))
+    log.info("study %s in %s: %d trials so far (sampler %s)", study.study_name, _redact(str(cfg.storage.url)),
+             len(study.trials), exp.search_setup.sampler)
     recover_stale_trials(study, cfg)
-    with study_lock(study):  # workers starting together enqueue the baselines once
+    with study_lock(study):  # workers starting together compute the peers and enqueue the baselines once
+        exp.peers = compute_peers(study, exp)
         seed_study(study, exp)
     t0 = time.perf_counter()
     run_search(study, exp)

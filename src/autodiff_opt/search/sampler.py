@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -79,9 +80,17 @@ def generation_of(trial: FrozenTrial) -> int | None:
     return trial.system_attrs.get(GENERATION_ATTR)
 
 
+@lru_cache(maxsize=65536)
+def _parsed(key: str) -> Genome:
+    return Genome.from_json(key)
+
+
 def genome_of(trial: FrozenTrial) -> Genome | None:
+    """The trial's genome: its one home is the system attribute the sampler (or objective) wrote."""
     stored = trial.system_attrs.get(GENOME_ATTR)
-    return Genome.from_json(stored) if stored is not None else None
+    if stored is None:
+        return None
+    return _parsed(stored) if isinstance(stored, str) else Genome.from_json(stored)
 
 
 class AutoDiffusionSampler(BaseSampler):

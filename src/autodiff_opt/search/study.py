@@ -73,11 +73,11 @@ def _redact(url: str) -> str:
 
 def open_study(
     storage: BaseStorage, study_name: str, signature: dict[str, Any], sampler: optuna.samplers.BaseSampler,
-    num_objectives: int = 1,
+    num_objectives: int = 1, pruner: optuna.pruners.BasePruner | None = None,
 ) -> optuna.Study:
     """Create the study or resume it; refuse one whose search space (K, T, model, metric, ...) differs."""
     try:
-        study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
+        study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler, pruner=pruner,
                                     directions=["minimize"] * num_objectives, load_if_exists=True)
     except ValueError as err:  # an existing study with other directions
         raise StudyError(f"study {study_name!r}: {err}; use another storage.study_name") from err

@@ -1,0 +1,235 @@
+"""Search efficiency, measured: every `search.sampler` and the trajectory-DP peer on one objective.
+
+Each sampler runs on the same Experiment as `python -m autodiff_opt` builds it (same model, search
+samples, baselines and peer schedule enqueued first, same objective; pruning where the sampler's
+setting has it) for a budget in candidate-equivalents of image-steps (pruned candidates count what they
+cost, the peer's teacher counts too). At each checkpoint the best-so-far schedule (by search FID) is
+re-scored on the same fresh sample sets; the table gives the mean and std over sampler seeds of that
+fresh FID and of its ratio to the best heuristic's fresh FID.
+
+    python experiments/bench_search.py [--samplers autodiffusion,tpe,...] [--seeds 0,1,2]
+        [--checkpoints 50,100,200] [--long-seeds 0 --long-checkpoint 500] [--jobs 2] [-- OVERRIDES...]
+
+Writes <out>/runs.json, <out>/table.md and <out>/fid_vs_image_steps.html and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+import yaml
+from pathlib import Path
+from typing import Any
+
+SAMPLERS = ["autodiffusion", "autodiffusion_paper", "tpe", "cmaes", "gp", "random"]
+_EXP: Any = None
+
+
+def _compose(overrides: list[str], out: Path) -> Any:
+    from hydra import compose, initialize_config_dir
+
+    from autodiff_opt.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=[*overrides, f"output_dir={out}", "progress=false"])
+
+
+def _init(overrides: list[str], out: str, threads: int) -> None:
+    """Per worker process: one Experiment (model, reference, search samples) for all its runs."""
+    global _EXP
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+    from autodiff_opt.search.runner import build_experiment
+
+    _EXP = build_experiment(_compose(overrides, Path(out)))
+
+
+def _run(job: tuple[str, int, float, dict[str, Any]]) -> dict[str, Any]:
+    """One sampler, one seed: the best-so-far (image-steps spent, genome, search FID) after every trial."""
+    import optuna
+    from omegaconf import OmegaConf
+
+    from autodiff_opt.search import runner
+    from autodiff_opt.search.fidelity import PEER_COST_ATTR, ImageStepBudget, make_pruner
+    from autodiff_opt.search.sampler import genome_of
+    from autodiff_opt.search.samplers import resolve
+
+    name, seed, budget, peers = job
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    exp = _EXP
+    cfg = exp.cfg.copy()
+    base, *variants = name.split("+")  # e.g. tpe+prune (with our pruning), autodiffusion+prune=false
+    OmegaConf.update(cfg, "search.sampler", base)
+    for variant in variants:
+        key, _, value = variant.partition("=")
+        OmegaConf.update(cfg, f"search.{key}", yaml.safe_load(value) if value else True)
+    exp.cfg, exp.setup = cfg, resolve(cfg.search)
+    sampler = runner.make_sampler(exp, seed=1000 + seed)  # the sampler's seed varies; the search samples do not
+    study = optuna.create_study(sampler=sampler, pruner=make_pruner(exp.setup.prune, exp.setup.evolution.num_parents))
+    exp.peers = {k: runner.Genome.from_json(g) for k, g in peers["genomes"].items()}
+    study._storage.set_study_system_attr(study._study_id, runner.PEERS_ATTR, peers["genomes"])
+    study._storage.set_study_system_attr(study._study_id, PEER_COST_ATTR, peers["image_steps"])
+    runner.seed_study(study, exp)
+    unit = len(exp.samples) * exp.space.num_steps
+    stop = ImageStepBudget(int(budget * unit), unit)
+    trace: list[tuple[float, str, float]] = []
+    best = (float("inf"), "")
+
+    def record(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        nonlocal best
+        if trial.state == optuna.trial.TrialState.COMPLETE and trial.value is not None and trial.value < best[0]:
+            best = (float(trial.value), json.dumps(genome_of(trial).to_json()))
+        trace.append((stop.spent(study), best[1], best[0]))
+        if stop.should_stop(study):
+            study.stop()
+
+    t0 = time.perf_counter()
+    study.optimize(runner.make_objective(exp), callbacks=[record], catch=(Exception,), gc_after_trial=False)
+    states = [t.state.name for t in study.trials]
+    return {"sampler": name, "seed": seed, "trace": trace, "seconds": time.perf_counter() - t0,
+            "trials": len(states), "pruned": states.count("PRUNED"), "failed": states.count("FAIL")}
+
+
+def _fresh(job: tuple[str, int, int, int]) -> tuple[str, list[float]]:
+    """FID of one genome on each fresh sample set."""
+    from autodiff_opt.generate import SampleSet
+    from autodiff_opt.search.genome import Genome
+    from autodiff_opt.search.objective import evaluate
+
+    key, repeats, num_samples, seed = job
+    exp, genome = _EXP, Genome.from_json(json.loads(key))
+    sets = [SampleSet.draw(num_samples, exp.model.sample_shape, exp.model.num_classes, seed + 7919 * r) for r in range(repeats)]
+    return key, [evaluate(exp.generator, exp.scorer, exp.reference, s, genome)["fid"] for s in sets]
+
+
+def _peers(overrides: list[str], out: Path) -> dict[str, Any]:
+    """The peer schedules (computed once, shared by every run) and what they cost."""
+    from autodiff_opt.search.peers import trajectory_dp
+
+    exp = _EXP
+    peer = trajectory_dp(exp.generator, exp.space.num_steps, exp.cfg.search.peer_samples, exp.cfg.search.peer_grid,
+                         seed=exp.cfg.search.seed + 1, clip_x0=exp.cfg.solver.clip_x0)
+    return {"genomes": {peer.name: peer.genome.to_json()}, "image_steps": peer.image_steps, "seconds": peer.seconds}
+
+
+def _best_at(trace: list[tuple[float, str, float]], checkpoint: float) -> str | None:
+    within = [key for spent, key, _ in trace if spent <= checkpoint + 1e-9 and key]
+    return within[-1] if within else None
+
+
+def _table(runs: list[dict[str, Any]], fresh: dict[str, list[float]], checkpoints: list[float],
+           heuristic_best: float, peer: dict[str, Any], unit: int) -> tuple[str, list[dict[str, Any]]]:
+    rows, lines = [], []
+    header = "| sampler | " + " | ".join(f"{c:g} cand." for c in checkpoints) + " |"
+    lines += [header, "|---|" + "---|" * len(checkpoints)]
+    for name in dict.fromkeys(r["sampler"] for r in runs):
+        cells = []
+        for c in checkpoints:
+            fids = [statistics.mean(fresh[k]) for r in runs if r["sampler"] == name
+                    and r["trace"] and r["trace"][-1][0] >= c - 1e-6 and (k := _best_at(r["trace"], c))]
+            if not fids:
+                cells.append("")
+                continue
+            ratios = [f / heuristic_best for f in fids]
+            sd = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
+            cells.append(f"{statistics.mean(ratios):.3f} ± {sd:.3f} (n={len(ratios)})")
+            rows.append({"sampler": name, "checkpoint": c, "fid": statistics.mean(fids), "ratio": statistics.mean(ratios),
+                         "ratio_std": sd, "n": len(ratios)})
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    dp_cost = peer["image_steps"] / unit
+    dp_ratio = statistics.mean(fresh[json.dumps(peer["genomes"]["gits_dp"])]) / heuristic_best
+    lines.append(f"| gits_dp (peer, {dp_cost:.1f} cand.) | " + " | ".join(f"{dp_ratio:.3f}" for _ in checkpoints) + " |")
+    return "\n".join(lines), rows
+
+
+def _figure(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name in dict.fromkeys(r["sampler"] for r in rows):
+        mine = [r for r in rows if r["sampler"] == name]
+        fig.add_trace(go.Scatter(x=[r["checkpoint"] for r in mine], y=[r["ratio"] for r in mine], name=name,
+                                 error_y={"array": [r["ratio_std"] for r in mine]}, mode="lines+markers"))
+    fig.update_layout(title=title, xaxis={"title": "image-steps spent (candidate-equivalents)", "type": "log"},
+                      yaxis={"title": "fresh-seed FID / best heuristic's"})
+    fig.write_html(path, include_plotlyjs="cdn")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samplers", default=",".join(SAMPLERS))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--checkpoints", default="50,100,200")
+    parser.add_argument("--long-seeds", default="0", help="seeds also run to --long-checkpoint")
+    parser.add_argument("--long-checkpoint", type=float, default=500)
+    parser.add_argument("--long-samplers", default=None, help="samplers run to --long-checkpoint (default: all)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--final-samples", type=int, default=2000)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="outputs/bench_search")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the experiment (after --)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    samplers, seeds = args.samplers.split(","), [int(s) for s in args.seeds.split(",")]
+    checkpoints = [float(c) for c in args.checkpoints.split(",")]
+    long_seeds = [int(s) for s in args.long_seeds.split(",")] if args.long_seeds else []
+    long_samplers = args.long_samplers.split(",") if args.long_samplers else samplers
+    jobs: list[tuple[str, int, float]] = []
+    for name in samplers:
+        for seed in seeds:
+            long = seed in long_seeds and name in long_samplers and args.long_checkpoint > max(checkpoints)
+            jobs.append((name, seed, args.long_checkpoint if long else max(checkpoints)))
+    if long_seeds and args.long_checkpoint > max(checkpoints):
+        checkpoints.append(args.long_checkpoint)
+    jobs.sort(key=lambda j: -j[2])  # long runs first: the pool stays busy
+    init = (args.overrides, str(out), args.threads)
+    _init(*init)
+    peer = _peers(args.overrides, out)
+    unit = len(_EXP.samples) * _EXP.space.num_steps
+    print(f"peer gits_dp {peer['genomes']['gits_dp']['timesteps']}: {peer['image_steps'] / unit:.1f} candidate-equivalents,"
+          f" {peer['seconds']:.1f}s", flush=True)
+    t0 = time.perf_counter()
+    ctx = mp.get_context("fork")
+    with ctx.Pool(args.jobs, initializer=_init, initargs=init) as pool:
+        runs = []
+        for run in pool.imap_unordered(_run, [(*j, peer) for j in jobs]):
+            runs.append(run)
+            print(f"{run['sampler']} seed {run['seed']}: {run['trials']} trials ({run['pruned']} pruned,"
+                  f" {run['failed']} failed), {run['trace'][-1][0]:.0f} cand., best search FID {run['trace'][-1][2]:.3f},"
+                  f" {run['seconds']:.0f}s", flush=True)
+        keys = {k for r in runs for c in checkpoints if (k := _best_at(r["trace"], c))}
+        keys |= {json.dumps(peer["genomes"]["gits_dp"])}
+        from autodiff_opt.search.genome import Genome
+        from autodiff_opt.solvers import heuristic_schedule
+
+        heuristics = {name: json.dumps(Genome(tuple(heuristic_schedule(name, _EXP.space.num_steps, _EXP.model.alphas_cumprod))).to_json())
+                      for name in _EXP.cfg.search.baselines}
+        keys |= set(heuristics.values())
+        fresh_seed = int(_EXP.cfg.final.seed)
+        fresh = dict(pool.imap_unordered(_fresh, [(k, args.repeats, args.final_samples, fresh_seed) for k in sorted(keys)]))
+    heuristic_fid = {name: statistics.mean(fresh[k]) for name, k in heuristics.items()}
+    best_name = min(heuristic_fid, key=heuristic_fid.get)
+    title = f"{' '.join(args.overrides) or 'default experiment'}: fresh FID / {best_name}'s ({heuristic_fid[best_name]:.3f})"
+    table, rows = _table(runs, fresh, checkpoints, heuristic_fid[best_name], peer, unit)
+    print(f"\n{title}\nmean ± std over seeds of the best-so-far schedule's fresh-seed FID ratio"
+          f" ({args.repeats} x {args.final_samples} fresh samples), {time.perf_counter() - t0:.0f}s\n{table}")
+    (out / "table.md").write_text(f"{title}\n\n{table}\n")
+    (out / "runs.json").write_text(json.dumps({"runs": runs, "fresh": fresh, "peer": peer, "heuristics": heuristic_fid,
+                                               "overrides": args.overrides}, indent=1))
+    _figure(rows, out / "fid_vs_image_steps.html", title)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""`search.sampler`: which sampler runs the study, its defaults, and how it sees a schedule.
+
+- ``autodiffusion`` (default): the two-stage evolution with surrogate-selected offspring and pruning
+  on sample prefixes (multi-fidelity); ``SurrogateEvolutionSampler``.
+- ``autodiffusion_paper``: the authors' evolution as published (population 50, ...); no pruning.
+- ``tpe``, ``cmaes``, ``gp``, ``random``: Optuna's own samplers on the stick-breaking fractions of
+  ``coding.py`` (stage 1 only: they have no notion of a per-step skip mask).
+
+A setting left null takes the sampler's default here, so the defaults live in one place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import optuna
+
+from autodiff_opt.search.sampler import EvolutionConfig
+
+EVOLUTIONARY = ("autodiffusion", "autodiffusion_paper")
+BUILTIN = ("tpe", "cmaes", "gp", "random")
+SAMPLERS = EVOLUTIONARY + BUILTIN
+
+PRESETS: dict[str, tuple[EvolutionConfig, int, bool]] = {  # evolution, generations, prune
+    "autodiffusion": (EvolutionConfig(population=10, num_parents=5, num_mutants=5, num_crossovers=3, init_random=5), 15, True),
+    "autodiffusion_paper": (EvolutionConfig(), 10, False),
+}
+EVOLUTION_KEYS = ("population", "num_parents", "num_mutants", "mutation_prob", "num_crossovers", "init_random",
+                  "init_mutation_prob", "max_attempts")
+
+
+class SamplerChoiceError(ValueError):
+    """search.sampler or one of its settings is wrong."""
+
+
+@dataclass(frozen=True)
+class SearchSetup:
+    """The search settings after defaults: built once from the config, read by the runner."""
+
+    sampler: str
+    evolution: EvolutionConfig
+    generations: int
+    budget: float  # in candidate-equivalents (image-steps of one full candidate)
+    prune: bool
+    rung_fractions: tuple[float, ...]
+    pool_size: int
+
+    @property
+    def evolutionary(self) -> bool:
+        return self.sampler in EVOLUTIONARY
+
+    def signature(self) -> dict[str, Any]:
+        return {"sampler": self.sampler, "population": self.evolution.population,
+                "prune": self.prune, "rungs": list(self.rung_fractions) if self.prune else []}
+
+
+def _get(search: Any, key: str, default: Any = None) -> Any:
+    value = search.get(key) if hasattr(search, "get") else getattr(search, key, None)
+    return default if value is None else value
+
+
+def resolve(search: Any) -> SearchSetup:
+    """search config (DictConfig, dict or dataclass) -> SearchSetup; raises SamplerChoiceError on bad values."""
+    name = str(_get(search, "sampler", "autodiffusion"))
+    if name not in SAMPLERS:
+        raise SamplerChoiceError(f"search.sampler={name!r} is unknown: use one of {', '.join(SAMPLERS)}")
+    preset, generations, prune = PRESETS.get(name, PRESETS["autodiffusion"])
+    prune = prune and name in EVOLUTIONARY  # Optuna's samplers run as shipped unless search.prune=true
+    given = {k: _get(search, k) for k in EVOLUTION_KEYS if _get(search, k) is not None}
+    try:
+        evolution = replace(preset, **given)
+    except ValueError as err:
+        raise SamplerChoiceError(f"{err}: lower them or raise search.population") from err
+    generations = int(_get(search, "generations", generations))
+    budget = _get(search, "budget")
+    if budget is not None and name == "autodiffusion_paper":
+        generations = max(1, math.ceil(float(budget) / evolution.population))
+    budget = float(budget) if budget is not None else float(evolution.population * generations)
+    if budget <= 0:
+        raise SamplerChoiceError(f"search.budget={budget}: must be positive (candidate-equivalents)")
+    prune = bool(_get(search, "prune", prune))
+    fractions = tuple(float(f) for f in _get(search, "rungs", (0.25, 0.5)))
+    if any(not 0.0 < f < 1.0 for f in fractions):
+        raise SamplerChoiceError(f"search.rungs={list(fractions)}: each is a fraction of search.num_samples in (0, 1)")
+    return SearchSetup(name, evolution, generations, budget, prune, fractions, int(_get(search, "pool_size", 256)))
+
+
+def builtin_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """Optuna's sampler as a user would set it up for a small continuous space."""
+    if name == "tpe":
+        return optuna.samplers.TPESampler(multivariate=True, seed=seed, constant_liar=True)
+    if name == "cmaes":
+        try:
+            import cmaes  # noqa: F401  (Optuna imports it lazily; fail here with the fix)
+        except ImportError as err:
+            raise SamplerChoiceError("search.sampler=cmaes needs the cmaes package: pip install cmaes") from err
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise SamplerChoiceError(f"{name!r} is not one of Optuna's built-in samplers here: {BUILTIN}")

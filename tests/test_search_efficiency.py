@@ -1,0 +1,323 @@
+"""search.sampler choices, the surrogate-selected evolution, multi-fidelity pruning, peers, fast FID."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from optuna.testing.pytest_samplers import BasicSamplerTestCase
+from optuna.trial import TrialState
+
+from autodiff_opt.metrics.fid import FIDStats, fast_fid, fid_from_stats
+from autodiff_opt.search import coding
+from autodiff_opt.search.fidelity import IMAGE_STEPS_ATTR, ParentsPruner, rung_sizes
+from autodiff_opt.search.final import add_ratios
+from autodiff_opt.search.genome import Genome
+from autodiff_opt.search.peers import ays_schedule, best_path
+from autodiff_opt.search.sampler import EvolutionConfig, genome_of
+from autodiff_opt.search.samplers import SAMPLERS, SamplerChoiceError, resolve
+from autodiff_opt.search.space import PARENTS_ATTR, SearchSpace
+from autodiff_opt.search.surrogate import GaussianProcess, embed
+from autodiff_opt.search.surrogate_sampler import SurrogateConfig, SurrogateEvolutionSampler
+from cli_helpers import cli_command, cli_env, compose_cfg, run_cli, tiny_overrides
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SPACE = SearchSpace(num_steps=4, num_train_timesteps=1000)
+SMALL = EvolutionConfig(population=6, num_parents=3, num_mutants=2, num_crossovers=1, init_random=2)
+
+
+# --- how built-in samplers see a schedule ------------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 12).flatmap(lambda k: st.sets(st.integers(0, 999), min_size=k, max_size=k)))
+def test_fractions_round_trip_every_schedule(steps: set[int]) -> None:
+    genome = Genome.from_steps(steps)
+    fractions = coding.encode(genome, 1000)
+    assert all(0.0 <= u <= 1.0 for u in fractions)
+    assert coding.decode(fractions, 1000) == genome
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=12), st.sampled_from([20, 1000]))
+def test_every_point_of_the_box_is_a_valid_schedule(fractions: list[float], T: int) -> None:
+    genome = coding.decode(fractions, T).validate(T)  # raises on duplicates, order or range
+    assert genome.num_steps == len(fractions)
+
+
+def test_fractions_reach_both_ends_of_the_axis() -> None:
+    assert coding.decode([1.0, 1.0, 1.0], 1000).timesteps == (999, 998, 997)
+    assert coding.decode([0.0, 0.5, 0.5], 1000).timesteps == (2, 1, 0)
+    assert coding.decode([0.75, 2 / 3, 0.5, 0.0], 1000).timesteps == (750, 500, 250, 0)
+
+
+# --- settings ------------------------------------------------------------------------------------
+def test_every_sampler_resolves_and_bad_choices_are_named() -> None:
+    for name in SAMPLERS:
+        setup = resolve({"sampler": name})
+        assert setup.budget == setup.evolution.population * setup.generations
+        assert setup.prune == (name == "autodiffusion")
+    assert resolve({"sampler": "autodiffusion_paper"}).evolution == EvolutionConfig()
+    assert resolve({"sampler": "autodiffusion_paper", "budget": 120}).generations == 3
+    assert resolve({"sampler": "tpe", "prune": True}).prune
+    with pytest.raises(SamplerChoiceError, match="search.sampler='nsga'.*autodiffusion"):
+        resolve({"sampler": "nsga"})
+    with pytest.raises(SamplerChoiceError, match="search.rungs"):
+        resolve({"rungs": [0.5, 1.0]})
+
+
+def test_rung_sizes() -> None:
+    assert rung_sizes(1000, [0.5, 0.25, 0.25]) == [250, 500]
+    assert rung_sizes(6, [0.1, 0.5]) == [3]  # a prefix of < 2 samples has no covariance: dropped
+
+
+# --- the surrogate -----------------------------------------------------------------------------
+def test_gp_interpolates_and_ranks_unseen_points_by_expected_improvement() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(40, 2))
+    f = lambda p: 1.0 + 10.0 * ((p - 0.3) ** 2).sum(axis=1)  # noqa: E731  (minimum 1.0 at (0.3, 0.3))
+    gp = GaussianProcess.fit(x, f(x))
+    mu, sd = gp.predict(x)
+    assert np.allclose(mu * gp.scale + gp.mean, np.log(f(x)), atol=0.05)
+    assert sd.max() < 0.2
+    near, far = np.array([[0.3, 0.31]]), np.array([[0.95, 0.95]])
+    assert gp.expected_improvement(near)[0] > gp.expected_improvement(far)[0]
+
+
+def test_embedding_pads_missing_steps_as_fully_skipped() -> None:
+    g = Genome((900, 500), (frozenset({1}), frozenset()))
+    v = embed(g, 1001, k_max=3, num_layers=4)
+    assert np.allclose(v, [0.9, 0.5, 0.0, 0.25, 0.0, 1.0])
+    assert np.allclose(embed(Genome((500, 0)), 1001, 2), [0.5, 0.0])
+
+
+# --- the new sampler passes Optuna's own sampler test suite --------------------------------------
+class TestSurrogateSamplerOptunaSuite(BasicSamplerTestCase):
+    @pytest.fixture
+    def sampler(self):  # type: ignore[no-untyped-def]
+        return lambda: SurrogateEvolutionSampler(SPACE, SMALL, seed=0, surrogate=SurrogateConfig(pool_size=32))
+
+
+TARGET = (900, 600, 300, 50)
+
+
+def _distance(trial: optuna.Trial) -> float:
+    from autodiff_opt.search.space import suggest_genome
+
+    genome = suggest_genome(trial, SPACE)
+    return 1.0 + float(sum(abs(a - b) for a, b in zip(genome.timesteps, TARGET)))
+
+
+def test_surrogate_evolution_beats_the_papers_evolution_at_equal_candidates() -> None:
+    from autodiff_opt.search.sampler import AutoDiffusionSampler
+
+    best = {}
+    for name, make in (("surrogate", lambda s: SurrogateEvolutionSampler(SPACE, SMALL, seed=s, surrogate=SurrogateConfig(64))),
+                       ("paper", lambda s: AutoDiffusionSampler(SPACE, SMALL, seed=s))):
+        values = []
+        for seed in range(3):
+            study = optuna.create_study(sampler=make(seed))
+            study.optimize(_distance, n_trials=48)
+            values.append(study.best_value)
+            keys = [genome_of(t).key() for t in study.trials]
+            assert len(keys) == len(set(keys)), "a genome was evaluated twice"
+        best[name] = float(np.mean(values))
+    assert best["surrogate"] < 0.5 * best["paper"], best
+
+
+def test_resumed_decisions_equal_uninterrupted_ones() -> None:
+    """The surrogate is a pure function of the stored trials: a new process decides the same."""
+    a = optuna.create_study(sampler=SurrogateEvolutionSampler(SPACE, SMALL, seed=3, surrogate=SurrogateConfig(32)))
+    a.optimize(_distance, n_trials=14)
+    b = optuna.create_study(sampler=SurrogateEvolutionSampler(SPACE, SMALL, seed=3, surrogate=SurrogateConfig(32)))
+    b.optimize(_distance, n_trials=8)
+    b.sampler = SurrogateEvolutionSampler(SPACE, SMALL, seed=3, surrogate=SurrogateConfig(32))  # "restarted"
+    b.optimize(_distance, n_trials=6)
+    assert [genome_of(t).key() for t in a.trials] == [genome_of(t).key() for t in b.trials]
+
+
+# --- pruning -------------------------------------------------------------------------------------
+def test_parents_pruner_stops_only_what_cannot_enter_the_parents() -> None:
+    study = optuna.create_study()
+    for v in (1.0, 2.0, 3.0, 4.0):
+        t = study.ask()
+        t.report(v, 100)
+        study.tell(t, v)
+    pruner = ParentsPruner(num_parents=3)
+    for value, baseline, expected in ((2.5, None, False), (3.0, None, False), (3.5, None, True), (9.0, "uniform", False)):
+        t = study.ask()
+        if baseline:
+            t.set_user_attr("baseline", baseline)
+        t.report(value, 100)
+        assert pruner.prune(study, study._storage.get_trial(t._trial_id)) is expected, value
+        study.tell(t, state=TrialState.FAIL)
+    assert not ParentsPruner(num_parents=5).prune(study, study.trials[0])  # too few rivals to judge
+
+
+@pytest.fixture(scope="module")
+def tiny_experiment(tiny_model_dir: Path, tiny_reference: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from autodiff_opt.search.runner import build_experiment
+
+    tmp = tmp_path_factory.mktemp("exp")
+    overrides = tiny_overrides(tiny_model_dir, tiny_reference, tmp / "unused.db",
+                               **{"search.sampler": "autodiffusion", "search.num_samples": 64, "search.batch_size": 64,
+                                  "search.rungs": "[0.25,0.5]", "search.peer_samples": 16, "search.peer_grid": 20})
+    return build_experiment(compose_cfg(overrides, tmp))
+
+
+def test_pruned_candidates_keep_their_prefix_fid_and_are_never_parents(tiny_experiment) -> None:  # type: ignore[no-untyped-def]
+    from autodiff_opt.search import runner
+    from autodiff_opt.search.fidelity import ImageStepBudget, make_pruner
+
+    exp = tiny_experiment
+    study = optuna.create_study(sampler=runner.make_sampler(exp), pruner=make_pruner(True, exp.search_setup.evolution.num_parents))
+    runner.seed_study(study, exp)
+    unit = len(exp.samples) * exp.space.num_steps
+    stop = ImageStepBudget(30 * unit, unit)
+    study.optimize(runner.make_objective(exp), callbacks=[lambda s, t: s.stop() if stop.should_stop(s) else None])
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert pruned, "nothing was pruned in 30 candidate-equivalents"
+    for t in pruned:
+        step = max(t.intermediate_values)
+        assert step in (16, 32) and t.value == pytest.approx(t.intermediate_values[step])
+        assert t.user_attrs[IMAGE_STEPS_ATTR] == step * 4
+        assert t.user_attrs.get("baseline") is None
+    parents = {p for t in study.trials for p in t.system_attrs.get(PARENTS_ATTR, [])}
+    assert parents, "no candidate had parents"
+    assert not parents & {t.number for t in pruned}, "a pruned candidate became a parent"
+    assert all(t.state == TrialState.COMPLETE for t in study.trials if t.user_attrs.get("baseline"))
+    assert 30 <= stop.spent(study) < 31
+
+
+# --- peers ---------------------------------------------------------------------------------------
+def test_best_path_is_the_exhaustive_optimum() -> None:
+    rng = np.random.default_rng(1)
+    G, K = 7, 3
+    err = rng.uniform(size=(G, G + 1))
+    start = rng.uniform(size=G)
+
+    def cost(path: tuple[int, ...]) -> float:
+        return start[path[0]] + sum(err[a, b] for a, b in zip(path, path[1:])) + err[path[-1], G]
+
+    brute = min(itertools.combinations(range(G), K), key=cost)
+    assert tuple(best_path(start, err, K)) == brute
+
+
+def test_trajectory_dp_peer_is_valid_and_reproducible(tiny_experiment) -> None:  # type: ignore[no-untyped-def]
+    from autodiff_opt.search.peers import trajectory_dp
+
+    exp = tiny_experiment
+    a = trajectory_dp(exp.generator, 4, num_samples=16, grid_size=20, seed=5)
+    b = trajectory_dp(exp.generator, 4, num_samples=16, grid_size=20, seed=5)
+    assert a.genome == b.genome and a.image_steps == 20 * 16
+    a.genome.validate(1000)
+    grid = {int(round(v)) for v in np.linspace(999, 0, 20)}
+    assert set(a.genome.timesteps) <= grid
+
+
+def test_ays_is_the_published_schedule_at_ten_steps_and_interpolates_otherwise() -> None:
+    from diffusers import DDPMScheduler
+
+    ab = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod.double()
+    assert ays_schedule(10, ab).timesteps == (999, 850, 736, 645, 545, 455, 343, 233, 124, 24)
+    five = ays_schedule(5, ab)
+    five.validate(1000)
+    assert five.timesteps[0] == 999 and five.timesteps[-1] == 24
+
+
+# --- fast FID -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dim,n", [(64, 1000), (256, 100)])  # (256, 100): singular sample covariance
+def test_fast_fid_equals_torch_fidelity(dim: int, n: int) -> None:
+    rng = np.random.default_rng(dim)
+    mix = rng.normal(size=(dim, dim)) / np.sqrt(dim)
+    f1, f2 = rng.normal(size=(n, dim)) @ mix, rng.normal(size=(2000, dim)) @ mix * 1.2 + 0.05
+    a = FIDStats(f1.mean(0), np.cov(f1, rowvar=False), n)
+    ref = FIDStats(f2.mean(0), np.cov(f2, rowvar=False), 2000)
+    expected = fid_from_stats(a, ref)
+    assert fast_fid(a, ref) == pytest.approx(expected, rel=1e-6)
+    assert fast_fid(a, ref) == pytest.approx(expected, rel=1e-6)  # with the cached square root
+    other = FIDStats(ref.mu, ref.sigma * 2.0, 2000)  # a new reference is not served from the cache
+    assert fast_fid(a, other) == pytest.approx(fid_from_stats(a, other), rel=1e-6)
+
+
+# --- final table ---------------------------------------------------------------------------------
+def test_final_ratios_name_the_best_heuristic_and_the_best_peer() -> None:
+    table = pd.DataFrame({"schedule": ["searched", "ddim_uniform", "trailing", "gits_dp", "user0"],
+                          "kind": ["searched", "heuristic", "heuristic", "peer", "user"],
+                          "fid_final": [1.0, 2.0, 4.0, 1.6, 1.25]})
+    out = add_ratios(table).set_index("schedule")
+    assert out.loc["searched", "ratio_to_best_heuristic"] == pytest.approx(0.5)
+    assert out.loc["searched", "ratio_to_best_peer"] == pytest.approx(1.0 / 1.6)
+    assert out.loc["searched", "ratio_to_best_baseline"] == pytest.approx(0.8)
+
+
+# --- every sampler through the CLI: SIGKILL, resume, refusal --------------------------------------
+def _load(db: Path) -> optuna.Study:
+    url = f"sqlite:///{db}"
+    return optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url)
+
+
+def _states(db: Path) -> dict[str, int]:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(db, timeout=30) as con:
+            rows = list(con.execute("select state, count(*) from trials group by state"))
+    except sqlite3.OperationalError:
+        return {}
+    return {state: n for state, n in rows}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_runs_resumes_after_sigkill_and_refuses_another(sampler: str, tiny_model_dir: Path,
+                                                                     tiny_reference: Path, tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    overrides = tiny_overrides(tiny_model_dir, tiny_reference, db, **{
+        "search.sampler": sampler, "search.num_samples": 240, "search.batch_size": 20, "search.budget": 10,
+        "search.peers": "[gits_dp]", "search.peer_samples": 16, "search.peer_grid": 20, "final.num_samples": 48,
+        "final.repeats": 1, "storage.study_name": "s"})
+    proc = subprocess.Popen(cli_command(overrides, tmp_path / "run1"), cwd=tmp_path, env=cli_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        states = _states(db)
+        if states.get("COMPLETE", 0) >= 4 and states.get("RUNNING", 0) == 1:
+            break
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = _load(db)
+    done_before = {t.number: genome_of(t).key() for t in killed.trials if t.state == TrialState.COMPLETE}
+    interrupted = [t.number for t in killed.trials if t.state == TrialState.RUNNING]
+    resumed = run_cli(overrides, tmp_path, tmp_path / "run2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    study = _load(db)
+    for number, key in done_before.items():
+        assert study.trials[number].state == TrialState.COMPLETE and genome_of(study.trials[number]).key() == key
+    assert interrupted and all(study.trials[n].state == TrialState.FAIL for n in interrupted)
+    if sampler.startswith("autodiffusion"):  # our samplers never evaluate a genome twice (built-ins may)
+        finished = [genome_of(t).key() for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        assert len(finished) == len(set(finished)), "a finished candidate was evaluated again"
+        retried = genome_of(study.trials[interrupted[0]])
+        assert retried is None or retried.key() in finished, "the interrupted candidate was not evaluated again"
+    assert {t.user_attrs.get("baseline") for t in study.trials} >= {"ddim_uniform", "trailing", "gits_dp"}
+    final = pd.read_csv(tmp_path / "run2" / "final.csv")
+    assert set(final.kind) == {"searched", "heuristic", "peer"}
+    spent = sum(t.user_attrs.get(IMAGE_STEPS_ATTR, 0) for t in study.trials if t.state != TrialState.RUNNING)
+    assert spent + 20 * 16 >= 10 * 240 * 4, "the search stopped before its budget"
+    other = "tpe" if sampler != "tpe" else "random"
+    refused = run_cli([o for o in overrides if not o.startswith("search.sampler=")] + [f"search.sampler={other}"],
+                      tmp_path, tmp_path / "run3", timeout=120)
+    assert refused.returncode == 2 and "sampler" in refused.stderr.strip().splitlines()[-1]
+    json.loads((tmp_path / "run2" / "best_schedule.json").read_text())
