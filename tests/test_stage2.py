@@ -14,6 +14,7 @@ from autodiff_opt.search.genome import Genome
 from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig, genome_of
 from autodiff_opt.search.space import GENERATION_ATTR, STAGE_ATTR, SearchSpace, suggest_genome
 from autodiff_opt.search.stage2 import STAGE2_START_ATTR, Stage2Policy
+from autodiff_opt.search.surrogate_sampler import SurrogateEvolutionSampler
 from cli_helpers import run_cli, tiny_overrides
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -30,18 +31,19 @@ def objective(trial: optuna.Trial) -> float:
     return 10.0 / g.num_steps + 0.01 * sum(len(s) for s in g.skips) + 0.001 * sum(g.timesteps) / 1000
 
 
-def make_sampler(start: int = 2, patience: int = 100) -> AutoDiffusionSampler:
+def make_sampler(start: int = 2, patience: int = 100, cls: type = AutoDiffusionSampler) -> AutoDiffusionSampler:
     policy = Stage2Policy(BUDGET, max_prun=0.4, ramp_steps=2, start_generation=start, patience=patience, max_steps=5)
-    return AutoDiffusionSampler(SPACE, EVO, anchor=Genome((750, 500, 250, 0)), seed=0, stage2=policy)
+    return cls(SPACE, EVO, anchor=Genome((750, 500, 250, 0)), seed=0, stage2=policy)
 
 
-def test_stage2_starts_ramps_respects_budget_and_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cls", [AutoDiffusionSampler, SurrogateEvolutionSampler])
+def test_stage2_starts_ramps_respects_budget_and_resumes(cls: type, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 's.db'}"
-    study = optuna.create_study(storage=url, sampler=make_sampler(), study_name="s2")
+    study = optuna.create_study(storage=url, sampler=make_sampler(cls=cls), study_name="s2")
     study.optimize(objective, n_trials=35)
     attrs = study._storage.get_study_system_attrs(study._study_id)
     assert attrs[STAGE2_START_ATTR] == 2
-    resumed = optuna.load_study(study_name="s2", storage=url, sampler=make_sampler(start=99))
+    resumed = optuna.load_study(study_name="s2", storage=url, sampler=make_sampler(start=99, cls=cls))
     resumed.optimize(objective, n_trials=25)  # the stored start wins over the new process's setting
     for t in resumed.trials:
         g, gen = genome_of(t), t.system_attrs[GENERATION_ATTR]

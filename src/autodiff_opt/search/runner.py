@@ -286,7 +286,8 @@ class _Progress:
 
     def _advance(self, trial: optuna.trial.FrozenTrial) -> None:
         if isinstance(self.budget, ImageStepBudget):  # pruned candidates count the part they cost
-            self.bar.update(round(trial.user_attrs.get("image_steps", 0) / self.budget.unit, 3))
+            step = trial.user_attrs.get("image_steps", 0) / self.budget.unit
+            self.bar.update(round(max(0.0, min(step, self.bar.total - self.bar.n)), 3))
         elif trial.state == TrialState.COMPLETE:
             self.bar.update(1)
 
@@ -352,7 +353,10 @@ def run_search(study: optuna.Study, exp: Experiment) -> None:
     else:
         done, total = _finished(study), budget.total
     if done >= total:
-        log.info("study %s already spent %.0f of %.0f candidate-equivalents: search done", study.study_name, done, total)
+        if isinstance(budget, ImageStepBudget):
+            log.info("study %s already spent %.1f of %.0f candidate-equivalents: search done", study.study_name, done, total)
+        else:
+            log.info("study %s already has %d/%d candidates: search done", study.study_name, done, total)
         return
     progress = _Progress(budget, done, cfg.search.max_consecutive_failures, cfg.progress)
     if _finished(study):
