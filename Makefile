@@ -8,7 +8,7 @@ STORAGE ?= sqlite:///autodiff_opt.db
 WORKERS ?= 2
 PORT   ?= 8080
 
-.PHONY: setup run test dashboard workers bench bench-skip bench-storage clean
+.PHONY: setup run test dashboard workers bench bench-search bench-skip bench-storage clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ workers: $(STAMP)
 ## Benchmarks print their figures (see README "Measured").
 bench: $(STAMP)
 	$(PY) experiments/bench_eval.py
+
+## Every search.sampler and the trajectory-DP peer at equal image-step budgets (docs/search.md); ARGS: Hydra overrides
+bench-search: $(STAMP)
+	$(PY) experiments/bench_search.py -- $(ARGS)
 
 bench-skip: $(STAMP)
 	$(PY) experiments/bench_skip.py --threads 1

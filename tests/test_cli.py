@@ -144,6 +144,9 @@ def test_bad_input_gives_one_line_error_and_exit_2(override: str, message: str, 
     ("search.schedules=[[500,20,5]]", "has 3 steps"),
     ("model.pretrained=/nonexistent/model", "no such file or directory"),
     ("dataset.reference=/nonexistent/ref.npz", "dataset.reference=/nonexistent/ref.npz is missing"),
+    ("search.sampler=nsga", "search.sampler='nsga' is unknown: use one of autodiffusion,"),
+    ("search.rungs=[0.5,1.0]", "each is a fraction of search.num_samples"),
+    ("search.peers=[gits]", "unknown: use gits_dp and/or ays"),
 ])
 def test_bad_input_is_refused_before_any_work(override: str, message: str, tiny_model_dir: Path,
                                               tiny_reference: Path, tmp_path: Path) -> None:

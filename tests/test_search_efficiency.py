@@ -75,6 +75,17 @@ def test_every_sampler_resolves_and_bad_choices_are_named() -> None:
         resolve({"rungs": [0.5, 1.0]})
 
 
+def test_stage2_with_a_builtin_sampler_is_refused_before_work() -> None:
+    from omegaconf import OmegaConf
+
+    from autodiff_opt import preflight
+    from autodiff_opt.search.runner import ConfigError
+
+    with pytest.raises(ConfigError, match="needs search.sampler=autodiffusion or autodiffusion_paper: gp searches"):
+        preflight.check_search(OmegaConf.create({"sampler": "gp", "stage2": {"enabled": True}, "peers": []}))
+    preflight.check_search(OmegaConf.create({"sampler": "autodiffusion", "stage2": {"enabled": True}, "peers": ["ays"]}))
+
+
 def test_rung_sizes() -> None:
     assert rung_sizes(1000, [0.5, 0.25, 0.25]) == [250, 500]
     assert rung_sizes(6, [0.1, 0.5]) == [3]  # a prefix of < 2 samples has no covariance: dropped
@@ -321,3 +332,43 @@ def test_every_sampler_runs_resumes_after_sigkill_and_refuses_another(sampler: s
                       tmp_path, tmp_path / "run3", timeout=120)
     assert refused.returncode == 2 and "sampler" in refused.stderr.strip().splitlines()[-1]
     json.loads((tmp_path / "run2" / "best_schedule.json").read_text())
+
+
+def test_sqlite_storage_commits_without_fsync_and_keeps_what_it_committed(tmp_path: Path) -> None:
+    import sqlite3
+
+    from autodiff_opt.search.study import make_storage
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(storage=make_storage(url), study_name="s")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    with sqlite3.connect(tmp_path / "s.db") as con:
+        assert con.execute("pragma journal_mode").fetchone()[0] == "wal"
+    again = optuna.load_study(study_name="s", storage=url)  # a new client (another process) sees every trial
+    assert [t.state for t in again.trials] == [TrialState.COMPLETE] * 3
+
+
+@pytest.mark.slow
+def test_the_default_experiment_end_to_end_and_its_snippet_runs(tmp_path: Path) -> None:
+    """What a user runs first: the embedded model and extractor, the default sampler, peers and report."""
+    db = tmp_path / "s.db"
+    overrides = ["search.budget=12", "search.num_samples=200", "search.batch_size=200", "final.num_samples=400",
+                 "final.repeats=2", "search.peer_samples=32", f"storage.url=sqlite:///{db}", "progress=false"]
+    proc = run_cli(overrides, tmp_path, tmp_path / "run", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = pd.read_csv(tmp_path / "run" / "final.csv").set_index("schedule")
+    assert final.loc["searched", "kind"] == "searched" and final.loc["gits_dp", "kind"] == "peer"
+    assert final.loc["ddim_uniform", "kind"] == "heuristic"
+    best_heuristic = final.loc[final.kind == "heuristic", "fid_final"].min()
+    assert final.loc["searched", "ratio_to_best_heuristic"] == pytest.approx(final.loc["searched", "fid_final"] / best_heuristic)
+    assert final.loc["searched", "fid_search"] <= final.loc["ddim_uniform", "fid_search"]  # it searched from there
+    study = _load(db)
+    assert study.user_attrs["autodiff:signature"]["sampler"] == "autodiffusion"
+    assert any(t.state == TrialState.PRUNED for t in study.trials)
+    best = json.loads((tmp_path / "run" / "best_schedule.json").read_text())
+    assert "builtin:" not in best["diffusers_snippet"]
+    scope: dict[str, object] = {}
+    exec(compile(best["diffusers_snippet"], "snippet", "exec"), scope)  # noqa: S102 - our own generated code
+    images = scope["images"]
+    assert images.shape == (16, 1, 8, 8) and images.dtype.is_floating_point is False
+    assert 20 < float(images.float().std()) < 128, "the snippet's samples are blank or noise"

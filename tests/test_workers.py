@@ -346,3 +346,26 @@ def test_launcher_stops_when_the_first_worker_refuses_the_input(tiny_reference: 
     roster = json.loads((tmp_path / "run" / "workers.json").read_text())
     assert [w["worker"] for w in roster] == [0]  # the others were never started
     assert not (tmp_path / "run" / "final.csv").exists()
+
+
+def test_two_cli_workers_share_the_default_sampler_and_its_budget(tiny_model_dir: Path, tiny_reference: Path,
+                                                                 tmp_path: Path) -> None:
+    """The surrogate sampler with pruning under the launcher: budget shared, no genome twice, one report."""
+    journal = tmp_path / "study.journal"
+    overrides = [o for o in tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "unused.db",
+                                           **{"search.sampler": "autodiffusion", "search.budget": 14,
+                                              "search.num_samples": 96, "search.batch_size": 32})
+                 if not o.startswith("storage.url=")]
+    run_dir = tmp_path / "run"
+    proc = _launcher(["--workers", "2", "--storage", f"journal:{journal}", "--", *overrides,
+                      f"hydra.run.dir={run_dir}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    storage = cw.open_storage(f"journal:{journal}", 0, 2)
+    study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    keys = [t.system_attrs["autodiff:genome"] for t in finished]
+    assert len(keys) == len(set(keys)), "two workers evaluated the same genome"
+    spent = sum(t.user_attrs["image_steps"] for t in finished) / (96 * 4)
+    assert 14 <= spent < 14 + 2, spent  # each worker stops at its next check: at most one candidate over each
+    assert {t.state for t in study.trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("final.csv")) == ["final.csv"]

@@ -14,7 +14,7 @@ from autodiff_opt.config import register_configs
 
 log = logging.getLogger("autodiff_opt")
 
-CONFIG_DIR = os.environ.get("AUTODIFF_OPT_CONF", str(Path(__file__).resolve().parents[2] / "conf"))
+CONFIG_DIR = os.environ.get("AUTODIFF_OPT_CONF", str(Path(__file__).resolve().parent / "conf"))  # shipped in the wheel
 
 register_configs()
 

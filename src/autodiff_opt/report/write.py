@@ -10,11 +10,13 @@ from typing import TYPE_CHECKING, Any
 import optuna
 import pandas as pd
 
+from autodiff_opt.models.loading import resolve_pretrained
 from autodiff_opt.report.export import diffusers_snippet, export_schedule, sd_snippet
 from autodiff_opt.report.figures import final_figure, history_figure, pareto_figure, schedules_figure
 from autodiff_opt.report.tables import generation_summary, trials_table
 from autodiff_opt.search.final import best_genome
 from autodiff_opt.search.space import best_fid_trial, fid_of
+from autodiff_opt.search.study import _redact
 
 if TYPE_CHECKING:
     from autodiff_opt.search.runner import Experiment
@@ -65,10 +67,10 @@ def write_report(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | N
         "model": str(exp.model.extras.get("source", cfg.model.pretrained)), "subfolder": cfg.model.subfolder,
         "solver": cfg.solver.name, "clip_x0": cfg.solver.clip_x0,
         "nfe": genome.num_steps, "fid_search": fid_of(best), "study": study.study_name,
-        "storage": cfg.storage.url, "trial": best.number,
+        "storage": _redact(str(cfg.storage.url)), "trial": best.number,
         "diffusers_snippet": (sd_snippet(genome, str(cfg.model.pretrained), cfg.solver.name, cfg.model.guidance_scale)
                               if cfg.model.prompts else
-                              diffusers_snippet(genome, str(exp.model.extras.get("source", cfg.model.pretrained)),
+                              diffusers_snippet(genome, resolve_pretrained(str(exp.model.extras.get("source", cfg.model.pretrained))),
                                                 cfg.solver.name, exp.model.sample_shape, exp.model.num_classes,
                                                 cfg.model.subfolder)),
     }

@@ -275,27 +275,42 @@ def _finished(study: optuna.Study) -> int:
 
 
 class _Progress:
-    """A tqdm bar over candidates, and a guard that stops a study whose candidates all fail."""
+    """Progress over candidates (a bar on a terminal, a log line per `every` candidates in a file), and a
+    guard that stops a study whose candidates all fail."""
 
-    def __init__(self, budget: SearchBudget | ImageStepBudget, done: float, max_failures: int, enabled: bool) -> None:
-        total = budget.candidates if isinstance(budget, ImageStepBudget) else budget.total
-        self.bar = tqdm(total=round(total, 1), initial=round(done, 1), desc="candidates", unit="cand",
-                        disable=not enabled, mininterval=5.0 if not sys.stderr.isatty() else 0.1)
+    def __init__(self, budget: SearchBudget | ImageStepBudget, done: float, max_failures: int, enabled: bool,
+                 every: int = 10) -> None:
+        self.total = budget.candidates if isinstance(budget, ImageStepBudget) else budget.total
+        self.tty = sys.stderr.isatty()
+        self.bar = tqdm(total=round(self.total, 1), initial=round(done, 1), desc="candidates", unit="cand",
+                        disable=not (enabled and self.tty))
+        self.log_lines = enabled and not self.tty
         self.budget, self.max_failures, self.failures = budget, max_failures, 0
-        self.best = float("inf")
+        self.best, self.done, self.every = float("inf"), done, every
+        self.next_line, self.t0, self.done0 = (done // every + 1) * every, time.perf_counter(), done
 
     def _advance(self, trial: optuna.trial.FrozenTrial) -> None:
         if isinstance(self.budget, ImageStepBudget):  # pruned candidates count the part they cost
             step = trial.user_attrs.get("image_steps", 0) / self.budget.unit
-            self.bar.update(round(max(0.0, min(step, self.bar.total - self.bar.n)), 3))
-        elif trial.state == TrialState.COMPLETE:
-            self.bar.update(1)
+        else:
+            step = 1.0 if trial.state == TrialState.COMPLETE else 0.0
+        step = max(0.0, min(step, self.total - self.done))
+        self.done += step
+        self.bar.update(round(step, 3))
+        if self.log_lines and self.done >= self.next_line:
+            self.next_line = (self.done // self.every + 1) * self.every
+            elapsed = time.perf_counter() - self.t0
+            rate = (self.done - self.done0) / elapsed if elapsed > 0 else 0.0
+            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+            log.info("search: %.1f/%.0f candidates, best FID %.4g, %.2f candidates/s, ETA %.0fs",
+                     self.done, self.total, self.best, rate, eta)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        self._advance(trial)
         if trial.state == TrialState.COMPLETE:
             self.failures = 0
             self.best = min(self.best, fid_of(trial) if fid_of(trial) is not None else self.best)
+        self._advance(trial)
+        if trial.state == TrialState.COMPLETE:
             self.bar.set_postfix(best=f"{self.best:.3f}", gen=trial.system_attrs.get("autodiff:generation"), refresh=False)
         elif trial.state == TrialState.FAIL:
             self.failures += 1
@@ -358,7 +373,8 @@ def run_search(study: optuna.Study, exp: Experiment) -> None:
         else:
             log.info("study %s already has %d/%d candidates: search done", study.study_name, done, total)
         return
-    progress = _Progress(budget, done, cfg.search.max_consecutive_failures, cfg.progress)
+    progress = _Progress(budget, done, cfg.search.max_consecutive_failures, cfg.progress,
+                         every=exp.search_setup.evolution.population)
     if _finished(study):
         progress.best = fid_of(best_fid_trial(study)) or float("inf")
     if cfg.progress:  # the bar says it all; Optuna's per-trial lines stay in DEBUG
