@@ -372,3 +372,20 @@ def test_the_default_experiment_end_to_end_and_its_snippet_runs(tmp_path: Path) 
     images = scope["images"]
     assert images.shape == (16, 1, 8, 8) and images.dtype.is_floating_point is False
     assert 20 < float(images.float().std()) < 128, "the snippet's samples are blank or noise"
+
+
+def test_study_signature_covers_every_objective_setting_and_allows_only_the_listed_ones(tmp_path: Path) -> None:
+    from autodiff_opt.search.runner import RESUME_MAY_CHANGE, study_signature
+
+    base = study_signature(compose_cfg([], tmp_path), SPACE)
+    for override in ("model.guidance_scale=3.0", "model.classifier_scale=2.0", "model.prompts=p.txt",
+                     "dataset.max_images=100", "metric.weights_path=w.pth", "search.sampler=tpe",
+                     "search.rungs=[0.5]", "precision=bf16", "search.population=12"):
+        changed = study_signature(compose_cfg([override], tmp_path), SPACE)
+        assert changed != base, f"{override} would silently continue a study"
+    for override in ("search.budget=400", "search.generations=30", "search.batch_size=100", "model.name=other",
+                     "search.stage2.max_prun=0.3"):  # stage-2 settings count only with stage 2 on
+        assert study_signature(compose_cfg([override], tmp_path), SPACE) == base, override
+    assert "search.budget" in RESUME_MAY_CHANGE
+    on = study_signature(compose_cfg(["search.stage2.enabled=true"], tmp_path), SPACE)
+    assert study_signature(compose_cfg(["search.stage2.enabled=true", "search.stage2.max_prun=0.3"], tmp_path), SPACE) != on

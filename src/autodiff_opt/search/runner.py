@@ -185,21 +185,40 @@ def attach_stage2(exp: Experiment) -> None:
              budget.full_steps, budget.unit, k_max)
 
 
+RESUME_MAY_CHANGE = (  # settings that do not change what a candidate's FID means
+    "model.name", "model.source_hint", "model.decode_batch_size", "dataset.name", "dataset.source_hint",
+    "metric.batch_size", "metric.allow_download", "search.batch_size", "search.generations", "search.budget",
+    "search.max_consecutive_failures", "search.baselines", "search.schedules", "search.peers",
+    "search.peer_samples", "search.peer_grid", "search.pool_size", "search.stage2.start_generation",
+    "search.stage2.patience",
+)
+SIGNATURE_TREES = ("model", "dataset", "solver", "metric", "search", "precision")
+
+
+def _flatten(node: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: node}
+
+
 def study_signature(cfg: DictConfig, space: SearchSpace) -> dict[str, Any]:
-    """What must match for a study to be resumed: a study never mixes search spaces or objectives."""
-    s2 = cfg.search.stage2
-    return {
-        "num_steps": space.num_steps, "num_train_timesteps": space.num_train_timesteps,
-        "model": cfg.model.pretrained, "checkpoint": cfg.model.checkpoint, "solver": cfg.solver.name,
-        "clip_x0": cfg.solver.clip_x0, "feature_extractor": cfg.metric.feature_extractor,
-        "feature_layer": cfg.metric.feature_layer, "weights_path": cfg.metric.weights_path,
-        "reference": cfg.dataset.reference, "max_images": cfg.dataset.max_images,
-        "guidance_scale": cfg.model.guidance_scale, "classifier": cfg.model.classifier,
-        "classifier_scale": cfg.model.classifier_scale, "prompts": cfg.model.prompts,
-        "num_samples": cfg.search.num_samples, "seed": cfg.search.seed, **resolve(cfg.search).signature(),
-        "stage2": s2.enabled, "multi_objective": bool(s2.multi_objective),
-        "stage2_budget": [s2.budget_flops, s2.budget_layers, s2.max_extra_steps, s2.max_prun] if s2.enabled else None,
-    }
+    """What must match for a study to be resumed: every setting of the config trees that define the
+    objective and the search (model, dataset, solver, metric, search, precision), after the sampler's
+    defaults are applied, except the short list RESUME_MAY_CHANGE. A new setting is covered by default."""
+    trees = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k]
+             for k in SIGNATURE_TREES}
+    flat = {k: v for k, v in _flatten(trees, "").items() if k not in RESUME_MAY_CHANGE}
+    setup = resolve(cfg.search)
+    flat.update({f"search.{k}": getattr(setup.evolution, k) for k in ("population", "num_parents", "num_mutants",
+                 "mutation_prob", "num_crossovers", "init_random", "init_mutation_prob", "max_attempts")})
+    flat.update({"search.prune": setup.prune, "search.rungs": list(setup.rung_fractions) if setup.prune else []})
+    if not cfg.search.stage2.enabled:  # stage-2 settings mean nothing without stage 2
+        flat = {k: v for k, v in flat.items() if not k.startswith("search.stage2.") or k == "search.stage2.enabled"}
+    flat.update({"num_steps": space.num_steps, "num_train_timesteps": space.num_train_timesteps})
+    return flat
 
 
 PEERS_ATTR = "autodiff:peers"

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 from optuna.study import Study
+from threadpoolctl import threadpool_limits
 from optuna.trial import FrozenTrial, TrialState
 
 from autodiff_opt.arch import operators as joint_ops
@@ -39,7 +40,7 @@ KERNEL_EVERY = 10  # observations between two picks of the GP's kernel setting
 class SurrogateConfig:
     pool_size: int = 256  # offspring scored by the surrogate per candidate
     min_observations: int = 4  # below this many finished candidates, offspring are drawn without the surrogate
-    max_observations: int = 400  # the fit uses the best this many (the GP is cubic in it)
+    max_observations: int = 200  # the fit uses the best this many (the GP is cubic in it)
 
 
 def observations(trials: Sequence[FrozenTrial]) -> list[tuple[Genome, float]]:
@@ -77,6 +78,11 @@ class SurrogateEvolutionSampler(AutoDiffusionSampler):
 
     def _make(self, study: Study, trials: Sequence[FrozenTrial], generation: int, slot: int,
               seen: set[str], rng: np.random.Generator) -> tuple[Genome, str, list[int]]:
+        with threadpool_limits(1):  # matrices of a few hundred rows: BLAS threads only add contention
+            return self._choose(study, trials, generation, slot, seen, rng)
+
+    def _choose(self, study: Study, trials: Sequence[FrozenTrial], generation: int, slot: int,
+                seen: set[str], rng: np.random.Generator) -> tuple[Genome, str, list[int]]:
         if len(study.directions) > 1:  # Pareto search: the authors' operators (one surrogate per objective is not built)
             return super()._make(study, trials, generation, slot, seen, rng)
         joint = self._joint_space(study, trials, generation)
@@ -103,7 +109,7 @@ class SurrogateEvolutionSampler(AutoDiffusionSampler):
         re-picked every KERNEL_EVERY observations instead of at every decision.
         """
         n = (len(data) // KERNEL_EVERY) * KERNEL_EVERY or len(data)
-        subset = data[:n]  # the first n observations in trial order
+        subset = sorted(data[:n], key=lambda gv: gv[1])[: self.surrogate.max_observations]  # of the first n
         key = (n, k_max, layers, hash(tuple(g.key() for g, _ in subset)))
         if key not in self._kernels:
             x = np.stack([embed(g, self.space.num_train_timesteps, k_max, layers) for g, _ in subset])
