@@ -115,8 +115,10 @@ def _peers(overrides: list[str], out: Path) -> dict[str, Any]:
     from autodiff_opt.search.peers import trajectory_dp
 
     exp = _EXP
+    from autodiff_opt.search.runner import peer_clip_x0
+
     peer = trajectory_dp(exp.generator, exp.space.num_steps, exp.cfg.search.peer_samples, exp.cfg.search.peer_grid,
-                         seed=exp.cfg.search.seed + 1, clip_x0=exp.cfg.solver.clip_x0)
+                         seed=exp.cfg.search.seed + 1, clip_x0=peer_clip_x0(exp))
     return {"genomes": {peer.name: peer.genome.to_json()}, "image_steps": peer.image_steps, "seconds": peer.seconds}
 
 
@@ -160,7 +162,7 @@ def _figure(rows: list[dict[str, Any]], path: Path, title: str) -> None:
                                  error_y={"array": [r["ratio_std"] for r in mine]}, mode="lines+markers"))
     fig.update_layout(title=title, xaxis={"title": "image-steps spent (candidate-equivalents)", "type": "log"},
                       yaxis={"title": "fresh-seed FID / best heuristic's"})
-    fig.write_html(path, include_plotlyjs="cdn")
+    fig.write_html(path, include_plotlyjs=True)  # self-contained: opens offline
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="outputs/bench_search")
+    parser.add_argument("--merge", default=None, help="runs.json of an earlier run on the same experiment: its runs of"
+                        " other samplers (and its fresh FIDs) join the table")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the experiment (after --)")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -208,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{run['sampler']} seed {run['seed']}: {run['trials']} trials ({run['pruned']} pruned,"
                   f" {run['failed']} failed), {run['trace'][-1][0]:.0f} cand., best search FID {run['trace'][-1][2]:.3f},"
                   f" {run['seconds']:.0f}s", flush=True)
+        earlier: dict[str, Any] = json.loads(Path(args.merge).read_text()) if args.merge else {"runs": [], "fresh": {}}
+        if earlier.get("overrides", args.overrides) != args.overrides:
+            raise SystemExit(f"--merge {args.merge} was run with overrides {earlier['overrides']}, not {args.overrides}")
+        runs = [r for r in earlier["runs"] if r["sampler"] not in samplers] + runs
         keys = {k for r in runs for c in checkpoints if (k := _best_at(r["trace"], c))}
         keys |= {json.dumps(peer["genomes"]["gits_dp"])}
         from autodiff_opt.search.genome import Genome
@@ -217,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
                       for name in _EXP.cfg.search.baselines}
         keys |= set(heuristics.values())
         fresh_seed = int(_EXP.cfg.final.seed)
-        fresh = dict(pool.imap_unordered(_fresh, [(k, args.repeats, args.final_samples, fresh_seed) for k in sorted(keys)]))
+        known = earlier["fresh"] if earlier.get("repeats", args.repeats) == args.repeats else {}
+        fresh = {k: v for k, v in known.items() if k in keys}
+        fresh.update(pool.imap_unordered(_fresh, [(k, args.repeats, args.final_samples, fresh_seed)
+                                                  for k in sorted(keys - set(fresh))]))
     heuristic_fid = {name: statistics.mean(fresh[k]) for name, k in heuristics.items()}
     best_name = min(heuristic_fid, key=heuristic_fid.get)
     title = f"{' '.join(args.overrides) or 'default experiment'}: fresh FID / {best_name}'s ({heuristic_fid[best_name]:.3f})"
@@ -226,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
           f" ({args.repeats} x {args.final_samples} fresh samples), {time.perf_counter() - t0:.0f}s\n{table}")
     (out / "table.md").write_text(f"{title}\n\n{table}\n")
     (out / "runs.json").write_text(json.dumps({"runs": runs, "fresh": fresh, "peer": peer, "heuristics": heuristic_fid,
-                                               "overrides": args.overrides}, indent=1))
+                                               "overrides": args.overrides, "repeats": args.repeats}, indent=1))
     _figure(rows, out / "fid_vs_image_steps.html", title)
     return 0
 

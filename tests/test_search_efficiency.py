@@ -363,7 +363,8 @@ def test_the_default_experiment_end_to_end_and_its_snippet_runs(tmp_path: Path) 
     assert final.loc["searched", "ratio_to_best_heuristic"] == pytest.approx(final.loc["searched", "fid_final"] / best_heuristic)
     assert final.loc["searched", "fid_search"] <= final.loc["ddim_uniform", "fid_search"]  # it searched from there
     study = _load(db)
-    assert study.user_attrs["autodiff:signature"]["sampler"] == "autodiffusion"
+    assert study.user_attrs["autodiff:signature"]["search.sampler"] == "autodiffusion"
+    assert study.metric_names == ["FID"]
     assert any(t.state == TrialState.PRUNED for t in study.trials)
     best = json.loads((tmp_path / "run" / "best_schedule.json").read_text())
     assert "builtin:" not in best["diffusers_snippet"]
@@ -389,3 +390,16 @@ def test_study_signature_covers_every_objective_setting_and_allows_only_the_list
     assert "search.budget" in RESUME_MAY_CHANGE
     on = study_signature(compose_cfg(["search.stage2.enabled=true"], tmp_path), SPACE)
     assert study_signature(compose_cfg(["search.stage2.enabled=true", "search.stage2.max_prun=0.3"], tmp_path), SPACE) != on
+
+
+def test_dp_peer_clips_x0_for_pixel_models_whatever_the_solver(tiny_experiment) -> None:  # type: ignore[no-untyped-def]
+    import copy
+
+    from omegaconf import OmegaConf
+
+    from autodiff_opt.search.runner import peer_clip_x0
+
+    exp = copy.copy(tiny_experiment)
+    exp.cfg = tiny_experiment.cfg.copy()
+    OmegaConf.update(exp.cfg, "solver.clip_x0", False)
+    assert exp.model.decode is None and peer_clip_x0(exp) is True

@@ -76,7 +76,7 @@ def jump_errors(states: torch.Tensor, epss: torch.Tensor, grid: list[int], alpha
             prev = float(alphas_cumprod[grid[h]]) if h < G else 1.0
             x = ddim_step(states[g], epss[g], float(alphas_cumprod[grid[g]]), prev, clip_x0)
             err[g, h] = distance(x, states[h])
-    return err
+    return np.where(np.isfinite(err), err, np.inf)  # an overflowing jump (x0 / sqrt(alpha_bar) at t ~ T) is never taken
 
 
 def best_path(start_cost: np.ndarray, err: np.ndarray, num_steps: int) -> list[int]:
@@ -116,6 +116,7 @@ def trajectory_dp(generator: ImageGenerator, num_steps: int, num_samples: int = 
     states, epss, noise = _teacher(generator, samples, grid, clip_x0)
     err = jump_errors(states, epss, grid, model.alphas_cumprod, clip_x0)
     start = np.array([distance(noise, states[g]) ** start_power for g in range(len(grid))])
+    start = np.where(np.isfinite(start), start, np.inf)
     path = best_path(start, err, num_steps)
     genome = Genome(tuple(grid[g] for g in path))
     seconds = time.perf_counter() - t0

@@ -224,6 +224,13 @@ def study_signature(cfg: DictConfig, space: SearchSpace) -> dict[str, Any]:
 PEERS_ATTR = "autodiff:peers"
 
 
+def peer_clip_x0(exp: Experiment) -> bool:
+    """The DP's first-order jumps clip x0 to the data range for pixel models whatever the solver does:
+    unclipped, x0 = x / sqrt(alpha_bar) explodes near t = T and the DP degenerates (digits, DPM-Solver++:
+    [999, 989, 969, 888], FID 24). Latents have no fixed range: there the solver's setting is kept."""
+    return True if exp.model.decode is None else bool(exp.cfg.solver.clip_x0)
+
+
 def compute_peers(study: optuna.Study, exp: Experiment) -> dict[str, Genome]:
     """The peer schedules, computed once per study and kept in it (their cost counts in the budget)."""
     from autodiff_opt.search.peers import ays_schedule, trajectory_dp
@@ -234,7 +241,7 @@ def compute_peers(study: optuna.Study, exp: Experiment) -> dict[str, Genome]:
     cfg, out, cost = exp.cfg, {}, 0
     if "gits_dp" in cfg.search.peers:
         peer = trajectory_dp(exp.generator, exp.space.num_steps, cfg.search.peer_samples, cfg.search.peer_grid,
-                             seed=cfg.search.seed + 1, clip_x0=cfg.solver.clip_x0)
+                             seed=cfg.search.seed + 1, clip_x0=peer_clip_x0(exp))
         out[peer.name], cost = peer.genome, cost + peer.image_steps
     if "ays" in cfg.search.peers:
         if cfg.model.prompts is not None:  # AYS publishes schedules for Stable Diffusion, not for other models

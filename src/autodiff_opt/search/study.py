@@ -100,6 +100,8 @@ def open_study(
                                     directions=["minimize"] * num_objectives, load_if_exists=True)
     except ValueError as err:  # an existing study with other directions
         raise StudyError(f"study {study_name!r}: {err}; use another storage.study_name") from err
+    if study.metric_names is None:  # what optuna-dashboard shows instead of "Objective 0"
+        study.set_metric_names(["FID", "cost (full steps)"][:num_objectives])
     stored = study.user_attrs.get(SIGNATURE_ATTR)
     wanted = json.loads(json.dumps(signature))
     if stored is None:
