@@ -352,7 +352,7 @@ def test_sqlite_storage_commits_without_fsync_and_keeps_what_it_committed(tmp_pa
 def test_the_default_experiment_end_to_end_and_its_snippet_runs(tmp_path: Path) -> None:
     """What a user runs first: the embedded model and extractor, the default sampler, peers and report."""
     db = tmp_path / "s.db"
-    overrides = ["search.budget=12", "search.num_samples=200", "search.batch_size=200", "final.num_samples=400",
+    overrides = ["search.budget=24", "search.num_samples=200", "search.batch_size=200", "final.num_samples=400",
                  "final.repeats=2", "search.peer_samples=32", f"storage.url=sqlite:///{db}", "progress=false"]
     proc = run_cli(overrides, tmp_path, tmp_path / "run", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

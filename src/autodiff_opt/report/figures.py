@@ -7,22 +7,32 @@ import plotly.graph_objects as go
 
 
 def history_figure(trials: pd.DataFrame) -> go.Figure:
-    """FID of every candidate by trial number, coloured by generation; best so far; baselines as lines."""
+    """FID of every candidate by trial number (coloured by generation where the sampler has them; pruned
+    candidates in grey at their prefix FID); best so far; baselines and peers as labelled lines."""
     done = trials[trials.state == "COMPLETE"].sort_values("trial")
+    pruned = trials[(trials.state == "PRUNED") & trials.fid.notna()]
     fig = go.Figure()
     searched = done[done.baseline.isna()]
+    by_generation = searched.generation.notna().all() and not searched.empty
     fig.add_trace(go.Scatter(
-        x=searched.trial, y=searched.fid, mode="markers", name="candidates",
-        marker={"color": searched.generation, "colorscale": "Viridis", "showscale": True,
-                "colorbar": {"title": "generation"}, "size": 6},
+        x=pruned.trial, y=pruned.fid, mode="markers", name="pruned (FID on a prefix)",
+        marker={"color": "lightgrey", "size": 4}, hovertemplate="trial %{x}<br>prefix FID %{y:.3f}<extra></extra>",
+    ))
+    marker = ({"color": searched.generation, "colorscale": "Viridis", "showscale": True,
+               "colorbar": {"title": "generation"}, "size": 6} if by_generation else {"color": "teal", "size": 6})
+    fig.add_trace(go.Scatter(
+        x=searched.trial, y=searched.fid, mode="markers", name="candidates", marker=marker,
         text=[f"steps {s}<br>{op}" for s, op in zip(searched.timesteps, searched.operator)],
         hovertemplate="trial %{x}<br>FID %{y:.3f}<br>%{text}<extra></extra>",
     ))
     fig.add_trace(go.Scatter(x=done.trial, y=done.fid.cummin(), mode="lines", name="best so far",
                              line={"color": "black"}))
-    for _, row in done[done.baseline.notna()].iterrows():
-        fig.add_hline(y=row.fid, line_dash="dash", line_color="firebrick", opacity=0.6,
-                      annotation_text=f"{row.baseline} {row.timesteps}", annotation_position="top right")
+    last = int(trials.trial.max()) if not trials.empty else 1
+    for _, row in done[done.baseline.notna()].iterrows():  # a trace, not add_hline: its label sits right on a log axis
+        fig.add_trace(go.Scatter(x=[0, last], y=[row.fid, row.fid], mode="lines+text", showlegend=False,
+                                 line={"dash": "dash", "color": "firebrick", "width": 1}, opacity=0.6,
+                                 text=["", f"{row.baseline} {row.timesteps}"], textposition="top left",
+                                 hoverinfo="skip"))
     fig.update_layout(title="Search history (same seeds for every candidate)", xaxis_title="trial",
                       yaxis_title="FID (search samples)", yaxis_type="log", template="plotly_white")
     return fig
@@ -59,7 +69,7 @@ def pareto_figure(trials: pd.DataFrame) -> go.Figure:
     front = front[front.fid <= front.fid.cummin()]
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=done.cost_full_steps, y=done.fid, mode="markers", name="candidates",
-                             marker={"color": done.generation, "colorscale": "Viridis", "size": 6},
+                             marker={"color": done.generation.fillna(-1), "colorscale": "Viridis", "size": 6},
                              text=[str(s) for s in done.timesteps],
                              hovertemplate="cost %{x:.2f}<br>FID %{y:.3f}<br>%{text}<extra></extra>"))
     fig.add_trace(go.Scatter(x=front.cost_full_steps, y=front.fid, mode="lines+markers", name="Pareto front",
