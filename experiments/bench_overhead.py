@@ -21,12 +21,9 @@ import torch
 
 
 def _compose(overrides: list[str], out: Path) -> Any:
-    from hydra import compose, initialize_config_dir
+    from autodiff_opt.cli import compose_config
 
-    from autodiff_opt.cli import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=[*overrides, f"output_dir={out}", "progress=false"])
+    return compose_config([*overrides, f"output_dir={out}", "progress=false"])
 
 
 def measure(exp: Any, sampler_name: str, storage: str, candidates: int, tmp: Path) -> dict[str, float]:

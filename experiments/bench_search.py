@@ -32,12 +32,9 @@ _EXP: Any = None
 
 
 def _compose(overrides: list[str], out: Path) -> Any:
-    from hydra import compose, initialize_config_dir
+    from autodiff_opt.cli import compose_config
 
-    from autodiff_opt.cli import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=[*overrides, f"output_dir={out}", "progress=false"])
+    return compose_config([*overrides, f"output_dir={out}", "progress=false"])
 
 
 def _init(overrides: list[str], out: str, threads: int) -> None:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
+
+import optuna
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -43,11 +48,28 @@ def run_cli(overrides: list[str], tmp: Path, run_dir: Path, timeout: float = 300
                           text=True, timeout=timeout)
 
 
+def kill_when(ready: Callable[[], bool], overrides: list[str], tmp: Path, run_dir: Path, timeout: float = 240) -> None:
+    """Start the CLI, SIGKILL it as soon as ready() (the run must not end before that), wait for it to die."""
+    proc = subprocess.Popen(cli_command(overrides, run_dir), cwd=tmp, env=cli_env(tmp),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            break
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def load_study(db: Path) -> optuna.Study:
+    """The (only) study in a SQLite file."""
+    url = f"sqlite:///{db}"
+    return optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url)
+
+
 def compose_cfg(overrides: list[str], output_dir: Path):  # type: ignore[no-untyped-def]
     """The composed config of the real app, in-process (what `python -m autodiff_opt ...` would run)."""
-    from hydra import compose, initialize_config_dir
+    from autodiff_opt.cli import compose_config
 
-    from autodiff_opt.cli import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=[*overrides, f"output_dir={output_dir}"])
+    return compose_config([*overrides, f"output_dir={output_dir}"])

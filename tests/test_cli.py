@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import sqlite3
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -19,14 +17,10 @@ from optuna.trial import TrialState
 
 from autodiff_opt.cli import CONFIG_DIR
 from autodiff_opt.search.sampler import count_by_generation, genome_of
-from cli_helpers import cli_command, cli_env, compose_cfg, run_cli, tiny_overrides
+from cli_helpers import cli_command, cli_env, compose_cfg, kill_when, run_cli, tiny_overrides
+from cli_helpers import load_study as _load
 
 pytestmark = pytest.mark.slow
-
-
-def _load(db: Path) -> optuna.Study:
-    url = f"sqlite:///{db}"
-    return optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url)
 
 
 def test_end_to_end_writes_table_json_and_figures(tiny_model_dir: Path, tiny_reference: Path, tmp_path: Path) -> None:
@@ -65,17 +59,7 @@ def test_sigkill_mid_study_then_resume(tiny_model_dir: Path, tiny_reference: Pat
     db = tmp_path / "s.db"
     overrides = tiny_overrides(tiny_model_dir, tiny_reference, db, **{"search.num_samples": 400, "search.batch_size": 25,
                                                                       "search.generations": 3})
-    proc = subprocess.Popen(cli_command(overrides, tmp_path / "run1"), cwd=tmp_path, env=cli_env(tmp_path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        counts = _counts(db)
-        if counts["COMPLETE"] >= 4 and counts["EVALUATING"] == 1:
-            break
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(lambda: (c := _counts(db))["COMPLETE"] >= 4 and c["EVALUATING"] == 1, overrides, tmp_path, tmp_path / "run1")
     killed = _load(db)
     running = [t for t in killed.trials if t.state == TrialState.RUNNING]
     done_before = {t.number: genome_of(t).key() for t in killed.trials if t.state == TrialState.COMPLETE}

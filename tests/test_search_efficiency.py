@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +26,8 @@ from autodiff_opt.search.samplers import SAMPLERS, SamplerChoiceError, resolve
 from autodiff_opt.search.space import PARENTS_ATTR, SearchSpace
 from autodiff_opt.search.surrogate import GaussianProcess, embed
 from autodiff_opt.search.surrogate_sampler import SurrogateConfig, SurrogateEvolutionSampler
-from cli_helpers import cli_command, cli_env, compose_cfg, run_cli, tiny_overrides
+from cli_helpers import compose_cfg, kill_when, run_cli, tiny_overrides
+from cli_helpers import load_study as _load
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -272,11 +270,6 @@ def test_final_ratios_name_the_best_heuristic_and_the_best_peer() -> None:
 
 
 # --- every sampler through the CLI: SIGKILL, resume, refusal --------------------------------------
-def _load(db: Path) -> optuna.Study:
-    url = f"sqlite:///{db}"
-    return optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url)
-
-
 def _states(db: Path) -> dict[str, int]:
     import sqlite3
 
@@ -297,17 +290,8 @@ def test_every_sampler_runs_resumes_after_sigkill_and_refuses_another(sampler: s
         "search.sampler": sampler, "search.num_samples": 240, "search.batch_size": 20, "search.budget": 10,
         "search.peers": "[gits_dp]", "search.peer_samples": 16, "search.peer_grid": 20, "final.num_samples": 48,
         "final.repeats": 1, "storage.study_name": "s"})
-    proc = subprocess.Popen(cli_command(overrides, tmp_path / "run1"), cwd=tmp_path, env=cli_env(tmp_path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        states = _states(db)
-        if states.get("COMPLETE", 0) >= 4 and states.get("RUNNING", 0) == 1:
-            break
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(lambda: (s := _states(db)).get("COMPLETE", 0) >= 4 and s.get("RUNNING", 0) == 1, overrides, tmp_path,
+              tmp_path / "run1")
     killed = _load(db)
     done_before = {t.number: genome_of(t).key() for t in killed.trials if t.state == TrialState.COMPLETE}
     interrupted = [t.number for t in killed.trials if t.state == TrialState.RUNNING]

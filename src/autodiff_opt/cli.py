@@ -33,5 +33,13 @@ def _app(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config `python -m autodiff_opt OVERRIDES` would run, composed in-process (benchmarks, tests)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
 def main() -> None:
     _app()

@@ -121,15 +121,8 @@ def check_feature_layer(feature_extractor: str, feature_layer: str | None) -> No
                           f" use one of {provided} (or null for its FID default)")
 
 
-def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
-
-
 def _storage_error(url: str, err: BaseException) -> Exception:
-    from autodiff_opt.search.study import StudyError
+    from autodiff_opt.search.study import StudyError, _redact
 
     first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
     return StudyError(f"storage.url={_redact(url)} cannot be opened ({type(err).__name__}: {first}): check the URL,"

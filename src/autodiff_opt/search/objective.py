@@ -24,15 +24,7 @@ FAIL_REASON_ATTR = "fail_reason"
 def evaluate(generator: ImageGenerator, scorer: FIDScorer, reference: FIDStats, samples: SampleSet,
              genome: Genome) -> dict[str, float]:
     """FID of one genome on one SampleSet, with the time spent in generation and in the metric."""
-    t0 = time.perf_counter()
-    images = generator.generate(genome, samples)
-    t1 = time.perf_counter()
-    fid = scorer.fid(images, reference)
-    t2 = time.perf_counter()
-    if not math.isfinite(fid):
-        raise NonFiniteSamples(f"FID is {fid} for time steps {list(genome.timesteps)}")
-    return {"fid": fid, "gen_seconds": t1 - t0, "fid_seconds": t2 - t1,
-            "image_steps_per_s": len(samples) * genome.num_steps / max(t1 - t0, 1e-9)}
+    return evaluate_on_rungs(generator, scorer, reference, samples, genome, rungs=())
 
 
 def evaluate_on_rungs(generator: ImageGenerator, scorer: FIDScorer, reference: FIDStats, samples: SampleSet,
@@ -70,7 +62,7 @@ class Objective:
     def __init__(self, generator: ImageGenerator, scorer: FIDScorer, reference: FIDStats,
                  samples: SampleSet, space: SearchSpace, cost_fn: Callable[[Genome], float] | None = None,
                  cost_objective: Callable[[Genome], float] | None = None, rungs: Sequence[int] = (),
-                 genome_fn: GenomeFn | None = None, nfe: Callable[[Genome], int] | None = None) -> None:
+                 genome_fn: GenomeFn | None = None) -> None:
         self.generator = generator
         self.scorer = scorer
         self.reference = reference
@@ -80,7 +72,6 @@ class Objective:
         self.cost_objective = cost_objective
         self.rungs = list(rungs)
         self.genome_fn = genome_fn
-        self.nfe = nfe or (lambda g: g.num_steps)
 
     def _genome(self, trial: optuna.Trial) -> Genome:
         if self.genome_fn is None:  # our samplers: the genome is already in the trial's system attribute
@@ -103,7 +94,7 @@ class Objective:
 
         try:
             genome = self._genome(trial)
-            trial.set_user_attr("nfe", self.nfe(genome))
+            trial.set_user_attr("nfe", genome.num_steps)
             if self.cost_fn is not None:
                 trial.set_user_attr("flops", float(self.cost_fn(genome)))
             result = evaluate_on_rungs(self.generator, self.scorer, self.reference, self.samples, genome,
@@ -111,10 +102,10 @@ class Objective:
         except Exception as err:  # the candidate fails, the study goes on; the reason stays in the trial
             trial.set_user_attr(FAIL_REASON_ATTR, f"{type(err).__name__}: {err}"[:500])
             if genome is not None:
-                trial.set_user_attr(IMAGE_STEPS_ATTR, len(self.samples) * self.nfe(genome))  # an upper bound
+                trial.set_user_attr(IMAGE_STEPS_ATTR, len(self.samples) * genome.num_steps)  # an upper bound
             log.warning("trial %d failed: %s: %s", trial.number, type(err).__name__, err)
             raise
-        trial.set_user_attr(IMAGE_STEPS_ATTR, int(result["num_samples"]) * self.nfe(genome))
+        trial.set_user_attr(IMAGE_STEPS_ATTR, int(result["num_samples"]) * genome.num_steps)
         for key in ("gen_seconds", "fid_seconds", "image_steps_per_s"):
             trial.set_user_attr(key, round(result[key], 4))
         if pruned["at"]:

@@ -100,12 +100,8 @@ def best_path(start_cost: np.ndarray, err: np.ndarray, num_steps: int) -> list[i
 
 
 def trajectory_dp(generator: ImageGenerator, num_steps: int, num_samples: int = 256, grid_size: int = 100,
-                  seed: int = 0, clip_x0: bool = True, start_power: float = 1.0) -> PeerSchedule:
-    """The GITS-style schedule of K steps for this model, on its own seed (never the search's samples).
-
-    ``start_power`` raises the start cost to a power (1: a distance like the jumps; 2 weighs a late
-    start less, see docs/search.md).
-    """
+                  seed: int = 0, clip_x0: bool = True) -> PeerSchedule:
+    """The GITS-style schedule of K steps for this model, on its own seed (never the search's samples)."""
     import time
 
     t0 = time.perf_counter()
@@ -115,7 +111,7 @@ def trajectory_dp(generator: ImageGenerator, num_steps: int, num_samples: int = 
     samples = SampleSet.draw(num_samples, model.sample_shape, model.num_classes, seed)
     states, epss, noise = _teacher(generator, samples, grid, clip_x0)
     err = jump_errors(states, epss, grid, model.alphas_cumprod, clip_x0)
-    start = np.array([distance(noise, states[g]) ** start_power for g in range(len(grid))])
+    start = np.array([distance(noise, states[g]) for g in range(len(grid))])
     start = np.where(np.isfinite(start), start, np.inf)
     path = best_path(start, err, num_steps)
     genome = Genome(tuple(grid[g] for g in path))

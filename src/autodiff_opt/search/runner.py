@@ -24,8 +24,8 @@ from autodiff_opt.search.genome import Genome, GenomeError, validate_timesteps
 from autodiff_opt.search import coding
 from autodiff_opt.search.fidelity import PEER_COST_ATTR, ImageStepBudget, make_pruner, rung_sizes
 from autodiff_opt.search.objective import Objective
-from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig
-from autodiff_opt.search.samplers import SearchSetup, builtin_sampler, resolve
+from autodiff_opt.search.sampler import AutoDiffusionSampler
+from autodiff_opt.search.samplers import EVOLUTION_KEYS, SearchSetup, builtin_sampler, resolve
 from autodiff_opt.search.space import SearchSpace, best_fid_trial, fid_of, genome_params
 from autodiff_opt.search.concurrency import SearchBudget, StudyLockedSampler, study_lock
 from autodiff_opt.search.study import _redact, open_study
@@ -79,10 +79,6 @@ class Experiment:
         if self.search_setup.evolutionary:
             return genome_params(genome, self.space)
         return coding.params_of(genome, self.space.num_train_timesteps)
-
-
-def evolution_config(search: DictConfig) -> EvolutionConfig:
-    return resolve(search).evolution
 
 
 def baseline_genomes(cfg: DictConfig, alphas_cumprod: Any, T: int) -> dict[str, Genome]:
@@ -212,8 +208,7 @@ def study_signature(cfg: DictConfig, space: SearchSpace) -> dict[str, Any]:
              for k in SIGNATURE_TREES}
     flat = {k: v for k, v in _flatten(trees, "").items() if k not in RESUME_MAY_CHANGE}
     setup = resolve(cfg.search)
-    flat.update({f"search.{k}": getattr(setup.evolution, k) for k in ("population", "num_parents", "num_mutants",
-                 "mutation_prob", "num_crossovers", "init_random", "init_mutation_prob", "max_attempts")})
+    flat.update({f"search.{k}": getattr(setup.evolution, k) for k in EVOLUTION_KEYS})
     flat.update({"search.prune": setup.prune, "search.rungs": list(setup.rung_fractions) if setup.prune else []})
     if not cfg.search.stage2.enabled:  # stage-2 settings mean nothing without stage 2
         flat = {k: v for k, v in flat.items() if not k.startswith("search.stage2.") or k == "search.stage2.enabled"}

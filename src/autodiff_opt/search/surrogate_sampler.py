@@ -94,7 +94,7 @@ class SurrogateEvolutionSampler(AutoDiffusionSampler):
         if not pool:
             return self._unseen_random(joint, seen, rng)
         fit = sorted(data, key=lambda gv: gv[1])[: self.surrogate.max_observations]
-        k_max, layers = self._embedding_shape(joint)
+        k_max, layers = self._embedding_shape()
         x = np.stack([embed(g, self.space.num_train_timesteps, k_max, layers) for g, _ in fit])
         model = GaussianProcess.fit(x, [v for _, v in fit], self._kernel(data, k_max, layers))
         cand = np.stack([embed(g, self.space.num_train_timesteps, k_max, layers) for g, _, _ in pool])
@@ -116,7 +116,7 @@ class SurrogateEvolutionSampler(AutoDiffusionSampler):
             self._kernels[key] = GaussianProcess.fit(x, [v for _, v in subset]).kernel
         return self._kernels[key]
 
-    def _embedding_shape(self, joint: joint_ops.JointSpace | None) -> tuple[int, int | None]:
+    def _embedding_shape(self) -> tuple[int, int | None]:
         if self.stage2 is None:
             return self.space.max_steps, None
         return self.space.max_steps, self.stage2.budget.num_layers
