@@ -34,7 +34,8 @@ def history_figure(trials: pd.DataFrame) -> go.Figure:
                                  text=["", f"{row.baseline} {row.timesteps}"], textposition="top left",
                                  hoverinfo="skip"))
     fig.update_layout(title="Search history (same seeds for every candidate)", xaxis_title="trial",
-                      yaxis_title="FID (search samples)", yaxis_type="log", template="plotly_white")
+                      yaxis_title="FID (search samples)", yaxis_type="log", template="plotly_white",
+                      legend={"orientation": "h", "y": -0.18})  # beside the colour bar it would cover it
     return fig
 
 
