@@ -48,13 +48,26 @@ def measure(exp: Any, sampler_name: str, storage: str, candidates: int, tmp: Pat
     objective = runner.make_objective(exp)
     budget = runner._stop_rule(study, exp)
     progress = runner._Progress(budget, 0.0, 10, False)
+    statements = _count_statements(store)
     t0 = time.perf_counter()
     study.optimize(objective, callbacks=[progress], catch=(Exception,), gc_after_trial=False)
     wall = time.perf_counter() - t0
     trials = study.get_trials(deepcopy=False)
     work = sum(t.user_attrs.get("gen_seconds", 0.0) + t.user_attrs.get("fid_seconds", 0.0) for t in trials)
     return {"trials": len(trials), "objective_s": work / len(trials), "overhead_s": (wall - work) / len(trials),
-            "share": (wall - work) / work}
+            "share": (wall - work) / work, "statements": statements[0] / len(trials), "commits": statements[1] / len(trials)}
+
+
+def _count_statements(storage: Any) -> list[int]:
+    """[SQL statements, commits] executed on an RDB storage from now on (stays [0, 0] in memory)."""
+    import sqlalchemy
+
+    counts = [0, 0]
+    engine = getattr(getattr(storage, "_backend", storage), "engine", None)
+    if engine is not None:
+        sqlalchemy.event.listen(engine, "before_cursor_execute", lambda *_a: counts.__setitem__(0, counts[0] + 1))
+        sqlalchemy.event.listen(engine, "commit", lambda *_a: counts.__setitem__(1, counts[1] + 1))
+    return counts
 
 
 def main() -> None:
@@ -71,12 +84,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         exp = build_experiment(_compose(args.overrides, Path(tmp)))
-        print(f"{'sampler':22} {'storage':8} {'trials':>6} {'objective s':>12} {'overhead s':>11} {'share':>7}")
+        print(f"{'sampler':22} {'storage':8} {'trials':>6} {'objective s':>12} {'overhead s':>11} {'share':>7}"
+              f" {'SQL/trial':>9} {'commits':>7}")
         for name in args.samplers.split(","):
             for storage in args.storages.split(","):
                 r = measure(exp, name, storage, int(args.candidates), Path(tmp))
                 print(f"{name:22} {storage:8} {r['trials']:>6} {r['objective_s']:>12.3f} {r['overhead_s']:>11.4f}"
-                      f" {r['share']:>7.1%}", flush=True)
+                      f" {r['share']:>7.1%} {r['statements']:>9.1f} {r['commits']:>7.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -196,8 +196,9 @@ class StudyLockedSampler(BaseSampler):
         return self.inner.sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
-        # A beat now and once the candidate is chosen: Optuna's heartbeat thread only starts after ask()
-        # returns, and a trial waiting here must not look dead to the journal storage's stale check.
+        # A beat now (and again after a long wait for the lock): Optuna's heartbeat thread only starts after
+        # ask() returns; a worker killed while it waits here must leave a trial that goes stale, and a
+        # trial waiting here must not look dead to the stale check.
         _beat(study, trial)
         if GENOME_ATTR in trial.system_attrs:
             self.inner.before_trial(study, trial)
@@ -206,7 +207,8 @@ class StudyLockedSampler(BaseSampler):
         with study_lock(study, self.timeout):
             self.lock_wait_seconds += time.perf_counter() - t0
             self.inner.before_trial(study, trial)
-        _beat(study, trial)
+        if time.perf_counter() - t0 > 1.0:  # a long wait or choice: beat again before Optuna's heartbeat thread starts
+            _beat(study, trial)
 
     def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
         self.inner.after_trial(study, trial, state, values)

@@ -12,6 +12,7 @@ import optuna
 
 from autodiff_opt.generate import ImageGenerator, NonFiniteSamples, SampleSet
 from autodiff_opt.metrics.fid import FIDScorer, FIDStats
+from autodiff_opt.search.attrs import set_trial_attrs
 from autodiff_opt.search.fidelity import IMAGE_STEPS_ATTR
 from autodiff_opt.search.genome import Genome
 from autodiff_opt.search.space import GENOME_ATTR, SearchSpace, suggest_genome
@@ -75,10 +76,11 @@ class Objective:
 
     def _genome(self, trial: optuna.Trial) -> Genome:
         if self.genome_fn is None:  # our samplers: the genome is already in the trial's system attribute
-            return suggest_genome(trial, self.space)
+            chosen = getattr(trial.study.sampler, "chosen_genome", None)  # what the sampler just wrote
+            return suggest_genome(trial, self.space, chosen(trial._trial_id) if chosen else None)
         genome = self.genome_fn(trial)  # a built-in sampler's params: the genome gets its one home here
-        trial.storage.set_trial_system_attr(trial._trial_id, GENOME_ATTR, genome.key())
-        trial.set_user_attr("timesteps", list(genome.timesteps))
+        set_trial_attrs(trial.storage, trial._trial_id, system={GENOME_ATTR: genome.key()},
+                        user={"timesteps": list(genome.timesteps)})
         return genome
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
@@ -92,22 +94,24 @@ class Objective:
                 return True
             return False
 
+        attrs: dict[str, object] = {}  # written in one transaction once the candidate is scored or failed
         try:
             genome = self._genome(trial)
-            trial.set_user_attr("nfe", genome.num_steps)
+            attrs["nfe"] = genome.num_steps
             if self.cost_fn is not None:
-                trial.set_user_attr("flops", float(self.cost_fn(genome)))
+                attrs["flops"] = float(self.cost_fn(genome))
             result = evaluate_on_rungs(self.generator, self.scorer, self.reference, self.samples, genome,
                                        self.rungs, report if self.rungs else None)
         except Exception as err:  # the candidate fails, the study goes on; the reason stays in the trial
-            trial.set_user_attr(FAIL_REASON_ATTR, f"{type(err).__name__}: {err}"[:500])
+            attrs[FAIL_REASON_ATTR] = f"{type(err).__name__}: {err}"[:500]
             if genome is not None:
-                trial.set_user_attr(IMAGE_STEPS_ATTR, len(self.samples) * genome.num_steps)  # an upper bound
+                attrs[IMAGE_STEPS_ATTR] = len(self.samples) * genome.num_steps  # an upper bound
+            set_trial_attrs(trial.storage, trial._trial_id, user=attrs)
             log.warning("trial %d failed: %s: %s", trial.number, type(err).__name__, err)
             raise
-        trial.set_user_attr(IMAGE_STEPS_ATTR, int(result["num_samples"]) * genome.num_steps)
-        for key in ("gen_seconds", "fid_seconds", "image_steps_per_s"):
-            trial.set_user_attr(key, round(result[key], 4))
+        attrs[IMAGE_STEPS_ATTR] = int(result["num_samples"]) * genome.num_steps
+        attrs.update({key: round(result[key], 4) for key in ("gen_seconds", "fid_seconds", "image_steps_per_s")})
+        set_trial_attrs(trial.storage, trial._trial_id, user=attrs)
         if pruned["at"]:
             raise optuna.TrialPruned(f"FID {result['fid']:.4g} on the first {pruned['at']} samples: not among the parents")
         if self.cost_objective is not None:

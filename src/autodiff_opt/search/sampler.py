@@ -27,6 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autodiff_opt.arch import operators as joint_ops
 from autodiff_opt.search import operators
+from autodiff_opt.search.attrs import set_trial_attrs
 from autodiff_opt.search.concurrency import next_slot
 from autodiff_opt.search.genome import Genome
 from autodiff_opt.search.stage2 import Stage2Policy
@@ -110,6 +111,11 @@ class AutoDiffusionSampler(BaseSampler):
         self._seed = seed if seed is not None else int(np.random.SeedSequence().entropy % (2**31))
         self.stage2 = stage2
         self._fallback = RandomSampler(seed=self._seed)
+        self._chosen: dict[int, Genome] = {}  # trial id -> the genome this process wrote (storage stays the truth)
+
+    def chosen_genome(self, trial_id: int) -> Genome | None:
+        """The genome before_trial stored for a running trial of this process (saves a storage read)."""
+        return self._chosen.get(trial_id)
 
     # --- Optuna's sampler interface -------------------------------------------------------
     def reseed_rng(self) -> None:
@@ -124,7 +130,7 @@ class AutoDiffusionSampler(BaseSampler):
         return {}
 
     def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution) -> Any:
-        genome = genome_of(trial)
+        genome = self._chosen.get(trial._trial_id) or genome_of(trial)
         if genome is not None:
             if param_name == "num_steps":
                 return genome.num_steps
@@ -136,6 +142,7 @@ class AutoDiffusionSampler(BaseSampler):
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
         if GENOME_ATTR in trial.system_attrs:  # a retry of a stale trial: same genome, same slot
+            self._remember(trial._trial_id, genome_of(trial))
             return
         if any(d != StudyDirection.MINIMIZE for d in study.directions):
             raise ValueError("AutoDiffusionSampler minimises FID (and cost): create the study with direction='minimize'")
@@ -152,8 +159,17 @@ class AutoDiffusionSampler(BaseSampler):
         stage = 2 if "+skip" in operator or genome.has_skips else 1
         attrs = {GENOME_ATTR: genome.key(), GENERATION_ATTR: generation, SLOT_ATTR: slot,
                  OPERATOR_ATTR: operator.replace("+skip", ""), PARENTS_ATTR: parents, STAGE_ATTR: stage}
-        for key, value in attrs.items():
-            study._storage.set_trial_system_attr(trial._trial_id, key, value)
+        set_trial_attrs(study._storage, trial._trial_id, system=attrs)
+        self._remember(trial._trial_id, genome)
+
+    def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
+        self._chosen.pop(trial._trial_id, None)
+
+    def _remember(self, trial_id: int, genome: Genome | None) -> None:
+        if genome is not None:
+            if len(self._chosen) > 1024:  # trials that never reached after_trial (killed threads)
+                self._chosen.clear()
+            self._chosen[trial_id] = genome
 
     # --- generations ----------------------------------------------------------------------
     def _next_slot(self, trials: Sequence[FrozenTrial]) -> tuple[int, int]:

@@ -109,15 +109,17 @@ def trial_system_attrs(trial: optuna.trial.Trial | optuna.trial.FrozenTrial) -> 
     return trial.storage.get_trial_system_attrs(trial._trial_id)
 
 
-def suggest_genome(trial: optuna.trial.Trial, space: SearchSpace) -> Genome:
-    """Ask the trial for its genome: the params make it visible in the dashboard, the masks come from attrs."""
+def suggest_genome(trial: optuna.trial.Trial, space: SearchSpace, stored_genome: Genome | None = None) -> Genome:
+    """Ask the trial for its genome: the params make it visible in the dashboard, the masks come from attrs
+    (or from ``stored_genome``, the genome the sampler of this process just stored for the trial)."""
     k = trial.suggest_int("num_steps", space.min_steps, space.max_steps) if space.variable_k else space.num_steps
     T = space.num_train_timesteps
     steps = [trial.suggest_int(step_param(i), 0, T - 1) for i in range(k)]
-    stored = trial_system_attrs(trial).get(GENOME_ATTR)
-    skips = None
-    if stored is not None:
+    saved = stored_genome
+    if saved is None and (stored := trial_system_attrs(trial).get(GENOME_ATTR)) is not None:
         saved = Genome.from_json(stored)
+    skips = None
+    if saved is not None:
         if list(saved.timesteps) == sorted(steps, reverse=True):
             skips = [sorted(s) for s in saved.skips]
     if skips is None and "skips" in trial.user_attrs:  # an enqueued stage-2 candidate
