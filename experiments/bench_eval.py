@@ -16,7 +16,7 @@ from autodiff_opt.generate import ImageGenerator, SampleSet
 from autodiff_opt.metrics.fid import FIDScorer, fid_from_stats
 from autodiff_opt.metrics.reference import reference_statistics
 from autodiff_opt.models.loading import load_model
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 from autodiff_opt.solvers import heuristic_schedule
 
 

@@ -98,7 +98,7 @@ def _run(job: tuple[str, int, float, dict[str, Any]]) -> dict[str, Any]:
 def _fresh(job: tuple[str, int, int, int]) -> tuple[str, list[float]]:
     """FID of one genome on each fresh sample set."""
     from autodiff_opt.generate import SampleSet
-    from autodiff_opt.search.genome import Genome
+    from autodiff_opt.core.genome import Genome
     from autodiff_opt.search.objective import evaluate
 
     key, repeats, num_samples, seed = job
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = [r for r in earlier["runs"] if r["sampler"] not in samplers] + runs
         keys = {k for r in runs for c in checkpoints if (k := _best_at(r["trace"], c))}
         keys |= {json.dumps(peer["genomes"]["gits_dp"])}
-        from autodiff_opt.search.genome import Genome
+        from autodiff_opt.core.genome import Genome
         from autodiff_opt.solvers import heuristic_schedule
 
         heuristics = {name: json.dumps(Genome(tuple(heuristic_schedule(name, _EXP.space.num_steps, _EXP.model.alphas_cumprod))).to_json())

@@ -50,7 +50,7 @@ from autodiff_opt.search.concurrency import (  # noqa: E402
     journal_storage,
     sqlalchemy_url,
 )
-from autodiff_opt.search.genome import Genome  # noqa: E402
+from autodiff_opt.core.genome import Genome  # noqa: E402
 from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig  # noqa: E402
 from autodiff_opt.search.space import SearchSpace, genome_params, suggest_genome  # noqa: E402
 from autodiff_opt.search.study import make_storage  # noqa: E402

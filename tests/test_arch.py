@@ -17,7 +17,7 @@ from autodiff_opt.arch import flops as flops_mod
 from autodiff_opt.arch.flops import check_additivity, example_inputs, measure_layer_costs
 from autodiff_opt.arch.layers import discover_layers, genome_from_named, genome_to_named, ids_from_names
 from autodiff_opt.arch.skip import LayerSkipper, with_step_masks
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 
 # An ADM-shaped UNet2DModel, small: resnet down/up-sampling, scale-shift norm, classes, attention at 2 levels.
 ADM_LIKE = dict(

@@ -20,7 +20,7 @@ from autodiff_opt.arch.operators import (
     repair,
     skip_cap,
 )
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -18,7 +18,7 @@ import pytest
 from autodiff_opt import preflight
 from autodiff_opt.metrics.fid import MetricError
 from autodiff_opt.models.base import ModelLoadError
-from autodiff_opt.search.runner import ConfigError
+from autodiff_opt.core.errors import ConfigError
 from cli_helpers import cli_command, cli_env, tiny_overrides
 
 pytestmark = pytest.mark.slow

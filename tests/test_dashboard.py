@@ -12,7 +12,7 @@ from pathlib import Path
 
 import optuna
 
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig
 from autodiff_opt.search.space import SearchSpace, suggest_genome
 

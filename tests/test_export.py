@@ -8,7 +8,7 @@ import torch
 
 from autodiff_opt.models import load_model
 from autodiff_opt.report.export import diffusers_snippet, sd_snippet
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 from autodiff_opt.solvers import ddim_sample
 
 

@@ -22,7 +22,7 @@ from autodiff_opt.generate import ImageGenerator, SampleSet
 from autodiff_opt.metrics.fid import FIDScorer
 from autodiff_opt.metrics.reference import reference_statistics
 from autodiff_opt.models.loading import load_model
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.objective import FAIL_REASON_ATTR, Objective
 from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig, count_by_generation, genome_of
 from autodiff_opt.search.space import SearchSpace, genome_params

@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from autodiff_opt.search import operators
-from autodiff_opt.search.genome import Genome, GenomeError
+from autodiff_opt.core.genome import Genome, GenomeError
 from autodiff_opt.search.sampler import PARENT_CACHE_PREFIX, AutoDiffusionSampler, EvolutionConfig, count_by_generation, genome_of
 from autodiff_opt.search.study import make_storage
 from autodiff_opt.search.space import GENERATION_ATTR, OPERATOR_ATTR, SLOT_ATTR, SearchSpace, genome_params, suggest_genome

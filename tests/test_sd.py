@@ -11,7 +11,7 @@ import torch
 from autodiff_opt.generate import ImageGenerator, SampleSet
 from autodiff_opt.models.base import ModelLoadError
 from autodiff_opt.models.latent import TextToImageModel, load_prompts, load_text_to_image
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 from autodiff_opt.solvers import ddim_sample
 from replicas import SD_IMAGE_SIZE, make_tiny_sd_pipeline, write_coco_captions
 

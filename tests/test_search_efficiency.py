@@ -19,7 +19,7 @@ from autodiff_opt.metrics.fid import FIDStats, fast_fid, fid_from_stats
 from autodiff_opt.search import coding
 from autodiff_opt.search.fidelity import IMAGE_STEPS_ATTR, ParentsPruner, rung_sizes
 from autodiff_opt.search.final import add_ratios
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.peers import ays_schedule, best_path
 from autodiff_opt.search.sampler import EvolutionConfig, genome_of
 from autodiff_opt.search.samplers import SAMPLERS, SamplerChoiceError, resolve
@@ -77,7 +77,7 @@ def test_stage2_with_a_builtin_sampler_is_refused_before_work() -> None:
     from omegaconf import OmegaConf
 
     from autodiff_opt import preflight
-    from autodiff_opt.search.runner import ConfigError
+    from autodiff_opt.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="needs search.sampler=autodiffusion or autodiffusion_paper: gp searches"):
         preflight.check_search(OmegaConf.create({"sampler": "gp", "stage2": {"enabled": True}, "peers": []}))

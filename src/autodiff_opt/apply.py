@@ -16,7 +16,7 @@ import torch
 from autodiff_opt.generate import ImageGenerator, SampleSet
 from autodiff_opt.models.factory import step_wrapper_for
 from autodiff_opt.models.loading import load_model
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 from autodiff_opt.utils import pick_device
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ register_configs()
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _app(cfg: DictConfig) -> None:
     """Errors the user can fix end with their one-line message and exit code 2; bugs keep their traceback."""
-    from autodiff_opt.errors import USER_ERRORS
+    from autodiff_opt.core.errors import USER_ERRORS
     from autodiff_opt.search.runner import run
 
     try:

@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from autodiff_opt.models.base import DiffusionModel, EpsFn
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.models.base import DiffusionModel, EpsFn, StepWrapper
+from autodiff_opt.core.genome import Genome
 from autodiff_opt.solvers import get_solver
 from autodiff_opt.utils import autocast, to_uint8
 
 log = logging.getLogger(__name__)
-
-StepWrapper = Callable[[EpsFn, Genome], EpsFn]
-"""Wraps a batch's eps function for one genome (per-step layer skipping, guidance, ...)."""
-
 
 class NonFiniteSamples(RuntimeError):
     """The solver produced NaN or inf: the candidate is broken, not the study."""

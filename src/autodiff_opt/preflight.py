@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+from autodiff_opt.core.errors import ConfigError
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                 "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json",
@@ -18,8 +19,6 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 
 
 def _config_error(message: str) -> Exception:
-    from autodiff_opt.search.runner import ConfigError  # runner imports this module's callers: import late
-
     return ConfigError(message)
 
 

@@ -30,10 +30,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Sequence
+from autodiff_opt.core.keys import SEEDED_ATTR
 
 log = logging.getLogger("autodiff_opt.workers")
 
-SEEDED_ATTR = "autodiff:seeded"  # set by runner.seed_study once the baselines are queued
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_/\-+.%*@?|:]*$")
 
 

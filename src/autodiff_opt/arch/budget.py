@@ -19,7 +19,7 @@ from collections.abc import Set
 from dataclasses import dataclass
 from typing import Literal
 
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 
 BudgetUnit = Literal["flops", "layers"]
 

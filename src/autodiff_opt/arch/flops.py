@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from autodiff_opt.arch.budget import Budget
 from autodiff_opt.arch.skip import LayerSkipper
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import TypeVar, Union
 import numpy as np
 
 from autodiff_opt.arch.budget import Budget
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 
 Rng = Union[random.Random, np.random.Generator, np.random.RandomState]
 T = TypeVar("T")

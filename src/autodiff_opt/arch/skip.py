@@ -34,7 +34,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
 from autodiff_opt.arch.layers import Layer, discover_layers, layer_modules
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 
 try:  # diffusers >= 0.33 ships the hook system; older releases get the thin forward wrapper
     from diffusers.hooks import HookRegistry, ModelHook

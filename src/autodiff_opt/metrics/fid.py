@@ -9,11 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from autodiff_opt.core.errors import MetricError
+
 log = logging.getLogger(__name__)
-
-
-class MetricError(RuntimeError):
-    """The metric cannot be computed as configured; the message says what to set."""
 
 
 @dataclass(frozen=True)

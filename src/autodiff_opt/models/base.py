@@ -7,15 +7,18 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-
-class ModelLoadError(RuntimeError):
-    """The model named in the config cannot be loaded; the message says what to set."""
+from autodiff_opt.core.errors import ModelLoadError
+from autodiff_opt.core.genome import Genome
 
 
 class EpsFn(Protocol):
     """Noise prediction for x_t at the integer training time step t; step_index is the position in the schedule."""
 
     def __call__(self, x_t: torch.Tensor, t: int, step_index: int) -> torch.Tensor: ...
+
+
+StepWrapper = Callable[[EpsFn, Genome], EpsFn]
+"""Wraps a batch's eps function for one genome (per-step layer skipping, guidance, ...)."""
 
 
 @dataclass

@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from autodiff_opt.generate import StepWrapper
-from autodiff_opt.models.base import DiffusionModel, ModelLoadError
+from autodiff_opt.models.base import DiffusionModel, ModelLoadError, StepWrapper
 from autodiff_opt.models.latent import is_text_to_image_pipeline
 from autodiff_opt.models.loading import BUILTIN_PREFIX, _looks_like_path, load_model, resolve_pretrained
 

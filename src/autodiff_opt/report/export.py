@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 
 _SNIPPET = '''# Apply the searched schedule with plain diffusers ({solver}).
 import torch

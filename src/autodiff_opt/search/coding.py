@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import optuna
 
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 
 
 def fraction_param(i: int) -> str:

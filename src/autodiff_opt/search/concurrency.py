@@ -45,11 +45,10 @@ from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
 from autodiff_opt.search.space import GENERATION_ATTR, GENOME_ATTR, SLOT_ATTR
+from autodiff_opt.core.keys import HEARTBEAT_ATTR, RETRY_OF_ATTR
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_ATTR = "autodiff:heartbeat"
-RETRY_OF_ATTR = "failed_trial"  # set by Optuna's RetryHeartbeatStaleTrialCallback
 
 
 # --- storage URLs ---------------------------------------------------------------------------

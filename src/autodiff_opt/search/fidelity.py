@@ -19,12 +19,10 @@ import optuna
 from optuna.pruners import BasePruner
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
+from autodiff_opt.core.keys import BASELINE_ATTR, IMAGE_STEPS_ATTR, PEER_COST_ATTR
 
 log = logging.getLogger(__name__)
 
-IMAGE_STEPS_ATTR = "image_steps"
-PEER_COST_ATTR = "autodiff:peer_image_steps"
-BASELINE_ATTR = "baseline"
 
 
 def rung_sizes(num_samples: int, fractions: Sequence[float]) -> list[int]:

@@ -11,17 +11,17 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from autodiff_opt.generate import NonFiniteSamples, SampleSet
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.objective import evaluate
 from autodiff_opt.search.sampler import genome_of
 from autodiff_opt.search.space import best_fid_trial, pareto_front
+from autodiff_opt.core.keys import FINAL_ATTR
 
 if TYPE_CHECKING:
     from autodiff_opt.search.runner import Experiment
 
 log = logging.getLogger(__name__)
 
-FINAL_ATTR = "autodiff:final"
 
 
 def search_fid_by_genome(study: optuna.Study) -> dict[str, float]:

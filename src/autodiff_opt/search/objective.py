@@ -14,12 +14,12 @@ from autodiff_opt.generate import ImageGenerator, NonFiniteSamples, SampleSet
 from autodiff_opt.metrics.fid import FIDScorer, FIDStats
 from autodiff_opt.search.attrs import set_trial_attrs
 from autodiff_opt.search.fidelity import IMAGE_STEPS_ATTR
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.space import GENOME_ATTR, SearchSpace, suggest_genome
+from autodiff_opt.core.keys import FAIL_REASON_ATTR
 
 log = logging.getLogger(__name__)
 
-FAIL_REASON_ATTR = "fail_reason"
 
 
 def evaluate(generator: ImageGenerator, scorer: FIDScorer, reference: FIDStats, samples: SampleSet,

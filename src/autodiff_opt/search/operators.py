@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 
 
 def random_genome(num_steps: int, num_train_timesteps: int, rng: np.random.Generator) -> Genome:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from autodiff_opt.generate import ImageGenerator, SampleSet
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 from autodiff_opt.solvers.ddim import ddim_step
 from autodiff_opt.solvers.schedules import make_distinct
 

@@ -15,12 +15,14 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
+from autodiff_opt.core.errors import ConfigError, SearchAborted
+from autodiff_opt.core.keys import PEERS_ATTR, SEEDED_ATTR
 from autodiff_opt.generate import ImageGenerator, SampleSet
 from autodiff_opt.metrics.fid import FIDScorer, FIDStats
 from autodiff_opt.metrics.reference import check_reference, reference_statistics
 from autodiff_opt.models.base import DiffusionModel
 from autodiff_opt.search.final import final_evaluation
-from autodiff_opt.search.genome import Genome, GenomeError, validate_timesteps
+from autodiff_opt.core.genome import Genome, GenomeError, validate_timesteps
 from autodiff_opt.search import coding
 from autodiff_opt.search.fidelity import PEER_COST_ATTR, ImageStepBudget, make_pruner, rung_sizes
 from autodiff_opt.search.objective import Objective
@@ -34,15 +36,6 @@ from autodiff_opt.utils import pick_device
 
 log = logging.getLogger(__name__)
 
-SEEDED_ATTR = "autodiff:seeded"
-
-
-class ConfigError(ValueError):
-    """A setting is wrong; the message names it and the fix."""
-
-
-class SearchAborted(RuntimeError):
-    """Candidates failed in a row: the setup is broken (finished trials are kept)."""
 
 
 @dataclass
@@ -216,7 +209,6 @@ def study_signature(cfg: DictConfig, space: SearchSpace) -> dict[str, Any]:
     return flat
 
 
-PEERS_ATTR = "autodiff:peers"
 
 
 def peer_clip_x0(exp: Experiment) -> bool:

@@ -29,7 +29,7 @@ from autodiff_opt.arch import operators as joint_ops
 from autodiff_opt.search import operators
 from autodiff_opt.search.attrs import set_trial_attrs
 from autodiff_opt.search.concurrency import next_slot
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.stage2 import Stage2Policy
 from autodiff_opt.search.space import (
     GENERATION_ATTR,
@@ -43,13 +43,13 @@ from autodiff_opt.search.space import (
     pareto_ranks,
     step_param,
 )
+from autodiff_opt.core.keys import PARENT_CACHE_PREFIX
 
 if TYPE_CHECKING:
     from autodiff_opt.arch.operators import JointSpace
 
 log = logging.getLogger(__name__)
 
-PARENT_CACHE_PREFIX = "autodiff:parents_of_generation:"
 
 
 @dataclass(frozen=True)

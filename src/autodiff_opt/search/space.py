@@ -7,15 +7,9 @@ from typing import Any
 
 import optuna
 
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
+from autodiff_opt.core.keys import GENERATION_ATTR, GENOME_ATTR, OPERATOR_ATTR, PARENTS_ATTR, SIGNATURE_ATTR, SLOT_ATTR, STAGE_ATTR
 
-GENOME_ATTR = "autodiff:genome"
-GENERATION_ATTR = "autodiff:generation"
-SLOT_ATTR = "autodiff:slot"
-OPERATOR_ATTR = "autodiff:operator"
-STAGE_ATTR = "autodiff:stage"
-PARENTS_ATTR = "autodiff:parents"
-SIGNATURE_ATTR = "autodiff:signature"
 
 
 @dataclass(frozen=True)

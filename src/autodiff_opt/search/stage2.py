@@ -18,8 +18,8 @@ from optuna.trial import FrozenTrial, TrialState
 from autodiff_opt.arch.budget import Budget
 from autodiff_opt.arch.operators import JointSpace, ramp_max_skip_frac
 from autodiff_opt.search.space import GENERATION_ATTR
+from autodiff_opt.core.keys import STAGE2_START_ATTR
 
-STAGE2_START_ATTR = "autodiff:stage2_start"
 
 
 @dataclass(frozen=True)

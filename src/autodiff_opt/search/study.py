@@ -12,6 +12,7 @@ from typing import Any
 import optuna
 from optuna.storages import BaseStorage, RDBStorage
 
+from autodiff_opt.core.errors import StudyError
 from autodiff_opt.search.concurrency import journal_storage, sqlalchemy_url
 
 from autodiff_opt.search.space import SIGNATURE_ATTR
@@ -21,10 +22,6 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 JOURNAL_PREFIX = "journal:"
-
-
-class StudyError(RuntimeError):
-    """The study cannot be opened as configured; the message says what to change."""
 
 
 def _retry_callback(max_retry: int) -> Any:

@@ -18,7 +18,7 @@ import numpy as np
 from scipy.linalg import cho_solve, solve_triangular
 from scipy.special import ndtr
 
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 
 LENGTH_SCALES = (0.04, 0.08, 0.16, 0.32, 0.64)
 NOISES = (1e-4, 1e-2, 1e-1)

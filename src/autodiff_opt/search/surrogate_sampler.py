@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autodiff_opt.arch import operators as joint_ops
 from autodiff_opt.search import operators
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig, genome_of
 from autodiff_opt.search.stage2 import Stage2Policy
 from autodiff_opt.search.space import SearchSpace

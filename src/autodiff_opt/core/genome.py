@@ -6,9 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-
-class GenomeError(ValueError):
-    """A schedule or skip mask that cannot be sampled."""
+from autodiff_opt.core.errors import GenomeError
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,27 @@
+"""Names of what the search keeps in Optuna storage (trial and study attributes).
+
+Trial system attributes (written by the samplers, read by the objective, reports and workers):
+"""
+
+GENOME_ATTR = "autodiff:genome"  # the genome's one home: Genome.key() JSON
+GENERATION_ATTR = "autodiff:generation"
+SLOT_ATTR = "autodiff:slot"
+OPERATOR_ATTR = "autodiff:operator"
+STAGE_ATTR = "autodiff:stage"
+PARENTS_ATTR = "autodiff:parents"
+HEARTBEAT_ATTR = "autodiff:heartbeat"  # journal storages only
+RETRY_OF_ATTR = "failed_trial"  # set by Optuna's RetryHeartbeatStaleTrialCallback
+
+# Trial user attributes (shown in optuna-dashboard):
+IMAGE_STEPS_ATTR = "image_steps"  # samples generated x network evaluations: the budget's unit
+FAIL_REASON_ATTR = "fail_reason"
+BASELINE_ATTR = "baseline"  # the heuristic or peer schedule an enqueued trial is
+
+# Study attributes:
+SIGNATURE_ATTR = "autodiff:signature"
+SEEDED_ATTR = "autodiff:seeded"  # the baselines are queued
+PEERS_ATTR = "autodiff:peers"
+PEER_COST_ATTR = "autodiff:peer_image_steps"
+FINAL_ATTR = "autodiff:final"
+STAGE2_START_ATTR = "autodiff:stage2_start"
+PARENT_CACHE_PREFIX = "autodiff:parents_of_generation:"
