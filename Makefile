@@ -22,8 +22,9 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(PY) -m autodiff_opt $(ARGS)
 
-## The whole test suite, offline.
+## The import contracts (pyproject.toml [tool.importlinter]), then the whole test suite, offline.
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q $(ARGS)
 
 ## optuna-dashboard on the study storage, bound to 127.0.0.1.

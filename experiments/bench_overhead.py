@@ -30,7 +30,7 @@ def measure(exp: Any, sampler_name: str, storage: str, candidates: int, tmp: Pat
     from omegaconf import OmegaConf
 
     from autodiff_opt.preflight import open_storage
-    from autodiff_opt.search import runner
+    from autodiff_opt import runner
     from autodiff_opt.search.fidelity import make_pruner
     from autodiff_opt.search.samplers import resolve
     from autodiff_opt.search.study import open_study
@@ -80,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    from autodiff_opt.search.runner import build_experiment
+    from autodiff_opt.runner import build_experiment
 
     with tempfile.TemporaryDirectory() as tmp:
         exp = build_experiment(_compose(args.overrides, Path(tmp)))

@@ -44,7 +44,7 @@ def _init(overrides: list[str], out: str, threads: int) -> None:
 
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING)
-    from autodiff_opt.search.runner import build_experiment
+    from autodiff_opt.runner import build_experiment
 
     _EXP = build_experiment(_compose(overrides, Path(out)))
 
@@ -54,7 +54,7 @@ def _run(job: tuple[str, int, float, dict[str, Any]]) -> dict[str, Any]:
     import optuna
     from omegaconf import OmegaConf
 
-    from autodiff_opt.search import runner
+    from autodiff_opt import runner
     from autodiff_opt.search.fidelity import PEER_COST_ATTR, ImageStepBudget, make_pruner
     from autodiff_opt.search.sampler import genome_of
     from autodiff_opt.search.samplers import resolve
@@ -112,7 +112,7 @@ def _peers(overrides: list[str], out: Path) -> dict[str, Any]:
     from autodiff_opt.search.peers import trajectory_dp
 
     exp = _EXP
-    from autodiff_opt.search.runner import peer_clip_x0
+    from autodiff_opt.runner import peer_clip_x0
 
     peer = trajectory_dp(exp.generator, exp.space.num_steps, exp.cfg.search.peer_samples, exp.cfg.search.peer_grid,
                          seed=exp.cfg.search.seed + 1, clip_x0=peer_clip_x0(exp))

@@ -135,7 +135,7 @@ def test_bad_input_gives_one_line_error_and_exit_2(override: str, message: str, 
 def test_bad_input_is_refused_before_any_work(override: str, message: str, tiny_model_dir: Path,
                                               tiny_reference: Path, tmp_path: Path) -> None:
     from autodiff_opt.core.errors import USER_ERRORS
-    from autodiff_opt.search.runner import run
+    from autodiff_opt.runner import run
 
     cfg = compose_cfg(_with(tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "s.db"), override), tmp_path)
     with pytest.raises(USER_ERRORS, match=re.escape(message)):

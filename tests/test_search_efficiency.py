@@ -174,7 +174,7 @@ def test_parents_pruner_stops_only_what_cannot_enter_the_parents() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_experiment(tiny_model_dir: Path, tiny_reference: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from autodiff_opt.search.runner import build_experiment
+    from autodiff_opt.runner import build_experiment
 
     tmp = tmp_path_factory.mktemp("exp")
     overrides = tiny_overrides(tiny_model_dir, tiny_reference, tmp / "unused.db",
@@ -184,7 +184,7 @@ def tiny_experiment(tiny_model_dir: Path, tiny_reference: Path, tmp_path_factory
 
 
 def test_pruned_candidates_keep_their_prefix_fid_and_are_never_parents(tiny_experiment) -> None:  # type: ignore[no-untyped-def]
-    from autodiff_opt.search import runner
+    from autodiff_opt import runner
     from autodiff_opt.search.fidelity import ImageStepBudget, make_pruner
 
     exp = tiny_experiment
@@ -360,7 +360,7 @@ def test_the_default_experiment_end_to_end_and_its_snippet_runs(tmp_path: Path) 
 
 
 def test_study_signature_covers_every_objective_setting_and_allows_only_the_listed_ones(tmp_path: Path) -> None:
-    from autodiff_opt.search.runner import RESUME_MAY_CHANGE, study_signature
+    from autodiff_opt.runner import RESUME_MAY_CHANGE, study_signature
 
     base = study_signature(compose_cfg([], tmp_path), SPACE)
     for override in ("model.guidance_scale=3.0", "model.classifier_scale=2.0", "model.prompts=p.txt",
@@ -381,7 +381,7 @@ def test_dp_peer_clips_x0_for_pixel_models_whatever_the_solver(tiny_experiment) 
 
     from omegaconf import OmegaConf
 
-    from autodiff_opt.search.runner import peer_clip_x0
+    from autodiff_opt.runner import peer_clip_x0
 
     exp = copy.copy(tiny_experiment)
     exp.cfg = tiny_experiment.cfg.copy()

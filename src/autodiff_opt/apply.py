@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from autodiff_opt.generate import ImageGenerator, SampleSet
-from autodiff_opt.models.factory import step_wrapper_for
+from autodiff_opt.arch.skip import step_wrapper_for
 from autodiff_opt.models.loading import load_model
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.utils import pick_device

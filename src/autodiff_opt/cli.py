@@ -23,7 +23,7 @@ register_configs()
 def _app(cfg: DictConfig) -> None:
     """Errors the user can fix end with their one-line message and exit code 2; bugs keep their traceback."""
     from autodiff_opt.core.errors import USER_ERRORS
-    from autodiff_opt.search.runner import run
+    from autodiff_opt.runner import run
 
     try:
         run(cfg)

@@ -35,6 +35,7 @@ from torch import nn
 
 from autodiff_opt.arch.layers import Layer, discover_layers, layer_modules
 from autodiff_opt.core.genome import Genome
+from autodiff_opt.models.base import DiffusionModel, StepWrapper
 
 try:  # diffusers >= 0.33 ships the hook system; older releases get the thin forward wrapper
     from diffusers.hooks import HookRegistry, ModelHook
@@ -260,3 +261,13 @@ def per_step_skipping(unet: nn.Module, skipper: LayerSkipper | None = None
         return with_step_masks(eps_fn, skippers[0], genome)
 
     return wrap
+
+
+def step_wrapper_for(model: DiffusionModel) -> StepWrapper:
+    """Per-step layer skipping for genomes with masks (stage 2); genomes without masks run the plain model.
+
+    The model's LayerSkipper is kept in ``model.extras["skipper"]``: the cost model and the export use it too.
+    """
+    if "skipper" not in model.extras:
+        model.extras["skipper"] = LayerSkipper(model.unet)
+    return per_step_skipping(model.unet, model.extras["skipper"])

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from autodiff_opt.models.base import DiffusionModel, ModelLoadError, StepWrapper
+from autodiff_opt.models.base import DiffusionModel, ModelLoadError
 from autodiff_opt.models.latent import is_text_to_image_pipeline
 from autodiff_opt.models.loading import BUILTIN_PREFIX, _looks_like_path, load_model, resolve_pretrained
 
@@ -132,16 +132,3 @@ def _missing_pretrained(model_cfg: DictConfig, hint: str) -> list[str]:
         return [f"model.pretrained={ref} is a hub id that is not in the local cache, and the hub is offline{hint}:"
                 f" download it elsewhere (huggingface-cli download {ref} --local-dir DIR) and set model.pretrained=DIR"]
     return []
-
-
-def step_wrapper_for(model: DiffusionModel) -> StepWrapper:
-    """Per-step layer skipping for genomes with masks (stage 2); genomes without masks run the plain model.
-
-    The model's LayerSkipper is kept in ``model.extras["skipper"]``: the cost model and the export use it too.
-    """
-    from autodiff_opt.arch import LayerSkipper
-    from autodiff_opt.arch.skip import per_step_skipping
-
-    if "skipper" not in model.extras:
-        model.extras["skipper"] = LayerSkipper(model.unet)
-    return per_step_skipping(model.unet, model.extras["skipper"])

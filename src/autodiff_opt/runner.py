@@ -137,7 +137,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     image_shape = (3 if model.decode is not None else model.sample_shape[0], *model.sample_shape[1:])
     reference = reference_statistics(cfg.dataset.reference, scorer, cfg.cache_dir, cfg.dataset.max_images)
     check_reference(reference, scorer, image_shape, cfg.dataset.reference)
-    from autodiff_opt.models.factory import step_wrapper_for
+    from autodiff_opt.arch.skip import step_wrapper_for
 
     generator = ImageGenerator(model, cfg.solver.name, cfg.solver.clip_x0, cfg.search.batch_size, cfg.precision,
                                step_wrapper=step_wrapper_for(model))
