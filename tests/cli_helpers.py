@@ -13,6 +13,8 @@ from typing import Callable
 import optuna
 
 TESTS_DIR = Path(__file__).resolve().parent
+REPORT_FINAL_SEED = 4242  # final.seed and report.grid_size of the report_run fixture (conftest.py)
+REPORT_GRID = 4
 
 
 def tiny_overrides(model_dir: Path, reference: Path, db: Path, **extra: object) -> list[str]:

@@ -52,3 +52,17 @@ def tiny_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ref") / "ref.npz"
     np.savez(path, arr_0=images.astype(np.uint8)[:, :, :, None])
     return path
+
+
+@pytest.fixture(scope="session")
+def report_run(tiny_model_dir: Path, tiny_reference: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One real CLI run on the tiny model with a peer, sample grids and an artifact store (report tests)."""
+    from cli_helpers import REPORT_FINAL_SEED, REPORT_GRID, run_cli, tiny_overrides
+
+    tmp = tmp_path_factory.mktemp("report")
+    overrides = tiny_overrides(tiny_model_dir, tiny_reference, tmp / "s.db", **{
+        "search.peers": "[gits_dp]", "search.peer_samples": 16, "search.peer_grid": 20, "final.seed": REPORT_FINAL_SEED,
+        "final.repeats": 2, "report.grid_size": REPORT_GRID, "report.artifact_dir": str(tmp / "artifacts")})
+    proc = run_cli(overrides, tmp, tmp / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"run": tmp / "run", "db": tmp / "s.db", "artifacts": tmp / "artifacts", "tmp": tmp}

@@ -56,3 +56,72 @@ def test_dashboard_lists_the_study_and_its_genome_params(tmp_path: Path) -> None
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def _get(app, path: str, query: str = "") -> tuple[str, bytes]:  # type: ignore[no-untyped-def]
+    """One GET through the dashboard's WSGI app (the same app `optuna-dashboard` serves)."""
+    from wsgiref.util import setup_testing_defaults
+
+    environ: dict[str, object] = {"PATH_INFO": path, "QUERY_STRING": query, "REQUEST_METHOD": "GET"}
+    setup_testing_defaults(environ)
+    status: list[str] = []
+    body = b"".join(app(environ, lambda s, headers, exc_info=None: status.append(s)))
+    return status[0], body
+
+
+def test_dashboard_shows_the_note_the_figures_and_the_sample_grids(report_run: dict[str, Path]) -> None:
+    from optuna.artifacts import FileSystemArtifactStore
+    from optuna_dashboard import wsgi
+
+    import pandas as pd
+
+    url = f"sqlite:///{report_run['db']}"
+    app = wsgi(url, artifact_store=FileSystemArtifactStore(str(report_run["artifacts"])))
+    status, body = _get(app, "/api/studies")
+    assert status.startswith("200")
+    (summary,) = json.loads(body)["study_summaries"]
+    status, body = _get(app, f"/api/studies/{summary['study_id']}", "after=0")
+    detail = json.loads(body)
+    assert detail["objective_names"] == ["FID"]
+    note = detail["note"]["body"]
+    final = pd.read_csv(report_run["run"] / "final.csv")
+    for row in final.itertuples():
+        assert f"| {row.schedule} | {row.kind} |" in note and f"{row.fid_final:.3f}" in note
+    assert "python -m autodiff_opt" in note
+    plots = {p["id"]: json.loads(p["graph_object"]) for p in detail["plotly_graph_objects"]}
+    assert set(plots) == {"search-history", "final-fid", "schedules"}
+    bars = plots["final-fid"]["data"][0]
+    assert list(bars["x"]) == list(final.sort_values("fid_final").schedule)
+    assert plots["search-history"]["layout"]["yaxis"]["type"] == "log"
+    artifacts = {a["filename"]: a for a in detail["artifacts"]}
+    expected = {"samples.png", *(f"samples_{name}.png" for name in final.schedule)}
+    assert set(artifacts) == expected
+    for name, meta in artifacts.items():
+        status, content = _get(app, f"/artifacts/{summary['study_id']}/{meta['artifact_id']}")
+        assert status.startswith("200") and meta["mimetype"] == "image/png"
+        on_disk = report_run["run"] / (name if name == "samples.png" else f"samples/{name}")
+        assert content == on_disk.read_bytes()
+
+
+def _system_attrs(db: Path) -> dict[str, object]:
+    study = optuna.load_study(study_name=optuna.get_all_study_names(f"sqlite:///{db}")[0], storage=f"sqlite:///{db}")
+    return study._storage.get_study_system_attrs(study._study_id)
+
+
+def test_the_same_command_again_adds_no_note_version_or_artifact(report_run: dict[str, Path], tiny_model_dir: Path,
+                                                                 tiny_reference: Path, tmp_path: Path) -> None:
+    """The report_run command run again (search done, final table reused): still one note version and one
+    stored copy of each grid; the figures keep their ids."""
+    from cli_helpers import REPORT_FINAL_SEED, REPORT_GRID, run_cli, tiny_overrides
+
+    before = _system_attrs(report_run["db"])
+    overrides = tiny_overrides(tiny_model_dir, tiny_reference, report_run["db"], **{
+        "search.peers": "[gits_dp]", "search.peer_samples": 16, "search.peer_grid": 20, "final.seed": REPORT_FINAL_SEED,
+        "final.repeats": 2, "report.grid_size": REPORT_GRID, "report.artifact_dir": str(report_run["artifacts"])})
+    proc = run_cli(overrides, report_run["tmp"], tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = _system_attrs(report_run["db"])
+    assert after == before
+    assert after["dashboard:note_ver"] == 1
+    stored = [k for k in after if k.startswith("artifacts:")]
+    assert len(stored) == len(list(report_run["artifacts"].iterdir())) > 0

@@ -115,6 +115,15 @@ class FinalConfig:
 
 
 @dataclass
+class ReportConfig:
+    grid_size: int = 8  # sample grids of grid_size x grid_size images per schedule, from the final seed (0: none)
+    # the grids as study artifacts in an Optuna FileSystemArtifactStore (optuna-dashboard --artifact-dir DIR);
+    # relative to the launch folder, where the default SQLite storage also lives; null: no artifacts
+    artifact_dir: Optional[str] = "artifacts"
+    dashboard: bool = True  # the final table as the study's note and the figures as its optuna-dashboard plots
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -123,6 +132,7 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     final: FinalConfig = field(default_factory=FinalConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     imports: List[str] = field(default_factory=list)  # modules imported first (e.g. to register a feature extractor)
     device: str = "auto"
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on CUDA only)

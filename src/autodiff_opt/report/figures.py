@@ -2,8 +2,26 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import plotly.graph_objects as go
+
+LABEL_HEIGHT = 0.06  # a label's height as a fraction of the plot's height
+
+
+def label_sides(levels: list[float], data: list[float]) -> list[str]:
+    """'top' or 'bottom' for the label of each horizontal line at levels (ascending, on a log axis spanning
+    data): a label goes above its line, except the lower of two lines too close for two labels between them."""
+    positive = [v for v in data + levels if v > 0]
+    if not positive:
+        return ["top"] * len(levels)
+    span = max(math.log10(max(positive)) - math.log10(min(positive)), 1e-9)
+    sides = ["top"] * len(levels)
+    for i in range(1, len(levels)):
+        if levels[i - 1] > 0 and math.log10(levels[i] / levels[i - 1]) / span < LABEL_HEIGHT:
+            sides[i - 1] = "bottom"
+    return sides
 
 
 def history_figure(trials: pd.DataFrame) -> go.Figure:
@@ -28,10 +46,12 @@ def history_figure(trials: pd.DataFrame) -> go.Figure:
     fig.add_trace(go.Scatter(x=done.trial, y=done.fid.cummin(), mode="lines", name="best so far",
                              line={"color": "black"}))
     last = int(trials.trial.max()) if not trials.empty else 1
-    for _, row in done[done.baseline.notna()].iterrows():  # a trace, not add_hline: its label sits right on a log axis
+    baselines = done[done.baseline.notna()].sort_values("fid")
+    sides = label_sides(list(baselines.fid), list(trials.fid.dropna()))
+    for side, (_, row) in zip(sides, baselines.iterrows()):  # a trace, not add_hline: its label sits right on a log axis
         fig.add_trace(go.Scatter(x=[0, last], y=[row.fid, row.fid], mode="lines+text", showlegend=False,
                                  line={"dash": "dash", "color": "firebrick", "width": 1}, opacity=0.6,
-                                 text=["", f"{row.baseline} {row.timesteps}"], textposition="top left",
+                                 text=["", f"{row.baseline} {row.timesteps}"], textposition=f"{side} left",
                                  hoverinfo="skip"))
     fig.update_layout(title="Search history (same seeds for every candidate)", xaxis_title="trial",
                       yaxis_title="FID (search samples)", yaxis_type="log", template="plotly_white",
@@ -57,7 +77,8 @@ def final_figure(final: pd.DataFrame) -> go.Figure:
     colors = ["seagreen" if k == "searched" else "steelblue" for k in ordered.kind]
     error = {"type": "data", "array": ordered.fid_final_std} if "fid_final_std" in ordered else None
     fig = go.Figure(go.Bar(x=ordered.schedule, y=ordered.fid_final, marker_color=colors, error_y=error,
-                           text=[f"{v:.2f}" for v in ordered.fid_final], textposition="outside"))
+                           text=[f"{v:.2f}" for v in ordered.fid_final], textposition="inside",
+                           insidetextanchor="start", textfont={"color": "white"}))  # clear of the error bars
     fig.update_layout(title="FID on fresh seeds (mean and std over independent sample sets), same NFE",
                       yaxis_title="FID", template="plotly_white")
     return fig

@@ -1,4 +1,5 @@
-"""Write a study's report into the run directory: CSV/Markdown tables, HTML figures, the schedule JSON."""
+"""Write a study's report into the run directory (CSV/Markdown tables, the report page, sample grids, the
+schedule JSON) and into the study for optuna-dashboard (note, plots, artifacts)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,16 @@ import optuna
 import pandas as pd
 
 from autodiff_opt.models.loading import resolve_pretrained
+from autodiff_opt.report.dashboard import publish_artifacts, publish_figures, publish_note
 from autodiff_opt.report.export import diffusers_snippet, export_schedule, sd_snippet
 from autodiff_opt.report.figures import final_figure, history_figure, pareto_figure, schedules_figure
+from autodiff_opt.report.headline import Headline, headline
+from autodiff_opt.report.page import Grid, render_page
+from autodiff_opt.report.provenance import job_overrides, reproduce_command, settings_yaml
+from autodiff_opt.report.samples import labelled_strip, png_bytes, sample_grids
 from autodiff_opt.report.tables import generation_summary, trials_table
-from autodiff_opt.search.final import best_genome
+from autodiff_opt.search.final import best_genome, final_candidates, kind_of
+from autodiff_opt.search.genome import Genome
 from autodiff_opt.search.space import best_fid_trial, fid_of
 from autodiff_opt.search.study import _redact
 
@@ -37,29 +44,67 @@ def to_markdown(table: pd.DataFrame, floatfmt: str = ".3f") -> str:
     return "\n".join([head, rule, *body]) + "\n"
 
 
-def _write_figures(path: Path, figures: list[Any]) -> None:
-    parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
-    path.write_text("<html><head><meta charset='utf-8'><title>autodiff-opt report</title></head><body>"
-                    + "\n".join(parts) + "</body></html>")
+def _caption(name: str, kind: str, genome: Genome, final: pd.DataFrame | None) -> str:
+    text = f"{name} ({kind}): steps {list(genome.timesteps)}"
+    if genome.has_skips:
+        text += f", {sum(len(s) for s in genome.skips)} skipped layers"
+    row = final[final.schedule == name] if final is not None and not final.empty else None
+    if row is not None and not row.empty and pd.notna(row.fid_final.iloc[0]):
+        text += f", FID {row.fid_final.iloc[0]:.3f} (fresh seeds)"
+    return text
+
+
+def _write_grids(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | None,
+                 out_dir: Path) -> tuple[list[Grid], list[Path]]:
+    """Every schedule of the final comparison on the same grid of noise (final.seed); one PNG each, and a
+    labelled sheet of all of them (samples.png)."""
+    size, seed = int(exp.cfg.report.grid_size), int(exp.cfg.final.seed)
+    if size <= 0:
+        return [], []
+    schedules = final_candidates(study, exp)
+    log.info("sample grids: %d schedules x %d images (seed %d)", len(schedules), size * size, seed)
+    images = sample_grids(exp, schedules, size, seed)
+    captions = {name: _caption(name, kind_of(name, exp), schedules[name], final) for name in images}
+    folder = out_dir / "samples"
+    folder.mkdir(exist_ok=True)
+    grids, files = [], []
+    for name, image in images.items():
+        grids.append(Grid(name, captions[name], png_bytes(image)))
+        files.append(folder / f"samples_{name}.png")
+        files[-1].write_bytes(grids[-1].png)
+    if images:
+        files.append(out_dir / "samples.png")
+        files[-1].write_bytes(png_bytes(labelled_strip(images, {k: v.replace(": ", "\n", 1) for k, v in captions.items()})))
+    return grids, files
+
+
+def note_markdown(head: Headline | None, final: pd.DataFrame | None, command: str) -> str:
+    """The study's note in optuna-dashboard: the headline, the final table and the command."""
+    parts = ["## Result (fresh seeds)", *(f"- {line}" for line in (head.lines() if head else ["no final evaluation"]))]
+    if final is not None and not final.empty:
+        parts += ["", "## Final comparison", "", to_markdown(final)]
+    parts += ["## Reproduce", "", "```", command, "```"]
+    return "\n".join(parts) + "\n"
 
 
 def write_report(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | None, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"trials": out_dir / "trials.csv", "generations": out_dir / "generations.csv",
              "schedule": out_dir / "best_schedule.json", "figures": out_dir / "report.html"}
+    paths["report"] = paths["figures"]
     trials = trials_table(study)
     trials.to_csv(paths["trials"], index=False)
     generation_summary(trials).to_csv(paths["generations"], index=False)
-    figures = [history_figure(trials)]
+    figures = {"search-history": history_figure(trials)}
     if len(study.directions) > 1:
-        figures.append(pareto_figure(trials))
+        figures["pareto-front"] = pareto_figure(trials)
     if final is not None and not final.empty:
         paths["final_csv"], paths["final_md"] = out_dir / "final.csv", out_dir / "final.md"
         final.to_csv(paths["final_csv"], index=False)
         paths["final_md"].write_text(to_markdown(final))
-        figures += [final_figure(final), schedules_figure(final, exp.space.num_train_timesteps)]
+        figures["final-fid"] = final_figure(final)
+        figures["schedules"] = schedules_figure(final, exp.space.num_train_timesteps)
         log.info("final comparison on fresh seeds:\n%s", final.to_string(index=False))
-    _write_figures(paths["figures"], figures)
     best = best_fid_trial(study)
     genome = best_genome(study)
     cfg = exp.cfg
@@ -79,5 +124,18 @@ def write_report(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | N
     skipper = exp.model.extras.get("skipper")
     names = [layer.name for layer in skipper.layers] if skipper is not None else None
     export_schedule(paths["schedule"], genome, info, layer_names=names)
+    grids, grid_files = _write_grids(study, exp, final, out_dir)
+    head = headline(final) if final is not None else None
+    command = reproduce_command(*job_overrides())
+    title = f"autodiff-opt: {study.study_name} ({cfg.model.name}, {cfg.solver.name}, K={cfg.search.num_steps})"
+    note = (f"the same {cfg.report.grid_size}x{cfg.report.grid_size} initial noise"
+            f"{' and class labels' if exp.model.num_classes else ''} (seed final.seed={cfg.final.seed}) for every schedule")
+    paths["figures"].write_text(render_page(title, head, final, grids, list(figures.values()),
+                                            settings_yaml(cfg), command, grid_note=note))
+    if cfg.report.dashboard:
+        publish_note(study, note_markdown(head, final, command))
+        publish_figures(study, figures)
+    if cfg.report.artifact_dir and grid_files:
+        publish_artifacts(study, grid_files, cfg.report.artifact_dir)
     log.info("report written to %s", out_dir)
     return paths

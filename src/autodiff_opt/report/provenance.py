@@ -1,0 +1,48 @@
+"""How a run was made: the resolved settings as YAML and the command that reproduces it (passwords redacted)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from autodiff_opt.search.study import _redact
+
+
+def _redact_value(text: str) -> str:
+    return _redact(text) if "://" in text and "@" in text else text
+
+
+def _redact_override(override: str) -> str:
+    key, sep, value = override.partition("=")
+    return f"{key}{sep}{_redact_value(value)}" if sep else override
+
+
+def settings_yaml(cfg: DictConfig) -> str:
+    """The resolved config (what the run used); falls back to the unresolved text outside a Hydra run."""
+    try:
+        tree: Any = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - ${hydra:...} interpolations need a Hydra run
+        tree = OmegaConf.to_container(cfg, resolve=False)
+    if isinstance(tree, dict) and isinstance(tree.get("storage"), dict) and isinstance(tree["storage"].get("url"), str):
+        tree["storage"]["url"] = _redact_value(tree["storage"]["url"])
+    return OmegaConf.to_yaml(OmegaConf.create(tree))
+
+
+def job_overrides() -> tuple[list[str], str]:
+    """This job's command-line overrides (a multirun job's own sweep values included) and its launch folder."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        return list(hydra_cfg.overrides.task), str(hydra_cfg.runtime.cwd)
+    return [a for a in sys.argv[1:] if "=" in a and not a.startswith("hydra.")], str(Path.cwd())
+
+
+def reproduce_command(overrides: list[str], cwd: str) -> str:
+    """A shell line that runs the same experiment again (relative paths are taken from cwd)."""
+    args = " ".join(shlex.quote(_redact_override(o)) for o in overrides)
+    return f"cd {shlex.quote(cwd)} && python -m autodiff_opt {args}".rstrip()
