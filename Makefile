@@ -7,6 +7,7 @@ ARGS   ?=
 STORAGE ?= sqlite:///autodiff_opt.db
 WORKERS ?= 2
 PORT   ?= 8080
+ARTIFACTS ?= artifacts
 
 .PHONY: setup run test dashboard workers bench bench-search bench-skip bench-storage clean
 
@@ -27,9 +28,10 @@ test: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q $(ARGS)
 
-## optuna-dashboard on the study storage, bound to 127.0.0.1.
+## optuna-dashboard on the study storage, bound to 127.0.0.1, with the sample grids (report.artifact_dir).
 dashboard: $(STAMP)
-	$(VENV)/bin/optuna-dashboard --host 127.0.0.1 --port $(PORT) $(STORAGE)
+	mkdir -p '$(ARTIFACTS)'
+	$(VENV)/bin/optuna-dashboard --host 127.0.0.1 --port $(PORT) --artifact-dir '$(ARTIFACTS)' '$(STORAGE)'
 
 ## N local worker processes on one study: make workers WORKERS=4 STORAGE=postgresql://... ARGS='...'
 workers: $(STAMP)

@@ -1,4 +1,5 @@
-"""The real optuna-dashboard serves a study made by the sampler, on 127.0.0.1 only."""
+"""The real optuna-dashboard serves a study made by the sampler, on 127.0.0.1 only; after a CLI run it shows
+the metric name, the final table as the note, the report's figures as plots and the sample grids as artifacts."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import optuna
+import pytest
 
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig
@@ -25,6 +27,23 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _serve(url: str, port: int, *extra: str) -> subprocess.Popen[bytes]:
+    """The optuna-dashboard command as `make dashboard` runs it."""
+    exe = Path(sys.executable).with_name("optuna-dashboard")
+    return subprocess.Popen([str(exe), "--host", "127.0.0.1", "--port", str(port), *extra, url],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_for(port: int) -> dict:
+    for _ in range(150):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as resp:
+                return json.loads(resp.read())
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError("optuna-dashboard did not answer on 127.0.0.1")
+
+
 def test_dashboard_lists_the_study_and_its_genome_params(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 's.db'}"
     sampler = AutoDiffusionSampler(SPACE, EvolutionConfig(population=5, num_parents=2, num_mutants=2,
@@ -33,19 +52,9 @@ def test_dashboard_lists_the_study_and_its_genome_params(tmp_path: Path) -> None
     study = optuna.create_study(storage=url, study_name="digits-ddim-k4", sampler=sampler)
     study.optimize(lambda t: float(sum(suggest_genome(t, SPACE).timesteps)), n_trials=6)
     port = _free_port()
-    exe = Path(sys.executable).with_name("optuna-dashboard")
-    proc = subprocess.Popen([str(exe), "--host", "127.0.0.1", "--port", str(port), url],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _serve(url, port)
     try:
-        body = None
-        for _ in range(150):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as resp:
-                    body = json.loads(resp.read())
-                break
-            except OSError:
-                time.sleep(0.2)
-        assert body is not None, "optuna-dashboard did not answer on 127.0.0.1"
+        body = _wait_for(port)
         studies = body["study_summaries"]
         assert [s["study_name"] for s in studies] == ["digits-ddim-k4"]
         study_id = studies[0]["study_id"]
@@ -69,6 +78,7 @@ def _get(app, path: str, query: str = "") -> tuple[str, bytes]:  # type: ignore[
     return status[0], body
 
 
+@pytest.mark.slow
 def test_dashboard_shows_the_note_the_figures_and_the_sample_grids(report_run: dict[str, Path]) -> None:
     from optuna.artifacts import FileSystemArtifactStore
     from optuna_dashboard import wsgi
@@ -108,6 +118,7 @@ def _system_attrs(db: Path) -> dict[str, object]:
     return study._storage.get_study_system_attrs(study._study_id)
 
 
+@pytest.mark.slow
 def test_the_same_command_again_adds_no_note_version_or_artifact(report_run: dict[str, Path], tiny_model_dir: Path,
                                                                  tiny_reference: Path, tmp_path: Path) -> None:
     """The report_run command run again (search done, final table reused): still one note version and one
@@ -125,3 +136,20 @@ def test_the_same_command_again_adds_no_note_version_or_artifact(report_run: dic
     assert after["dashboard:note_ver"] == 1
     stored = [k for k in after if k.startswith("artifacts:")]
     assert len(stored) == len(list(report_run["artifacts"].iterdir())) > 0
+
+
+@pytest.mark.slow
+def test_dashboard_server_with_artifact_dir_serves_the_grids(report_run: dict[str, Path]) -> None:
+    """`optuna-dashboard --artifact-dir DIR STORAGE` (the `make dashboard` command) serves the stored grids."""
+    port = _free_port()
+    proc = _serve(f"sqlite:///{report_run['db']}", port, "--artifact-dir", str(report_run["artifacts"]))
+    try:
+        study_id = _wait_for(port)["study_summaries"][0]["study_id"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study_id}?after=0", timeout=5) as resp:
+            artifacts = {a["filename"]: a["artifact_id"] for a in json.loads(resp.read())["artifacts"]}
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/artifacts/{study_id}/{artifacts['samples.png']}",
+                                    timeout=5) as resp:
+            assert resp.read() == (report_run["run"] / "samples.png").read_bytes()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

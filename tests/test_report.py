@@ -220,3 +220,43 @@ def test_axis_check_catches_a_log_axis_far_beyond_the_data() -> None:
     with pytest.raises(AssertionError, match="cuts the data"):
         check_axes_fit({"xaxis": {"type": "linear", "range": [0.5, 2.2]}}, traces, "bad")
     assert check_axes_fit({"yaxis": {"type": "log", "range": [-0.75, -0.25]}}, traces, "good") == 1
+
+
+def test_multirun_over_num_steps_ends_with_the_steps_summary(tiny_model_dir: Path, tiny_reference: Path,
+                                                             tmp_path: Path) -> None:
+    """`python -m autodiff_opt -m search.num_steps=3,4`: the Hydra callback writes summary.{csv,md,html}
+    from the jobs' own final tables; every schedule (heuristics, peer, searched) at each K."""
+    import sys
+
+    from cli_helpers import tiny_overrides
+
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "s.db", **{
+        "search.peers": "[gits_dp]", "search.peer_samples": 16, "search.peer_grid": 20, "search.generations": 1,
+        "final.repeats": 2, "report.grid_size": 2}) if not o.startswith("search.num_steps=")]
+    proc = subprocess.run([sys.executable, "-m", "autodiff_opt", "-m", "search.num_steps=3,4", *overrides,
+                           f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = pd.read_csv(sweep / "summary.csv")
+    jobs = {}
+    for job in ("0", "1"):
+        final = pd.read_csv(sweep / job / "final.csv")
+        k = int(final[final.kind == "heuristic"].nfe.iloc[0])
+        jobs[k] = final
+        rows = summary[summary.num_steps == k].set_index("schedule")
+        assert set(rows.index) == set(final.schedule) == {"searched", "ddim_uniform", "trailing", "gits_dp"}
+        for row in final.itertuples():
+            assert rows.loc[row.schedule, "fid_final"] == pytest.approx(row.fid_final, rel=1e-12)
+            assert rows.loc[row.schedule, "nfe"] == row.nfe
+    assert sorted(jobs) == [3, 4]
+    wide = (sweep / "summary.md").read_text()
+    assert "| schedule | K=3 | K=4 |" in wide
+    for k, final in jobs.items():
+        for row in final.itertuples():
+            assert f"{row.fid_final:.3f} ± {row.fid_final_std:.3f}" in wide
+    plots = plots_in_dom(_browser(["--dump-dom", (sweep / "summary.html").as_uri()], tmp_path).stdout)
+    assert len(plots) == 1
+    _, axes, traces = plots[0]
+    assert sorted(tuple(t["x"]) for t in traces) == [(3, 4)] * 4
+    assert axes["yaxis"]["type"] == "log" and check_axes_fit(axes, traces, "summary") == 2

@@ -16,7 +16,7 @@ from plotly.offline import get_plotlyjs
 
 from autodiff_opt.report.headline import Headline
 
-_STYLE = """
+STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1280px; padding: 0 16px; color: #222; }
 h1 { font-size: 1.6em; margin-bottom: 4px; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 4px; }
 .headline { font-size: 1.15em; background: #f3f7f4; border-left: 4px solid seagreen; padding: 8px 16px; }
@@ -30,7 +30,7 @@ img.grid { image-rendering: pixelated; border: 1px solid #ddd; }
 pre { background: #f6f6f6; padding: 8px; overflow-x: auto; font-size: 0.85em; }
 """
 
-_AXES_SCRIPT = """
+AXES_SCRIPT = """
 window.addEventListener('load', function () {
   var list = function (a) { return a == null ? [] : Array.prototype.slice.call(a); };
   document.querySelectorAll('.plotly-graph-div').forEach(function (gd) {
@@ -100,7 +100,7 @@ def render_page(title: str, head: Headline | None, final: pd.DataFrame | None, g
                 figures: list[go.Figure], settings: str, command: str, grid_note: str = "") -> str:
     return "\n".join([
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title><style>{_STYLE}</style>",
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style>",
         f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         "<section id='headline'>" + _headline_html(head) + "</section>",
@@ -110,6 +110,6 @@ def render_page(title: str, head: Headline | None, final: pd.DataFrame | None, g
         "<section id='figures'><h2>Figures</h2>" + _figures_html(figures) + "</section>",
         "<section id='settings'><h2>Reproduce</h2><pre id='command'>" + html.escape(command) + "</pre>"
         "<h2>Settings (resolved)</h2><pre id='config'>" + html.escape(settings) + "</pre></section>",
-        f"<script type='text/javascript'>{_AXES_SCRIPT}</script>",
+        f"<script type='text/javascript'>{AXES_SCRIPT}</script>",
         "</body></html>",
     ])

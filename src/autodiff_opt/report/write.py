@@ -91,7 +91,6 @@ def write_report(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | N
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"trials": out_dir / "trials.csv", "generations": out_dir / "generations.csv",
              "schedule": out_dir / "best_schedule.json", "figures": out_dir / "report.html"}
-    paths["report"] = paths["figures"]
     trials = trials_table(study)
     trials.to_csv(paths["trials"], index=False)
     generation_summary(trials).to_csv(paths["generations"], index=False)
@@ -124,18 +123,25 @@ def write_report(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | N
     skipper = exp.model.extras.get("skipper")
     names = [layer.name for layer in skipper.layers] if skipper is not None else None
     export_schedule(paths["schedule"], genome, info, layer_names=names)
-    grids, grid_files = _write_grids(study, exp, final, out_dir)
+    _page_and_dashboard(study, exp, final, figures, paths["figures"])
+    log.info("report written to %s", out_dir)
+    return paths
+
+
+def _page_and_dashboard(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | None,
+                        figures: dict[str, Any], page: Path) -> None:
+    """report.html with the grids, then the note, plots and grids in the study for optuna-dashboard."""
+    cfg = exp.cfg
+    grids, grid_files = _write_grids(study, exp, final, page.parent)
     head = headline(final) if final is not None else None
     command = reproduce_command(*job_overrides())
     title = f"autodiff-opt: {study.study_name} ({cfg.model.name}, {cfg.solver.name}, K={cfg.search.num_steps})"
     note = (f"the same {cfg.report.grid_size}x{cfg.report.grid_size} initial noise"
             f"{' and class labels' if exp.model.num_classes else ''} (seed final.seed={cfg.final.seed}) for every schedule")
-    paths["figures"].write_text(render_page(title, head, final, grids, list(figures.values()),
-                                            settings_yaml(cfg), command, grid_note=note))
+    page.write_text(render_page(title, head, final, grids, list(figures.values()), settings_yaml(cfg), command,
+                                grid_note=note))
     if cfg.report.dashboard:
         publish_note(study, note_markdown(head, final, command))
         publish_figures(study, figures)
     if cfg.report.artifact_dir and grid_files:
         publish_artifacts(study, grid_files, cfg.report.artifact_dir)
-    log.info("report written to %s", out_dir)
-    return paths
