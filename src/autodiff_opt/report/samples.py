@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from autodiff_opt.generate import NonFiniteSamples, SampleSet
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 
 if TYPE_CHECKING:
     from autodiff_opt.search.runner import Experiment

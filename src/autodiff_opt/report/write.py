@@ -21,7 +21,7 @@ from autodiff_opt.report.provenance import job_overrides, reproduce_command, set
 from autodiff_opt.report.samples import labelled_strip, png_bytes, sample_grids
 from autodiff_opt.report.tables import generation_summary, trials_table
 from autodiff_opt.search.final import best_genome, final_candidates, kind_of
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.space import best_fid_trial, fid_of
 from autodiff_opt.search.study import _redact
 
