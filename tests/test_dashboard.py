@@ -34,14 +34,16 @@ def _serve(url: str, port: int, *extra: str) -> subprocess.Popen[bytes]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _wait_for(port: int) -> dict:
-    for _ in range(150):
+def _wait_for(port: int, proc: subprocess.Popen[bytes]) -> dict:
+    """The study list once the server answers (its start takes long on a busy machine: up to 3 min)."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as resp:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as resp:
                 return json.loads(resp.read())
         except OSError:
             time.sleep(0.2)
-    raise AssertionError("optuna-dashboard did not answer on 127.0.0.1")
+    raise AssertionError(f"optuna-dashboard did not answer on 127.0.0.1 (exit code {proc.poll()})")
 
 
 def test_dashboard_lists_the_study_and_its_genome_params(tmp_path: Path) -> None:
@@ -54,7 +56,7 @@ def test_dashboard_lists_the_study_and_its_genome_params(tmp_path: Path) -> None
     port = _free_port()
     proc = _serve(url, port)
     try:
-        body = _wait_for(port)
+        body = _wait_for(port, proc)
         studies = body["study_summaries"]
         assert [s["study_name"] for s in studies] == ["digits-ddim-k4"]
         study_id = studies[0]["study_id"]
@@ -144,7 +146,7 @@ def test_dashboard_server_with_artifact_dir_serves_the_grids(report_run: dict[st
     port = _free_port()
     proc = _serve(f"sqlite:///{report_run['db']}", port, "--artifact-dir", str(report_run["artifacts"]))
     try:
-        study_id = _wait_for(port)["study_summaries"][0]["study_id"]
+        study_id = _wait_for(port, proc)["study_summaries"][0]["study_id"]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study_id}?after=0", timeout=5) as resp:
             artifacts = {a["filename"]: a["artifact_id"] for a in json.loads(resp.read())["artifacts"]}
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/artifacts/{study_id}/{artifacts['samples.png']}",
