@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from autodiff_opt import preflight
 from autodiff_opt.metrics.fid import MetricError
@@ -119,6 +121,57 @@ def test_a_plain_postgresql_url_works(pg_url: str, tiny_model_dir: Path, tiny_re
     assert proc.returncode == 0, proc.stderr.strip().splitlines()[-1]
 
 
+# --- inputs that ended in tracebacks, or were refused only after the search, before the edges branch ----------
+def test_a_model_folder_whose_weights_are_cut_short(tiny_model_dir: Path, tiny_reference: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "cut"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
+    proc = run_with({"model.pretrained": folder}, tiny_model_dir, tiny_reference, tmp_path)
+    assert_refused(proc, f"{weights} is not a readable safetensors file", tmp_path)
+    assert "copy or download it again" in proc.stderr
+    assert not list((tmp_path / "cache").glob("ref-*.npz")), "reference statistics were computed first"
+
+
+def test_an_unknown_baseline(tiny_model_dir: Path, tiny_reference: Path, tmp_path: Path) -> None:
+    proc = run_with({"search.baselines": "[ddim_uniform,nope]"}, tiny_model_dir, tiny_reference, tmp_path)
+    assert_refused(proc, "search.baselines: ['nope'] unknown: use any of ddim_uniform, ", tmp_path)
+
+
+@pytest.mark.parametrize("final_seed,message", [(0, "final.seed = 0 is search.seed"),
+                                                (-7919, "final.seed + 7919 x 1 (repeat 1) = 0 is search.seed")])
+def test_final_seeds_that_are_the_search_seed(final_seed: int, message: str, tiny_model_dir: Path,
+                                              tiny_reference: Path, tmp_path: Path) -> None:
+    proc = run_with({"search.seed": 0, "final.seed": final_seed}, tiny_model_dir, tiny_reference, tmp_path)
+    assert_refused(proc, message, tmp_path)
+    assert "set final.seed to another value" in proc.stderr
+
+
+class _Payload:
+    """Unpickling it creates a file: the code a pickled checkpoint can carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return open, (self.marker, "w")
+
+
+def test_a_guided_diffusion_checkpoint_holding_a_pickled_object(tiny_model_dir: Path, tiny_reference: Path,
+                                                                tmp_path: Path) -> None:
+    marker = tmp_path / "payload-ran"
+    checkpoint = tmp_path / "64x64_diffusion.pt"
+    torch.save({"input_blocks.0.0.weight": torch.zeros(2), "payload": _Payload(marker)}, checkpoint)
+    proc = run_with({"model.converter": "adm", "model.preset": "imagenet64", "model.checkpoint": checkpoint},
+                    tiny_model_dir, tiny_reference, tmp_path)
+    assert_refused(proc, f"model.checkpoint={checkpoint} is not a plain state dict", tmp_path)
+    assert "weights_only=False and torch.save its state_dict()" in proc.stderr
+    assert not marker.exists(), "the checkpoint's code ran"
+    assert not (tmp_path / "cache" / "converted").exists(), "the conversion started"
+    torch.load(checkpoint, weights_only=False)  # the payload is real: an unsafe load runs it
+    assert marker.exists()
+
+
 # --- the preflight functions themselves --------------------------------------------------------------------------
 def test_check_device() -> None:
     preflight.check_device("auto")
@@ -151,10 +204,37 @@ def test_check_model_folder(tiny_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="no weights"):
         preflight.check_model_folder(str(pipeline))
     (pipeline / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="is not a readable safetensors file"):  # an empty (cut) download
+        preflight.check_model_folder(str(pipeline))
+    save_file({"w": torch.zeros(3)}, pipeline / "unet" / "diffusion_pytorch_model.safetensors")
     preflight.check_model_folder(str(pipeline))
+    (pipeline / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DModel"],
+                                                           "vae": ["diffusers", "AutoencoderKL"]}))
+    (pipeline / "vae").mkdir()
+    (pipeline / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"<html>404</html>")
+    with pytest.raises(ModelLoadError, match="vae/diffusion_pytorch_model.safetensors is not a readable"):
+        preflight.check_model_folder(str(pipeline))  # every component of a pipeline, not only its UNet
+    shutil.rmtree(pipeline / "vae")
     (pipeline / "unet" / "config.json").write_text("[1, 2]")
     with pytest.raises(ModelLoadError, match="not a model config"):
         preflight.check_model_folder(str(pipeline))
+
+
+def test_check_weights_of_bin_files_and_checkpoints(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(2)}, tmp_path / "diffusion_pytorch_model.bin")
+    preflight.check_weights(tmp_path)
+    torch.save({"w": torch.nn.Linear(2, 2)}, tmp_path / "diffusion_pytorch_model.bin")  # a pickled module
+    with pytest.raises(ModelLoadError, match="is not a plain state dict"):
+        preflight.check_weights(tmp_path)
+    (tmp_path / "diffusion_pytorch_model.bin").write_bytes(b"PK\x03\x04 cut")
+    with pytest.raises(ModelLoadError, match="is not a readable PyTorch checkpoint"):
+        preflight.check_weights(tmp_path)
+    save_file({"w": torch.ones(2)}, tmp_path / "diffusion_pytorch_model.safetensors")
+    preflight.check_weights(tmp_path)  # diffusers reads the safetensors file: the .bin beside it is not read
+    torch.save([torch.ones(1)], tmp_path / "list.pt")
+    with pytest.raises(ModelLoadError, match="is not a state dict"):
+        preflight.check_checkpoints({"converter": "adm", "checkpoint": str(tmp_path / "list.pt"), "classifier": None})
+    preflight.check_checkpoints({"converter": None, "checkpoint": str(tmp_path / "list.pt"), "classifier": None})
 
 
 def test_check_feature_layer() -> None:

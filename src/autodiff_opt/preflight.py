@@ -65,6 +65,24 @@ def check_search(search: Any) -> None:
     unknown = [p for p in (search.get("peers") or []) if p not in ("gits_dp", "ays")]
     if unknown:
         raise _config_error(f"search.peers: {unknown} unknown: use gits_dp and/or ays")
+    from autodiff_opt.solvers import HEURISTICS
+
+    unknown = [b for b in (search.get("baselines") or []) if b not in HEURISTICS]
+    if unknown:
+        raise _config_error(f"search.baselines: {unknown} unknown: use any of {', '.join(HEURISTICS)} (or [] for none)")
+
+
+def check_seeds(search_seed: int, final: Any) -> None:
+    """The final comparison draws repeat r from seed final.seed + 7919 r (search/final.py): none may be the
+    search's seed, or the 'fresh' images are the ones the search was scored on."""
+    if final is None or not final.get("enabled", True):
+        return
+    seeds = [int(final.seed) + 7919 * r for r in range(max(1, int(final.get("repeats", 1) or 1)))]
+    if int(search_seed) in seeds:
+        r = seeds.index(int(search_seed))
+        which = "final.seed" if r == 0 else f"final.seed + 7919 x {r} (repeat {r})"
+        raise _config_error(f"{which} = {search_seed} is search.seed: the final comparison needs fresh seeds:"
+                            " set final.seed to another value (the default is 1000003)")
 
 
 def _unet_folder(root: Path, subfolder: str | None) -> Path:
@@ -102,6 +120,45 @@ def check_model_folder(pretrained: str, subfolder: str | None = None) -> None:
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise ModelLoadError(f"{folder} has a config.json but no weights ({WEIGHT_FILES[0]} or {WEIGHT_FILES[1]}):"
                              " copy the whole folder written by save_pretrained")
+    for component in _components(root, folder):
+        check_weights(component)
+
+
+def _components(root: Path, unet_folder: Path) -> list[Path]:
+    """The UNet folder, and for a pipeline folder every component folder it names (vae, text_encoder, ...)."""
+    folders = [unet_folder]
+    index = root / "model_index.json"
+    if index.is_file():
+        try:
+            names = [k for k, v in json.loads(index.read_text()).items() if not k.startswith("_") and isinstance(v, list)]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            names = []  # the loader reports an unreadable model_index.json
+        folders += [root / n for n in names if (root / n).is_dir() and root / n != unet_folder]
+    return folders
+
+
+def check_weights(folder: Path) -> None:
+    """Each weights file diffusers would read is whole: safetensors headers parse and cover their files; a
+    pickled .bin (read only where no safetensors file is) holds nothing but tensors. No tensor data is read."""
+    from autodiff_opt.models.loading import check_safetensors, plain_state_dict
+
+    safetensors = sorted(folder.glob("*.safetensors"))
+    for path in safetensors:
+        check_safetensors(path)
+    if not safetensors:
+        for path in sorted(folder.glob("*.bin")):
+            plain_state_dict(path, "model.pretrained", mmap=True)
+
+
+def check_checkpoints(model: Any) -> None:
+    """guided-diffusion .pt files (model.checkpoint with model.converter, model.classifier) are plain state
+    dicts: checked with the tensors memory-mapped, not read; a missing file is reported by missing_files."""
+    from autodiff_opt.models.loading import plain_state_dict
+
+    for option, used in (("model.checkpoint", model.get("converter")), ("model.classifier", True)):
+        value = model.get(option.split(".")[1])
+        if used and value and Path(str(value)).expanduser().is_file():
+            plain_state_dict(Path(str(value)).expanduser(), option, mmap=True)
 
 
 def check_feature_layer(feature_extractor: str, feature_layer: str | None) -> None:
@@ -172,10 +229,12 @@ def open_storage(storage_cfg: Any):  # -> optuna.storages.BaseStorage
 
 
 def run_all(cfg: Any):  # -> optuna.storages.BaseStorage
-    """Every check above that needs no plugin, cheapest first, then the storage opened: call before anything
+    """Every check above that needs no plugin, cheapest first (settings, then file headers), then the storage opened: call before anything
     is loaded, and use the storage it returns (check_storage alone creates no study, table or file)."""
     check_search(cfg.search)
+    check_seeds(cfg.search.get("seed", 0), cfg.get("final"))
     check_device(str(cfg.device))
     check_model_folder(str(cfg.model.pretrained), cfg.model.subfolder)
+    check_checkpoints(cfg.model)
     check_storage(str(cfg.storage.url))
     return open_storage(cfg.storage)

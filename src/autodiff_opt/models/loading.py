@@ -30,6 +30,47 @@ def resolve_pretrained(pretrained: str) -> str:
     return os.path.expanduser(pretrained)
 
 
+def check_safetensors(path: Path) -> None:
+    """The file's header parses and its tensors cover the file (what a cut download or a saved error page
+    fails): reads the header only, no tensor data."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as err:
+        raise ModelLoadError(f"{path} is not a readable safetensors file ({str(err).strip()[:120]}): the file is"
+                             " damaged or cut short; copy or download it again") from err
+
+
+def plain_state_dict(path: Path, option: str, mmap: bool = False) -> dict[str, Any]:
+    """torch.load(weights_only=True) of a checkpoint, with one-line errors. With mmap the tensors are mapped,
+    not read: a cheap check of a large file (falls back to a full load for the pre-1.6 torch.save format)."""
+    import pickle
+
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as err:
+            if not mmap or "mmap" not in str(err):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ModelLoadError(
+            f"{option}={path} is not a plain state dict: it holds pickled Python objects, which"
+            " torch.load(weights_only=True) refuses to run; where you trust the file, load it with"
+            " weights_only=False and torch.save its state_dict() (a dict of tensors), then point"
+            f" {option} at the new file") from err
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        first = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
+        raise ModelLoadError(f"{option}={path} is not a readable PyTorch checkpoint ({type(err).__name__}:"
+                             f" {first}): the file is damaged or cut short; download it again") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{option}={path} is not a state dict (a dict of tensors): save model.state_dict()"
+                             f" with torch.save and point {option} at that file")
+    return state
+
+
 def _looks_like_path(ref: str) -> bool:
     """Hub ids look like 'org/name'; anything else (absolute, relative, a file name) is a local path."""
     return ref.startswith(("/", ".", "~")) or ref.count("/") != 1 or ref.endswith((".pt", ".pth", ".ckpt", ".safetensors"))

@@ -28,6 +28,8 @@ from autodiff_opt.models.adm.config import (
     scheduler_config,
 )
 from autodiff_opt.models.adm.keymap import convert_params, unet_module_pairs
+from autodiff_opt.models.base import ModelLoadError
+from autodiff_opt.models.loading import plain_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +51,7 @@ def load_adm_state_dict(path: str | Path, option: str = "--checkpoint") -> dict[
     path = Path(path).expanduser()
     if not path.is_file():
         raise MissingCheckpointError(missing_file_message(path, option))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise AdmConfigError(f"{path} is not a guided-diffusion state dict (a dict of tensors)")
-    return state
+    return plain_state_dict(path, option)
 
 
 def _block_types(cfg: AdmUNetConfig) -> tuple[list[str], list[str]]:
@@ -206,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         convert_checkpoint(args.checkpoint, cfg, args.out)
-    except (MissingCheckpointError, AdmConfigError, KeyError) as err:
+    except (MissingCheckpointError, AdmConfigError, ModelLoadError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
