@@ -32,7 +32,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "src")]
 import cheap_worker as cw  # noqa: E402  (loads the sampler without torch)
 import optuna  # noqa: E402
 
-from autodiff_opt.search.concurrency import audit, sqlalchemy_url  # noqa: E402
+from autodiff_opt.search.concurrency import audit  # noqa: E402
 from autodiff_opt.search.space import suggest_genome  # noqa: E402
 from autodiff_opt.search.study import make_storage  # noqa: E402
 
@@ -40,14 +40,13 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def new_database(server_url: str) -> str:
-    import psycopg2
+    import psycopg
     from sqlalchemy.engine import make_url
 
-    url = make_url(sqlalchemy_url(server_url))
+    url = make_url(server_url)
     name = f"bench_{uuid.uuid4().hex[:10]}"
-    con = psycopg2.connect(host=url.host, port=url.port, user=url.username, password=url.password,
-                           dbname=url.database or "postgres")
-    con.autocommit = True
+    con = psycopg.connect(host=url.host, port=url.port, user=url.username, password=url.password,
+                          dbname=url.database or "postgres", autocommit=True)
     with con.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')
     con.close()

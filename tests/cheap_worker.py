@@ -48,7 +48,6 @@ from autodiff_opt.search.concurrency import (  # noqa: E402
     SearchBudget,
     StudyLockedSampler,
     journal_storage,
-    sqlalchemy_url,
 )
 from autodiff_opt.core.genome import Genome  # noqa: E402
 from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig  # noqa: E402
@@ -74,7 +73,7 @@ def distance(genome: Genome) -> float:
 def open_storage(url: str, heartbeat: int, grace: int) -> optuna.storages.BaseStorage:
     if url.startswith("journal:"):
         return journal_storage(url[len("journal:"):], heartbeat or None, grace, max_retry=3)
-    return make_storage(sqlalchemy_url(url), heartbeat or None, grace, max_retry=3)
+    return make_storage(url, heartbeat or None, grace, max_retry=3)
 
 
 class RendezvousSampler(AutoDiffusionSampler):

@@ -96,12 +96,12 @@ class PostgresServer:
 
     def create_database(self, name: str | None = None) -> str:
         """A new empty database; returns its URL."""
-        import psycopg2
+        import psycopg
 
         name = name or f"t_{uuid.uuid4().hex[:12]}"
-        con = psycopg2.connect(host="127.0.0.1", port=self.port, user=SERVER_USER, dbname="postgres", connect_timeout=10)
+        con = psycopg.connect(host="127.0.0.1", port=self.port, user=SERVER_USER, dbname="postgres", connect_timeout=10,
+                              autocommit=True)
         try:
-            con.autocommit = True
             with con.cursor() as cur:
                 cur.execute(f'CREATE DATABASE "{name}"')
         finally:

@@ -56,9 +56,10 @@ def stats_of_another_size(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ("too-few-samples", {"search.num_samples": 1}, "FID needs at least 2 samples"),
     ("weights-file-missing", {"metric.weights_path": "/nonexistent/inception.pth"}, "metric.weights_path=/nonexistent"),
     ("journal-not-writable", {"storage.url": "journal:/proc/no/such/dir/study.log"}, "cannot be opened"),
-    ("postgres-port-closed", {"storage.url": "postgresql+psycopg2://nobody@127.0.0.1:1/none"}, "Connection refused"),
-    ("postgres-unknown-host", {"storage.url": "postgresql+psycopg2://nobody@no-such-host.invalid/none"},
-     "could not translate host name"),
+    ("postgres-port-closed", {"storage.url": "postgresql://nobody@127.0.0.1:1/none"}, "Connection refused"),
+    ("postgres-unknown-host", {"storage.url": "postgresql://nobody@no-such-host.invalid/none"},
+     "failed to resolve host 'no-such-host.invalid'"),
+    ("postgres-scheme", {"storage.url": "postgres://nobody@127.0.0.1:1/none"}, "write postgresql://"),
 ])
 def test_bad_input_is_refused_with_one_line(name: str, override: dict[str, object], message: str, tiny_model_dir: Path,
                                             tiny_reference: Path, stats_of_another_size: Path, tmp_path: Path) -> None:
@@ -109,7 +110,7 @@ def test_more_mutants_and_crossovers_than_the_population(tiny_model_dir: Path, t
 
 def test_unreachable_storage_is_refused_before_reference_statistics(tiny_model_dir: Path, tiny_reference: Path,
                                                                      tmp_path: Path) -> None:
-    proc = run_with({"storage.url": "postgresql+psycopg2://nobody@127.0.0.1:1/none"}, tiny_model_dir, tiny_reference,
+    proc = run_with({"storage.url": "postgresql://nobody@127.0.0.1:1/none"}, tiny_model_dir, tiny_reference,
                     tmp_path)
     assert proc.returncode == 2
     assert not list((tmp_path / "cache").glob("ref-*.npz")), "reference statistics were computed first"

@@ -3,7 +3,6 @@ search, orphan recovery, the slot rule, audits. (The processes themselves: tests
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import threading
 import time
@@ -26,7 +25,6 @@ from autodiff_opt.search.concurrency import (
     fail_orphaned_trials,
     journal_storage,
     next_slot,
-    sqlalchemy_url,
     study_lock,
 )
 from autodiff_opt.search.sampler import count_by_generation
@@ -46,21 +44,13 @@ def frozen(state: TrialState, generation: int | None, slot: int | None, genome: 
 
 
 # --- URLs ------------------------------------------------------------------------------------------
-def test_sqlalchemy_url_picks_the_installed_postgres_driver() -> None:
-    has_v3 = importlib.util.find_spec("psycopg") is not None
-    expected = "postgresql://u@h/db" if has_v3 else "postgresql+psycopg2://u@h/db"
-    assert sqlalchemy_url("postgresql://u@h/db") == expected
-    assert sqlalchemy_url("postgres://u@h/db") == expected
-    for url in ("postgresql+psycopg2://u@h/db", "sqlite:///a.db", "journal:/x.log", "mysql+pymysql://u@h/db"):
-        assert sqlalchemy_url(url) == url
-
-
-def test_a_bare_postgresql_url_opens_a_real_server(pg_url: str) -> None:
+def test_a_bare_postgresql_url_opens_a_real_server_with_psycopg_3(pg_url: str) -> None:
     assert pg_url.startswith("postgresql://")
-    storage = make_storage(sqlalchemy_url(pg_url), heartbeat_interval=1, grace_period=2)
+    storage = make_storage(pg_url, heartbeat_interval=1, grace_period=2)
+    assert storage.engine.dialect.driver == "psycopg"  # what every client (dashboard, optuna CLI) picks for it
     study = optuna.create_study(storage=storage, study_name="x")
     study.optimize(lambda t: t.suggest_int("a", 0, 3), n_trials=2)
-    assert len(optuna.load_study(study_name="x", storage=sqlalchemy_url(pg_url)).trials) == 2
+    assert len(optuna.load_study(study_name="x", storage=pg_url).trials) == 2
 
 
 # --- the study lock ----------------------------------------------------------------------------------
@@ -267,9 +257,9 @@ def test_missing_postgres_binaries_are_an_error_that_says_how_to_install(monkeyp
 
 
 def test_the_throwaway_server_listens_on_loopback_only(pg_server) -> None:  # noqa: ANN001
-    import psycopg2
+    import psycopg
 
-    con = psycopg2.connect(host="127.0.0.1", port=pg_server.port, user="postgres", dbname="postgres", connect_timeout=10)
+    con = psycopg.connect(host="127.0.0.1", port=pg_server.port, user="postgres", dbname="postgres", connect_timeout=10)
     try:
         with con.cursor() as cur:
             cur.execute("SHOW listen_addresses")

@@ -280,7 +280,7 @@ def test_launcher_gives_each_worker_its_device_and_run_dir(tmp_path: Path, monke
     for i, device in enumerate(["cuda:0", "cuda:1", "cuda:0"]):
         assert f"device={device}" in lines[i] and "final.enabled=false" in lines[i]
         assert f"hydra.run.dir={tmp_path / 'r' / f'worker-{i}'}" in lines[i]
-        assert "storage.url='postgresql+psycopg2://u@h/db?host=/tmp/s&x=y'" in lines[i]
+        assert "storage.url='postgresql://u@h/db?host=/tmp/s&x=y'" in lines[i]  # the URL as given: every client reads it
     assert "final.enabled" not in lines[3] and "device=cuda:0" in lines[3]
     assert lines[3].endswith(f"hydra.run.dir={tmp_path / 'r'}")
     monkeypatch.setenv("AUTODIFF_OPT_DEVICES", "cuda:1")  # what `make workers` can pass

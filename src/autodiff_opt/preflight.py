@@ -181,6 +181,8 @@ def _storage_error(url: str, err: BaseException) -> Exception:
     from autodiff_opt.search.study import StudyError, _redact
 
     first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+    if url.startswith("postgres://"):  # Heroku-style: SQLAlchemy, optuna and optuna-dashboard all refuse it
+        first += "; write postgresql:// instead of postgres://"
     return StudyError(f"storage.url={_redact(url)} cannot be opened ({type(err).__name__}: {first}): check the URL,"
                       " that the database server is running and reachable, and the credentials")
 
@@ -190,8 +192,6 @@ def check_storage(url: str) -> None:
     must accept a connection; for journal and SQLite files the folder must exist (it is created, as
     make_storage would) and be writable. Bare postgresql:// URLs are tried with the installed driver."""
     import os
-
-    from autodiff_opt.search.concurrency import sqlalchemy_url
 
     url = str(url)
     path = url[len("journal:"):] if url.startswith("journal:") else url[len("sqlite:///"):] if url.startswith("sqlite:///") else None
@@ -209,7 +209,7 @@ def check_storage(url: str) -> None:
     import sqlalchemy
 
     try:
-        engine = sqlalchemy.create_engine(sqlalchemy_url(url))
+        engine = sqlalchemy.create_engine(url)
         try:
             with engine.connect():
                 pass
@@ -221,10 +221,9 @@ def check_storage(url: str) -> None:
 
 def open_storage(storage_cfg: Any):  # -> optuna.storages.BaseStorage
     """The study's storage, opened (and so checked). Bare postgresql:// URLs get the installed driver."""
-    from autodiff_opt.search.concurrency import sqlalchemy_url
     from autodiff_opt.search.study import make_storage
 
-    return make_storage(sqlalchemy_url(str(storage_cfg.url)), storage_cfg.heartbeat_interval,
+    return make_storage(str(storage_cfg.url), storage_cfg.heartbeat_interval,
                         storage_cfg.grace_period, storage_cfg.max_retry)
 
 

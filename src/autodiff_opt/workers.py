@@ -159,11 +159,10 @@ def compose_config(overrides: list[str], url: str):
 
 
 def open_storage(url: str, cfg) -> "optuna.storages.BaseStorage":  # noqa: F821
-    from autodiff_opt.search.concurrency import sqlalchemy_url
     from autodiff_opt.search.study import StudyError, make_storage
 
     try:
-        return make_storage(sqlalchemy_url(url), cfg.storage.heartbeat_interval, cfg.storage.grace_period,
+        return make_storage(url, cfg.storage.heartbeat_interval, cfg.storage.grace_period,
                             cfg.storage.max_retry)
     except StudyError as err:
         raise UsageError(str(err)) from err
@@ -171,11 +170,8 @@ def open_storage(url: str, cfg) -> "optuna.storages.BaseStorage":  # noqa: F821
 
 def plan(args: argparse.Namespace, overrides: list[str], cfg, base_dir: Path, devices: list[str]) -> Plan:
     url = args.storage
-    from autodiff_opt.search.concurrency import sqlalchemy_url
-
-    worker_url = sqlalchemy_url(url)
     user_keys = {_key(o) for o in overrides}
-    common = [*overrides, f"storage.url={hydra_value(worker_url)}"]
+    common = [*overrides, f"storage.url={hydra_value(url)}"]
     if "progress" not in user_keys:
         common.append("progress=false")  # N progress bars in one terminal garble each other
     result = Plan(url, str(cfg.storage.study_name), overrides, base_dir)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import importlib.util
 import logging
 import threading
 import time
@@ -49,21 +48,6 @@ from autodiff_opt.core.keys import HEARTBEAT_ATTR, RETRY_OF_ATTR
 
 log = logging.getLogger(__name__)
 
-
-
-# --- storage URLs ---------------------------------------------------------------------------
-def sqlalchemy_url(url: str) -> str:
-    """'postgresql://' with the driver that is installed.
-
-    SQLAlchemy 2.1 maps a bare 'postgresql://' to psycopg (version 3); this project depends on
-    psycopg2-binary, so without this a bare URL fails with "No module named 'psycopg'".
-    """
-    for bare in ("postgresql://", "postgres://"):
-        if url.startswith(bare):
-            if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
-                return "postgresql+psycopg2://" + url[len(bare):]
-            return "postgresql://" + url[len(bare):]
-    return url
 
 
 def _backend(storage: BaseStorage) -> BaseStorage:

@@ -13,7 +13,7 @@ import optuna
 from optuna.storages import BaseStorage, RDBStorage
 
 from autodiff_opt.core.errors import StudyError
-from autodiff_opt.search.concurrency import journal_storage, sqlalchemy_url
+from autodiff_opt.search.concurrency import journal_storage
 
 from autodiff_opt.search.space import SIGNATURE_ATTR
 
@@ -72,7 +72,7 @@ def make_storage(
             return journal_storage(url[len(JOURNAL_PREFIX):], heartbeat_interval, grace_period, max_retry)
         if url.startswith("sqlite:///"):
             Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        return _rdb_storage(sqlalchemy_url(url), heartbeat_interval, grace_period, max_retry)
+        return _rdb_storage(url, heartbeat_interval, grace_period, max_retry)
     except Exception as err:
         raise StudyError(
             f"storage.url={_redact(url)} cannot be opened ({type(err).__name__}: {str(err).splitlines()[0][:200]}):"
