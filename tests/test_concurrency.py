@@ -4,6 +4,8 @@ search, orphan recovery, the slot rule, audits. (The processes themselves: tests
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -17,15 +19,19 @@ from optuna.trial import TrialState, create_trial
 import cheap_worker as cw
 from autodiff_opt.search.concurrency import (
     HEARTBEAT_ATTR,
+    OWNER_ATTR,
     HeartbeatJournalStorage,
     SearchBudget,
     StudyLockedSampler,
     audit,
     budget_status,
+    fail_dead_local_trials,
     fail_orphaned_trials,
     journal_storage,
     next_slot,
+    process_start,
     study_lock,
+    this_host,
 )
 from autodiff_opt.search.sampler import count_by_generation
 from autodiff_opt.search.space import GENERATION_ATTR, GENOME_ATTR, SLOT_ATTR
@@ -152,6 +158,68 @@ def test_fail_orphaned_trials_requeues_running_trials_with_their_attrs(tmp_path:
     assert [t.system_attrs[SLOT_ATTR] for t in waiting] == [3] and waiting[0].system_attrs[GENOME_ATTR] == "g"
     assert study.trials[done.number].state == TrialState.COMPLETE
     assert fail_orphaned_trials(study) == []
+
+
+# --- owners: a restart fails its own host's dead trials at once --------------------------------------------
+def _zombie() -> tuple[subprocess.Popen, int]:
+    """A child killed but not reaped (a zombie until wait()), and its start time while it lived."""
+    proc = subprocess.Popen(["sleep", "600"])
+    started = process_start(proc.pid)
+    proc.kill()
+    deadline = time.monotonic() + 30
+    while process_start(proc.pid) is not None:  # the kernel makes it a zombie as soon as it dies
+        assert time.monotonic() < deadline, "the killed child never became a zombie"
+        time.sleep(0.01)
+    return proc, started
+
+
+def test_a_restart_fails_its_hosts_dead_trials_at_once_and_keeps_the_others(tmp_path: Path) -> None:
+    host = this_host()
+    assert host is not None and host.startswith(os.uname().nodename)  # Linux: /proc is there
+    storage = make_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=1, grace_period=3600)
+    study = optuna.create_study(storage=storage)
+    alive = subprocess.Popen(["sleep", "600"])
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    zombie, zombie_start = _zombie()
+    try:
+        started = process_start(alive.pid)
+        assert started is not None and started >= process_start(os.getpid())  # ticks after boot, the child later
+        assert process_start(gone.pid) is None
+        owners = {"live": (host, alive.pid, started, 0), "gone": (host, gone.pid, started, 0),
+                  "pid reused": (host, alive.pid, started - 1, 0), "zombie": (host, zombie.pid, zombie_start, 0),
+                  "other host": ("elsewhere|boot|pid:[1]", gone.pid, started, 0),
+                  "inherited by a retry": (host, gone.pid, started, -60)}
+        trials = {}
+        for name, (where, pid, start, age) in owners.items():
+            trial = study.ask()
+            storage.set_trial_system_attr(trial._trial_id, GENOME_ATTR, name)
+            since = study.trials[trial.number].datetime_start.timestamp() + (age or 0.001)
+            storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, [where, pid, start, since])
+            trials[name] = trial.number
+        failed = fail_dead_local_trials(study)
+        assert sorted(failed) == sorted(trials[n] for n in ("gone", "pid reused", "zombie"))
+        for name, number in trials.items():
+            expected = TrialState.FAIL if number in failed else TrialState.RUNNING
+            assert study.trials[number].state == expected, name
+        retries = {t.system_attrs["failed_trial"]: t.system_attrs[GENOME_ATTR]
+                   for t in study.get_trials(states=(TrialState.WAITING,))}
+        assert retries == {trials[n]: n for n in ("gone", "pid reused", "zombie")}  # queued again, same genome
+        assert fail_dead_local_trials(study) == []
+    finally:
+        alive.kill()
+        alive.wait()
+        zombie.wait()
+
+
+def test_the_locked_sampler_records_each_trials_owner(tmp_path: Path) -> None:
+    storage = make_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(storage=storage, sampler=StudyLockedSampler(cw.make_sampler(4, lock=False)))
+    study.optimize(lambda t: cw.distance(cw.suggest_genome(t, cw.SPACE)), n_trials=3)
+    for trial in study.trials:
+        host, pid, started, since = trial.system_attrs[OWNER_ATTR]
+        assert (host, pid, started) == (this_host(), os.getpid(), process_start(os.getpid()))
+        assert trial.datetime_start.timestamp() <= since <= trial.datetime_complete.timestamp()
 
 
 # --- the slot rule ---------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 from pathlib import Path
 
 import optuna
@@ -23,9 +24,10 @@ from autodiff_opt.metrics.fid import FIDScorer
 from autodiff_opt.metrics.reference import reference_statistics
 from autodiff_opt.models.loading import load_model
 from autodiff_opt.core.genome import Genome
+from autodiff_opt.core.keys import OWNER_ATTR
 from autodiff_opt.search.objective import FAIL_REASON_ATTR, Objective
 from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig, count_by_generation, genome_of
-from autodiff_opt.search.space import SearchSpace, genome_params
+from autodiff_opt.search.space import GENOME_ATTR, SearchSpace, genome_params
 from cli_helpers import run_cli, tiny_overrides
 from conftest import make_tiny_unet
 
@@ -184,3 +186,76 @@ def test_out_of_memory_at_batch_one_fails_only_that_candidate(tiny_model_dir: Pa
     assert 1 in double.sizes  # halved all the way down before giving up
     assert [t.state for t in rest] == [TrialState.COMPLETE] * 3
     assert objective.generator.batch_size == 8 and double.sizes[-1] == 8  # later candidates run at full batch
+
+
+# --- a crash loop: killed again and again, restarted each time, the study still completes -------------------
+def _running_of(db: Path, pid: int) -> list[int]:
+    """Numbers of the RUNNING trials of process `pid` that hold a candidate (read straight from SQLite)."""
+    import json
+    import sqlite3
+
+    query = ("select t.number, a.value_json from trials t join trial_system_attributes a on a.trial_id = t.trial_id"
+             " join trial_system_attributes g on g.trial_id = t.trial_id where t.state = 'RUNNING' and a.key = ?"
+             " and g.key = ?")
+    try:
+        with sqlite3.connect(db, timeout=30) as con:
+            rows = list(con.execute(query, (OWNER_ATTR, GENOME_ATTR)))
+    except sqlite3.OperationalError:  # not created yet
+        return []
+    return [number for number, owner in rows if json.loads(owner)[1] == pid]
+
+
+def _complete_count(db: Path) -> int:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(db, timeout=30) as con:
+            return int(con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+
+
+@pytest.mark.slow
+def test_a_crash_loop_still_completes_the_study(tiny_model_dir: Path, tiny_reference: Path, tmp_path: Path) -> None:
+    """SIGKILL the run mid-candidate, restart it, three times; then let it finish. The grace period is an hour,
+    so a dead trial never goes stale here: only the restart's own check (this host, pid gone) can free its
+    slot, and a restart that waited for the heartbeat would hang. Kills follow the study's state (a new
+    candidate finished in this round and another is running), not the clock."""
+    import signal
+    import subprocess
+
+    from cli_helpers import cli_command, cli_env
+
+    db = tmp_path / "s.db"
+    overrides = tiny_overrides(tiny_model_dir, tiny_reference, db, **{
+        "search.num_samples": 144, "search.batch_size": 24, "search.generations": 3, "final.enabled": "false",
+        "storage.heartbeat_interval": 1, "storage.grace_period": 3600})
+    dead: list[int] = []  # trials RUNNING in a process when it was killed
+    for round_ in range(3):
+        done = _complete_count(db)
+        log = open(tmp_path / f"round-{round_}.log", "w")
+        proc = subprocess.Popen(cli_command(overrides, tmp_path / f"run{round_}"), cwd=tmp_path, env=cli_env(tmp_path),
+                                stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not (_complete_count(db) > done and _running_of(db, proc.pid)):
+            assert proc.poll() is None, (tmp_path / f"round-{round_}.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, f"round {round_} made no progress: " + (
+                tmp_path / f"round-{round_}.log").read_text()[-3000:]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        log.close()
+        dead += _running_of(db, proc.pid)
+        if round_:  # the restart failed the previous round's dead trial at once, and said so
+            assert "of dead processes on this host and queued them again" in (tmp_path / f"round-{round_}.log").read_text()
+    assert len(dead) == 3, dead
+    last = run_cli(overrides, tmp_path, tmp_path / "last")
+    assert last.returncode == 0, last.stderr[-3000:]
+    study = _load(db)
+    assert count_by_generation(study) == {0: 6, 1: 6, 2: 6}
+    assert {t.state for t in study.trials} == {TrialState.COMPLETE, TrialState.FAIL}
+    assert sorted(t.number for t in study.trials if t.state == TrialState.FAIL) == sorted(dead)
+    for number in dead:  # each killed candidate was evaluated again, with its genome and slot
+        retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == number]
+        assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE, number
+        assert genome_of(retry[0]).key() == genome_of(study.trials[number]).key()

@@ -29,7 +29,7 @@ from autodiff_opt.search.objective import Objective
 from autodiff_opt.search.sampler import AutoDiffusionSampler
 from autodiff_opt.search.samplers import EVOLUTION_KEYS, SearchSetup, builtin_sampler, resolve
 from autodiff_opt.search.space import SearchSpace, best_fid_trial, fid_of, genome_params
-from autodiff_opt.search.concurrency import SearchBudget, StudyLockedSampler, study_lock
+from autodiff_opt.search.concurrency import SearchBudget, StudyLockedSampler, fail_dead_local_trials, study_lock
 from autodiff_opt.search.study import _redact, open_study
 from autodiff_opt.solvers import heuristic_schedule
 from autodiff_opt.utils import pick_device
@@ -267,20 +267,19 @@ def _ensure_heartbeats(study: optuna.Study, trials: list[optuna.trial.FrozenTria
 
 
 def recover_stale_trials(study: optuna.Study, cfg: DictConfig) -> None:
-    """A RUNNING trial left by a killed process is failed once its heartbeat is stale, then retried."""
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    if not running or not cfg.storage.heartbeat_interval:
+    """RUNNING trials left by killed processes: those of this host whose process is gone are failed and
+    queued again at once; the others (live workers', other hosts') keep the heartbeat rule: failed once
+    stale, by the stale check Optuna runs before every trial and SearchBudget's while it waits. No waiting
+    here (a crash loop shorter than the grace period would make no progress)."""
+    if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         return
-    _ensure_heartbeats(study, running)
-    log.info("%d trial(s) still RUNNING: waiting up to %ds for their heartbeat to go stale", len(running),
-             cfg.storage.grace_period + 2 * cfg.storage.heartbeat_interval)
-    deadline = time.monotonic() + cfg.storage.grace_period + 2 * cfg.storage.heartbeat_interval
-    ids = {t._trial_id for t in running}
-    while time.monotonic() < deadline:
+    fail_dead_local_trials(study, cfg.storage.max_retry)
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if running and cfg.storage.heartbeat_interval:
+        _ensure_heartbeats(study, running)
         optuna.storages.fail_stale_trials(study)
-        if not ids & {t._trial_id for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}:
-            break
-        time.sleep(1.0)
+        log.info("%d trial(s) of other processes still RUNNING: they are retried if their heartbeat goes stale",
+                 len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))))
 
 
 def _finished(study: optuna.Study) -> int:

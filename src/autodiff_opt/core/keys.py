@@ -10,6 +10,7 @@ OPERATOR_ATTR = "autodiff:operator"
 STAGE_ATTR = "autodiff:stage"
 PARENTS_ATTR = "autodiff:parents"
 HEARTBEAT_ATTR = "autodiff:heartbeat"  # journal storages only
+OWNER_ATTR = "autodiff:owner"  # [host, pid, process start (clock ticks after boot), time recorded]
 RETRY_OF_ATTR = "failed_trial"  # set by Optuna's RetryHeartbeatStaleTrialCallback
 
 # Trial user attributes (shown in optuna-dashboard):

@@ -14,6 +14,12 @@ Why each piece exists (measured in tests/test_workers.py and experiments/bench_s
   adds it to the journal file storage: the beat is a trial system attribute, and a trial is stale when
   neither its last beat nor its start is younger than the grace period (a retry copies the attributes
   of the trial it retries, so a beat older than the retry's own start is ignored).
+* A restart should not wait for a heartbeat to go stale when the dead worker was on this machine:
+  ``StudyLockedSampler`` records each trial's owner (``OWNER_ATTR``: host, pid, the process's start
+  time, when it was recorded), and ``fail_dead_local_trials`` fails, at once, the RUNNING trials
+  whose owner was on this host and is gone (the pid is not running, or runs another process: pid
+  reuse is told by its start time), then queues them again. Trials of live processes and of other
+  hosts keep the heartbeat rule.
 * ``SearchBudget`` ends a worker's loop once every slot of generations 0..G-1 is taken, and waits
   (bounded) for the trials still running elsewhere instead of starting generation G; while it waits it
   fails stale trials, so a dead worker's candidate is retried by a live one.
@@ -27,6 +33,8 @@ import contextlib
 import fcntl
 import hashlib
 import logging
+import os
+import socket
 import threading
 import time
 import warnings
@@ -44,10 +52,16 @@ from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
 from autodiff_opt.search.space import GENERATION_ATTR, GENOME_ATTR, SLOT_ATTR
-from autodiff_opt.core.keys import HEARTBEAT_ATTR, RETRY_OF_ATTR
+from autodiff_opt.core.keys import HEARTBEAT_ATTR, OWNER_ATTR, RETRY_OF_ATTR
 
 log = logging.getLogger(__name__)
 
+
+
+def retry_callback(max_retry: int | None) -> Callable[[Study, FrozenTrial], None]:
+    """Optuna's callback that queues a failed trial again with its attributes (renamed in Optuna 4.9)."""
+    cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+    return cls(max_retry=max_retry)
 
 
 def _backend(storage: BaseStorage) -> BaseStorage:
@@ -183,6 +197,7 @@ class StudyLockedSampler(BaseSampler):
         # ask() returns; a worker killed while it waits here must leave a trial that goes stale, and a
         # trial waiting here must not look dead to the stale check.
         _beat(study, trial)
+        record_owner(study._storage, trial._trial_id)
         if GENOME_ATTR in trial.system_attrs:
             self.inner.before_trial(study, trial)
             return
@@ -203,6 +218,75 @@ def _beat(study: Study, trial: FrozenTrial) -> None:
     storage = study._storage
     if is_heartbeat_enabled(storage):
         storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
+
+
+# --- owners: a restart fails its own host's dead trials at once ------------------------------------
+def this_host() -> str | None:
+    """Who can see whose pids: hostname, kernel boot and pid namespace (containers on one kernel with one
+    hostname are told apart). None without /proc (not Linux): then only heartbeats tell a dead worker."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return f"{socket.gethostname()}|{boot}|{namespace}"
+
+
+def process_start(pid: int) -> int | None:
+    """The start time of process `pid` in clock ticks after boot (/proc/PID/stat field 22); None when no
+    such process runs (zombies, killed but not yet reaped, count as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def record_owner(storage: BaseStorage, trial_id: int) -> None:
+    """Mark the trial as this process's (one write; nothing where this_host() is unknown)."""
+    host = this_host()
+    if host is not None:
+        storage.set_trial_system_attr(trial_id, OWNER_ATTR, [host, os.getpid(), process_start(os.getpid()), time.time()])
+
+
+def owner_is_dead(trial: FrozenTrial, host: str | None) -> bool:
+    """True when the trial's recorded owner ran on `host` and that process is gone. A record older than the
+    trial's start is inherited (a retry copies the attributes of the trial it retries) and says nothing."""
+    owner = trial.system_attrs.get(OWNER_ATTR)
+    if host is None or not owner or owner[0] != host:
+        return False
+    _, pid, started, since = owner
+    if trial.datetime_start is not None and since < trial.datetime_start.timestamp():
+        return False
+    return started is None or process_start(int(pid)) != started
+
+
+def _fail_and_requeue(study: Study, trials: Sequence[FrozenTrial], max_retry: int | None) -> list[int]:
+    callback = retry_callback(max_retry)
+    failed = []
+    for trial in trials:
+        try:
+            if not study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            callback(study, study._storage.get_trial(trial._trial_id))
+        failed.append(trial.number)
+    return failed
+
+
+def fail_dead_local_trials(study: Study, max_retry: int | None = 3) -> list[int]:
+    """Fail the RUNNING trials whose owner ran on this host and is gone, and queue them again (same genome,
+    generation, slot); returns their numbers. Certain, so no grace period: what a restart calls first."""
+    host = this_host()
+    dead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if owner_is_dead(t, host)]
+    failed = _fail_and_requeue(study, dead, max_retry)
+    if failed:
+        log.warning("failed %d trial(s) %s of dead processes on this host and queued them again", len(failed), failed)
+    return failed
 
 
 # --- heartbeats for journal files ----------------------------------------------------------------
@@ -252,6 +336,8 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
     def get_heartbeat_stale_trial_callback(self) -> Callable[[Study, FrozenTrial], None] | None:
         return self.heartbeat_stale_trial_callback
 
+    get_failed_trial_callback = get_heartbeat_stale_trial_callback  # the name before Optuna 4.9
+
 
 def journal_storage(path: str | Path, heartbeat_interval: int | None = 5, grace_period: int | None = 20,
                     max_retry: int | None = 3) -> JournalStorage:
@@ -263,8 +349,7 @@ def journal_storage(path: str | Path, heartbeat_interval: int | None = 5, grace_
     backend = JournalFileBackend(str(path))
     if not heartbeat_interval:
         return JournalStorage(backend)
-    callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
-    return HeartbeatJournalStorage(backend, heartbeat_interval, grace_period, callback)
+    return HeartbeatJournalStorage(backend, heartbeat_interval, grace_period, retry_callback(max_retry))
 
 
 def fail_orphaned_trials(study: Study, max_retry: int | None = 3) -> list[int]:
@@ -273,18 +358,7 @@ def fail_orphaned_trials(study: Study, max_retry: int | None = 3) -> list[int]:
     Only for a storage without heartbeats (a plain journal file) and only once no worker of the study
     is alive any more: a RUNNING trial is then certainly an orphan of a killed worker.
     """
-    callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
-    failed = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        try:
-            if not study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-                continue
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            callback(study, study._storage.get_trial(trial._trial_id))
-        failed.append(trial.number)
+    failed = _fail_and_requeue(study, study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)), max_retry)
     if failed:
         log.warning("failed %d orphaned RUNNING trial(s) %s and queued them again", len(failed), failed)
     return failed

@@ -13,7 +13,7 @@ import optuna
 from optuna.storages import BaseStorage, RDBStorage
 
 from autodiff_opt.core.errors import StudyError
-from autodiff_opt.search.concurrency import journal_storage
+from autodiff_opt.search.concurrency import journal_storage, retry_callback
 
 from autodiff_opt.search.space import SIGNATURE_ATTR
 
@@ -24,9 +24,6 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 JOURNAL_PREFIX = "journal:"
 
 
-def _retry_callback(max_retry: int) -> Any:
-    cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
-    return cls(max_retry=max_retry)
 
 
 def _rdb_storage(url: str, heartbeat_interval: int | None, grace_period: int | None, max_retry: int) -> RDBStorage:
@@ -40,7 +37,7 @@ def _rdb_storage(url: str, heartbeat_interval: int | None, grace_period: int | N
                        if "heartbeat_stale_trial_callback" in inspect.signature(RDBStorage).parameters
                        else "failed_trial_callback")
         kwargs.update(heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                      **{callback_kw: _retry_callback(max_retry)})
+                      **{callback_kw: retry_callback(max_retry)})
     storage = RDBStorage(url, **kwargs)
     if url.startswith("sqlite:///") and not url.endswith(":memory:"):
         _fast_sqlite(storage)
