@@ -56,6 +56,8 @@ from autodiff_opt.core.keys import HEARTBEAT_ATTR, OWNER_ATTR, RETRY_OF_ATTR
 
 log = logging.getLogger(__name__)
 
+# what Optuna raises on a write to a finished trial (its own class since Optuna 4.5, a RuntimeError before)
+FINISHED_TRIAL_ERROR: type[Exception] = getattr(optuna.exceptions, "UpdateFinishedTrialError", RuntimeError)
 
 
 def retry_callback(max_retry: int | None) -> Callable[[Study, FrozenTrial], None]:
@@ -269,7 +271,7 @@ def _fail_and_requeue(study: Study, trials: Sequence[FrozenTrial], max_retry: in
         try:
             if not study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
                 continue
-        except optuna.exceptions.UpdateFinishedTrialError:
+        except FINISHED_TRIAL_ERROR:
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -315,7 +317,7 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
     def record_heartbeat(self, trial_id: int) -> None:
         try:
             self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
-        except (optuna.exceptions.UpdateFinishedTrialError, KeyError):
+        except (FINISHED_TRIAL_ERROR, KeyError):
             pass  # finished (or failed as stale by another worker) meanwhile: nothing left to keep alive
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
