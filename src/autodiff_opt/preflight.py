@@ -94,7 +94,8 @@ def _unet_folder(root: Path, subfolder: str | None) -> Path:
 
 
 def check_model_folder(pretrained: str, subfolder: str | None = None) -> None:
-    """A local diffusers folder must have a readable config.json and a weights file beside it.
+    """A local diffusers folder must have a readable config.json and whole weights files beside it (for a
+    pipeline folder: in every component folder).
 
     Hub ids, builtin: names and missing paths are left to the loader (it already reports them).
     """
