@@ -421,16 +421,21 @@ def test_launcher_stops_its_workers_on_sigint_and_exits_130(tiny_model_dir: Path
     assert not (run_dir / "final.csv").exists()
 
 
-def test_launcher_on_sigterm_fails_the_running_trial_and_a_rerun_resumes(tiny_model_dir: Path, tiny_reference: Path,
-                                                                         tmp_path: Path) -> None:
+def test_launcher_on_sigterm_fails_the_trial_being_evaluated_and_exits_130(tiny_model_dir: Path,
+                                                                          tiny_reference: Path, tmp_path: Path) -> None:
+    """SIGTERM while a worker evaluates a candidate (its heartbeat thread, which runs only around the objective,
+    has beaten): the worker is stopped with SIGINT, Optuna marks that trial failed, the launcher exits 130.
+    (An interrupt inside study.ask leaves the trial RUNNING instead: the heartbeat fails it on resume.)"""
+    from autodiff_opt.search.concurrency import HEARTBEAT_ATTR
+
     journal = tmp_path / "j.log"
     overrides = [o for o in tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "unused.db",
-                                           **{"search.num_samples": 400, "search.batch_size": 25, **LIVENESS})
-                 if not o.startswith("storage.url=")]
+                                           **{"search.num_samples": 4000, "search.batch_size": 25, **LIVENESS})
+                 if not o.startswith("storage.url=")]  # a candidate takes tens of seconds
     run_dir = tmp_path / "run"
-    args = ["--workers", "1", "--storage", f"journal:{journal}", "--", *overrides, f"hydra.run.dir={run_dir}"]
-    launcher = _start_launcher(args, tmp_path)
-    storage = None
+    launcher = _start_launcher(["--workers", "1", "--storage", f"journal:{journal}", "--", *overrides,
+                                f"hydra.run.dir={run_dir}"], tmp_path)
+    storage, first_beat, evaluated = None, {}, []
 
     def evaluating() -> bool:
         nonlocal storage
@@ -438,18 +443,24 @@ def test_launcher_on_sigterm_fails_the_running_trial_and_a_rerun_resumes(tiny_mo
             return False
         storage = storage or cw.open_storage(f"journal:{journal}", 0, 2)
         names = optuna.get_all_study_names(storage)
-        trials = optuna.load_study(study_name=names[0], storage=storage).get_trials(deepcopy=False) if names else []
-        return any(t.state == TrialState.RUNNING and GENOME_ATTR in t.system_attrs for t in trials)
+        for t in optuna.load_study(study_name=names[0], storage=storage).get_trials(deepcopy=False) if names else []:
+            beat = t.system_attrs.get(HEARTBEAT_ATTR)
+            if t.state == TrialState.RUNNING and beat is not None:
+                if beat > first_beat.setdefault(t.number, beat):  # beaten again: ask returned, the objective runs
+                    evaluated.append(t.number)
+                    return True
+        return False
 
     _wait_for(evaluating, launcher, "a candidate being evaluated")
     launcher.send_signal(signal.SIGTERM)
     out, _ = launcher.communicate(timeout=120)
     assert launcher.returncode == 130, out[-3000:]
-    assert "SIGTERM: stopping the workers" in out and not _alive(_roster(run_dir)[0]["pid"])
+    assert "SIGTERM: stopping the workers; rerun the same command to resume" in out
+    assert "did not stop" not in out and not _alive(_roster(run_dir)[0]["pid"])
     study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0],
                               storage=cw.open_storage(f"journal:{journal}", 0, 2))
-    states = [t.state for t in study.trials]
-    assert TrialState.RUNNING not in states and TrialState.FAIL in states, states  # failed by the worker itself
+    assert study.trials[evaluated[0]].state == TrialState.FAIL, [t.state for t in study.trials]
+    assert TrialState.RUNNING not in [t.state for t in study.trials]
     assert not (run_dir / "final.csv").exists()
 
 
