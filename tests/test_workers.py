@@ -423,8 +423,8 @@ def test_launcher_stops_its_workers_on_sigint_and_exits_130(tiny_model_dir: Path
 
 def test_launcher_on_sigterm_fails_the_trial_being_evaluated_and_exits_130(tiny_model_dir: Path,
                                                                           tiny_reference: Path, tmp_path: Path) -> None:
-    """SIGTERM while a worker evaluates a candidate (its heartbeat thread, which runs only around the objective,
-    has beaten): the worker is stopped with SIGINT, Optuna marks that trial failed, the launcher exits 130.
+    """SIGTERM while a worker evaluates a candidate (Optuna's heartbeat thread, which runs only around the
+    objective, has beaten): the worker is stopped with SIGINT, Optuna marks that trial failed, the launcher exits 130.
     (An interrupt inside study.ask leaves the trial RUNNING instead: the heartbeat fails it on resume.)"""
     from autodiff_opt.search.concurrency import HEARTBEAT_ATTR
 
@@ -435,7 +435,7 @@ def test_launcher_on_sigterm_fails_the_trial_being_evaluated_and_exits_130(tiny_
     run_dir = tmp_path / "run"
     launcher = _start_launcher(["--workers", "1", "--storage", f"journal:{journal}", "--", *overrides,
                                 f"hydra.run.dir={run_dir}"], tmp_path)
-    storage, first_beat, evaluated = None, {}, []
+    storage, beats, evaluated = None, {}, []
 
     def evaluating() -> bool:
         nonlocal storage
@@ -446,7 +446,8 @@ def test_launcher_on_sigterm_fails_the_trial_being_evaluated_and_exits_130(tiny_
         for t in optuna.load_study(study_name=names[0], storage=storage).get_trials(deepcopy=False) if names else []:
             beat = t.system_attrs.get(HEARTBEAT_ATTR)
             if t.state == TrialState.RUNNING and beat is not None:
-                if beat > first_beat.setdefault(t.number, beat):  # beaten again: ask returned, the objective runs
+                beats.setdefault(t.number, set()).add(beat)
+                if len(beats[t.number]) >= 3:  # ask beats at most twice: the third is Optuna's heartbeat thread
                     evaluated.append(t.number)
                     return True
         return False
