@@ -20,7 +20,7 @@ from optuna.distributions import IntDistribution
 from optuna.trial import TrialState, create_trial
 from PIL import Image
 
-from autodiff_opt.arch import discover_layers
+from autodiff_opt.arch.layers import discover_layers
 from autodiff_opt.generate import SampleSet
 from autodiff_opt.report.export import export_schedule
 from autodiff_opt.report.write import to_markdown, write_report
