@@ -21,12 +21,12 @@ from optuna.trial import TrialState, create_trial
 from PIL import Image
 
 from autodiff_opt.arch.layers import discover_layers
+from autodiff_opt.core.genome import Genome
+from autodiff_opt.core.keys import FINAL_ATTR, GENERATION_ATTR, GENOME_ATTR, SLOT_ATTR
 from autodiff_opt.generate import SampleSet
 from autodiff_opt.report.export import export_schedule
 from autodiff_opt.report.write import to_markdown, write_report
-from autodiff_opt.search.final import FINAL_ATTR, final_candidates, final_evaluation
-from autodiff_opt.search.genome import Genome
-from autodiff_opt.search.space import GENERATION_ATTR, GENOME_ATTR, SLOT_ATTR
+from autodiff_opt.search.final import final_candidates, final_evaluation
 from cli_helpers import compose_cfg, tiny_overrides
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

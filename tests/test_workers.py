@@ -426,7 +426,7 @@ def test_launcher_on_sigterm_fails_the_trial_being_evaluated_and_exits_130(tiny_
     """SIGTERM while a worker evaluates a candidate (Optuna's heartbeat thread, which runs only around the
     objective, has beaten): the worker is stopped with SIGINT, Optuna marks that trial failed, the launcher exits 130.
     (An interrupt inside study.ask leaves the trial RUNNING instead: the heartbeat fails it on resume.)"""
-    from autodiff_opt.search.concurrency import HEARTBEAT_ATTR
+    from autodiff_opt.core.keys import HEARTBEAT_ATTR
 
     journal = tmp_path / "j.log"
     overrides = [o for o in tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "unused.db",
