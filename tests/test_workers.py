@@ -37,9 +37,10 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 WORKER = TESTS_DIR / "cheap_worker.py"
 POPULATION, GENERATIONS = 8, 4
-# CLI workers on one journal file: a 1 s beat and 6 s of grace. Under contention the journal's file lock
-# backs off up to 1 s per write; 2 s of grace was not enough on a loaded 2-core machine (docs/workers.md)
-LIVENESS = {"storage.heartbeat_interval": 1, "storage.grace_period": 6}
+# Workers that may be killed: a 1 s beat and 10 s of grace. Under contention the journal's file lock backs
+# off up to 1 s per write; 2 s of grace was not enough on a loaded 2-core machine, 4 s failed live trials
+# with the load average at 12 (docs/workers.md). A dead worker's trial is then retried 10 s after the kill.
+LIVENESS = {"storage.heartbeat_interval": 1, "storage.grace_period": 10}
 
 
 @pytest.fixture(params=["postgresql", "journal"])
@@ -113,7 +114,10 @@ def check_generations(study: optuna.Study, max_overshoot: int = 0) -> None:
 
 def test_four_workers_fill_every_generation_exactly(storage_url: str, tmp_path: Path) -> None:
     create_study(storage_url)
-    procs = spawn(storage_url, 4, tmp_path, None, "--sleep", "0.05", "--ready", str(tmp_path / "ready"), "--parties", "4")
+    # no worker dies here, so no trial may go stale: a 60 s grace, far above any write stall (4 s was not
+    # enough for the journal with the machine's load average at 12 on 2 cores: live trials were failed)
+    procs = spawn(storage_url, 4, tmp_path, None, "--sleep", "0.05", "--ready", str(tmp_path / "ready"), "--parties", "4",
+                  "--grace", "60")
     codes = wait_all(procs, 150)
     assert codes == [0, 0, 0, 0], logs(tmp_path)
     study = load(storage_url)
@@ -132,7 +136,7 @@ def test_four_workers_fill_every_generation_exactly(storage_url: str, tmp_path: 
 
 def test_killed_worker_trial_is_failed_by_heartbeat_and_retried(storage_url: str, tmp_path: Path) -> None:
     create_study(storage_url)
-    hb = ["--sleep", "0.1", "--heartbeat", "1", "--grace", "4"]
+    hb = ["--sleep", "0.1", "--heartbeat", "1", "--grace", str(LIVENESS["storage.grace_period"])]
     procs = spawn(storage_url, 1, tmp_path, {0: ["--slow-trial", "2", "--slow-sleep", "120"]}, *hb)
     slow = wait_for_slow_trial(storage_url)  # worker 0 is in its third trial, which would take 120 s
     assert slow.user_attrs["pid"] == procs[0].pid
@@ -281,10 +285,13 @@ def test_launcher_gives_each_worker_its_device_and_run_dir(tmp_path: Path, monke
                          "cuda:0,cuda:1", "--dry-run", "--", "search.num_steps=6", f"hydra.run.dir={tmp_path / 'r'}"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4
+    from autodiff_opt.search.concurrency import sqlalchemy_url  # the installed driver (test_concurrency checks it)
+
+    quoted = f"storage.url='{sqlalchemy_url('postgresql://u@h/db?host=/tmp/s&x=y')}'"  # '&' and '?' need quotes
     for i, device in enumerate(["cuda:0", "cuda:1", "cuda:0"]):
         assert f"device={device}" in lines[i] and "final.enabled=false" in lines[i]
         assert f"hydra.run.dir={tmp_path / 'r' / f'worker-{i}'}" in lines[i]
-        assert "storage.url='postgresql+psycopg2://u@h/db?host=/tmp/s&x=y'" in lines[i]
+        assert quoted in lines[i]
     assert "final.enabled" not in lines[3] and "device=cuda:0" in lines[3]
     assert lines[3].endswith(f"hydra.run.dir={tmp_path / 'r'}")
     monkeypatch.setenv("AUTODIFF_OPT_DEVICES", "cuda:1")  # what `make workers` can pass
