@@ -36,7 +36,7 @@ FINAL_SAMPLES, REPEATS = 32, 2
 
 @pytest.fixture(scope="module")
 def exp(tiny_model_dir: Path, tiny_reference: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from autodiff_opt.search.runner import build_experiment
+    from autodiff_opt.runner import build_experiment
 
     tmp = tmp_path_factory.mktemp("final-exp")
     overrides = tiny_overrides(tiny_model_dir, tiny_reference, tmp / "unused.db", **{
