@@ -40,7 +40,8 @@ def _light_arch_package() -> None:
     sys.modules["autodiff_opt.arch"] = package
 
 
-_light_arch_package()
+if __name__ == "__main__":  # imported by a test, the real package stays (apply and stage-2 tests need it)
+    _light_arch_package()
 
 import optuna  # noqa: E402
 

@@ -108,7 +108,31 @@ def test_locked_sampler_keeps_the_sampler_and_its_generations(tmp_path: Path) ->
     study.optimize(lambda t: cw.distance(cw.suggest_genome(t, cw.SPACE)), n_trials=24)
     assert count_by_generation(study) == {0: 8, 1: 8, 2: 8}
     assert audit(study).duplicate_genomes == 0 and audit(study).duplicate_slots == 0
-    assert sampler.lock_wait_seconds >= 0
+    assert 0 < sampler.lock_wait_seconds < 30
+
+
+def test_locked_sampler_waits_for_another_holder_and_counts_the_wait() -> None:
+    storage = optuna.storages.InMemoryStorage()
+    sampler = StudyLockedSampler(cw.make_sampler(8, lock=False))
+    study = optuna.create_study(storage=storage, sampler=sampler)
+    held, released_at = threading.Event(), []
+
+    def hold() -> None:
+        with study_lock(optuna.load_study(study_name=study.study_name, storage=storage), timeout=30):
+            held.set()
+            time.sleep(1.0)
+            released_at.append(time.monotonic())
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(30)
+    before = time.monotonic()
+    trial = study.ask()  # cannot pass before_trial while the other holder has the lock
+    asked_at = time.monotonic()
+    holder.join(30)
+    assert asked_at >= released_at[0] and GENOME_ATTR in study.trials[trial.number].system_attrs
+    # it waited from after `before` until after the release: the wait it counts lies within the ask
+    assert 0 < sampler.lock_wait_seconds <= asked_at - before + 0.01
 
 
 # --- heartbeats for journal files ----------------------------------------------------------------------
@@ -121,9 +145,8 @@ def test_journal_heartbeat_fails_a_silent_trial_and_queues_it_again(tmp_path: Pa
         storage.set_trial_system_attr(trial._trial_id, GENOME_ATTR, f"genome-{trial.number}")
         storage.set_trial_system_attr(trial._trial_id, GENERATION_ATTR, 0)
         storage.record_heartbeat(trial._trial_id)
-    time.sleep(0.7)
-    storage.record_heartbeat(alive._trial_id)
-    time.sleep(0.6)
+    time.sleep(1.5)  # both beats are now older than the grace period (sleep never returns early) ...
+    storage.record_heartbeat(alive._trial_id)  # ... and the live one beats again just before the check
     assert storage._get_stale_trial_ids(study._study_id) == [dead._trial_id]
     optuna.storages.fail_stale_trials(study)
     assert study.trials[dead.number].state == TrialState.FAIL and study.trials[alive.number].state == TrialState.RUNNING
@@ -261,14 +284,28 @@ def test_search_budget_waits_for_running_trials_then_stops(caplog: pytest.LogCap
     study = _study_with(_complete(3, 2)[:-1] + [frozen(TrialState.RUNNING, 1, 2, "r")])
     running = study.trials[-1]
 
+    waiting = threading.Event()
+    budget = SearchBudget(3, 2, poll=0.02, drain_timeout=120)
+    status = budget._status
+
+    def observed_status(study: optuna.Study):  # noqa: ANN202
+        waiting.set()  # should_stop has looked at the study (and found the last trial running)
+        return status(study)
+
+    budget._status = observed_status  # type: ignore[method-assign]
+
     def finish_later() -> None:
-        time.sleep(0.3)
+        assert waiting.wait(60)
+        time.sleep(0.1)
         study._storage.set_trial_state_values(running._trial_id, TrialState.COMPLETE, [1.0])
 
-    threading.Thread(target=finish_later).start()
+    finisher = threading.Thread(target=finish_later)
+    finisher.start()
     t0 = time.monotonic()
-    assert SearchBudget(3, 2, poll=0.02, drain_timeout=10).should_stop(study)
-    assert 0.25 < time.monotonic() - t0 < 5  # waited for it, not for the timeout
+    assert budget.should_stop(study)
+    assert study.trials[-1].state == TrialState.COMPLETE  # it returned because the trial finished ...
+    assert time.monotonic() - t0 < 60  # ... not at its 120 s drain timeout
+    finisher.join(10)
 
     stuck = _study_with(_complete(3, 2)[:-1] + [frozen(TrialState.RUNNING, 1, 2, "r")])
     with caplog.at_level(logging.WARNING, logger="autodiff_opt.search.concurrency"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -52,13 +53,36 @@ def test_fid_grows_with_the_shift_between_sets() -> None:
 def test_reference_statistics_are_cached(tiny_reference: Path, tmp_path: Path) -> None:
     scorer = FIDScorer(TEST_EXTRACTOR)
     first = reference_statistics(str(tiny_reference), scorer, tmp_path)
+    direct = scorer.statistics(load_reference_images(str(tiny_reference)))
+    np.testing.assert_allclose(first.mu, direct.mu)
+    np.testing.assert_allclose(first.sigma, direct.sigma)
     cached = list(tmp_path.glob("ref-*.npz"))
     assert len(cached) == 1
-    cached[0].write_bytes(cached[0].read_bytes())  # same content, the cache is read back
+    # plant statistics no computation would give: only a read of the cache can return them
+    planted = FIDStats(first.mu + 1000.0, first.sigma * 3.0, 7)
+    planted.save(cached[0])
+    before = cached[0].stat()
     again = reference_statistics(str(tiny_reference), scorer, tmp_path)
-    np.testing.assert_allclose(first.mu, again.mu)
-    direct = scorer.statistics(load_reference_images(str(tiny_reference)))
-    np.testing.assert_allclose(first.sigma, direct.sigma)
+    np.testing.assert_array_equal(again.mu, planted.mu)
+    np.testing.assert_array_equal(again.sigma, planted.sigma)
+    after = cached[0].stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), "the cache was rewritten"
+    assert list(tmp_path.glob("ref-*.npz")) == cached
+
+
+def test_a_changed_reference_is_not_served_from_the_cache(tiny_reference: Path, tmp_path: Path) -> None:
+    scorer = FIDScorer(TEST_EXTRACTOR)
+    source = tmp_path / "ref.npz"
+    source.write_bytes(tiny_reference.read_bytes())
+    first = reference_statistics(str(source), scorer, tmp_path / "cache")
+    images = load_reference_images(str(source))
+    np.savez(source, arr_0=(255 - images.permute(0, 2, 3, 1).numpy()).astype(np.uint8))  # other content, size kept
+    os.utime(source, (source.stat().st_atime + 5, source.stat().st_mtime + 5))  # a later edit
+    second = reference_statistics(str(source), scorer, tmp_path / "cache")
+    direct = scorer.statistics(load_reference_images(str(source)))
+    np.testing.assert_allclose(second.mu, direct.mu)
+    assert not np.allclose(second.mu, first.mu)
+    assert len(list((tmp_path / "cache").glob("ref-*.npz"))) == 2
 
 
 def test_stored_mu_sigma_npz_and_dimension_check(tmp_path: Path) -> None:

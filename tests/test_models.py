@@ -35,17 +35,18 @@ def test_pipeline_folder_and_class_conditional(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
 def test_prediction_types_convert_to_eps(prediction_type: str, tmp_path: Path) -> None:
+    """The forward process and the v target come from diffusers' scheduler (add_noise, get_velocity):
+    given the model output for a known (x0, eps), eps_from_output must return that eps."""
     model = load_model(str(save_tiny_model(tmp_path / prediction_type, prediction_type=prediction_type)))
     assert model.prediction_type == prediction_type
-    x_t, t = torch.randn(3, 1, 8, 8), 400
-    out = torch.randn(3, 1, 8, 8)
-    ab = float(model.alphas_cumprod[t])
-    eps = model.eps_from_output(out, x_t, t)
-    x0 = (x_t - (1 - ab) ** 0.5 * eps) / ab**0.5
-    if prediction_type == "sample":
-        torch.testing.assert_close(x0, out, atol=1e-4, rtol=1e-4)
-    else:  # v = sqrt(ab) eps - sqrt(1 - ab) x0
-        torch.testing.assert_close(ab**0.5 * eps - (1 - ab) ** 0.5 * x0, out, atol=1e-4, rtol=1e-4)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type=prediction_type)
+    gen = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 1, 8, 8, generator=gen), torch.randn(3, 1, 8, 8, generator=gen)
+    for t in (10, 400, 900):
+        steps = torch.full((3,), t, dtype=torch.long)
+        x_t = scheduler.add_noise(x0, eps, steps)
+        out = x0 if prediction_type == "sample" else scheduler.get_velocity(x0, eps, steps)
+        torch.testing.assert_close(model.eps_from_output(out, x_t, t), eps, atol=2e-4, rtol=1e-4)
 
 
 def test_learned_sigma_output_keeps_eps_half(tmp_path: Path) -> None:

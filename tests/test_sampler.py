@@ -140,15 +140,18 @@ def test_mutation_and_crossover_keep_steps_distinct_and_masks_paired() -> None:
     rng = np.random.default_rng(0)
     a = Genome.from_steps([900, 600, 300, 10], [[1], [2], [3], [4]])
     b = Genome.from_steps([900, 601, 300, 11], [[5], [6], [7], [8]])
+    picked: Counter[tuple[int, str]] = Counter()
     for _ in range(200):
         child = operators.crossover(a, b, 1000, rng)
         assert len(set(child.timesteps)) == 4
-        pairs = dict(zip(a.timesteps, a.skips)) | dict(zip(b.timesteps, b.skips))
-        for t, mask in zip(child.timesteps, child.skips):
-            if t in pairs:
-                assert mask == pairs[t] or t in (900, 300)
+        # no step of one position recurs at another here, so position i is a's or b's step i with that mask
+        for i, (t, mask) in enumerate(zip(child.timesteps, child.skips)):
+            options = {(a.timesteps[i], a.skips[i]): "a", (b.timesteps[i], b.skips[i]): "b"}
+            assert (t, mask) in options, (i, t, mask)
+            picked[(i, options[(t, mask)])] += 1
         mutant = operators.mutate(a, 0.5, 1000, rng)
         assert len(set(mutant.timesteps)) == 4 and all(0 <= t < 1000 for t in mutant.timesteps)
+    assert all(picked[(i, p)] > 40 for i in range(4) for p in "ab"), picked  # each parent ~half the time
     assert operators.mutate(a, 0.0, 1000, rng) == a
     assert operators.mutate(a, 1.0, 1000, rng).timesteps != a.timesteps
 

@@ -332,31 +332,110 @@ def test_sqlite_storage_commits_without_fsync_and_keeps_what_it_committed(tmp_pa
     assert [t.state for t in again.trials] == [TrialState.COMPLETE] * 3
 
 
-@pytest.mark.slow
-def test_the_default_experiment_end_to_end_and_its_snippet_runs(tmp_path: Path) -> None:
-    """What a user runs first: the embedded model and extractor, the default sampler, peers and report."""
-    db = tmp_path / "s.db"
-    overrides = ["search.budget=24", "search.num_samples=200", "search.batch_size=200", "final.num_samples=400",
-                 "final.repeats=2", "search.peer_samples=32", f"storage.url=sqlite:///{db}", "progress=false"]
-    proc = run_cli(overrides, tmp_path, tmp_path / "run", timeout=600)
+# --- the default experiment through the CLI: what a user runs first -------------------------------------
+DEFAULT_RUN = ["search.budget=12", "search.population=4", "search.num_parents=2", "search.num_mutants=2",
+               "search.num_crossovers=1", "search.init_random=2", "search.num_samples=200", "search.batch_size=200",
+               "final.num_samples=400", "final.repeats=2", "search.peer_samples=32", "progress=false"]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The embedded model (builtin:digits-ddpm) and extractor (digits-cnn), the default sampler, peers and
+    report, on a budget of 12 candidate-equivalents: (run dir, study)."""
+    tmp = tmp_path_factory.mktemp("default-run")
+    db = tmp / "s.db"
+    proc = run_cli([*DEFAULT_RUN, f"storage.url=sqlite:///{db}"], tmp, tmp / "run", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    final = pd.read_csv(tmp_path / "run" / "final.csv").set_index("schedule")
-    assert final.loc["searched", "kind"] == "searched" and final.loc["gits_dp", "kind"] == "peer"
-    assert final.loc["ddim_uniform", "kind"] == "heuristic"
-    best_heuristic = final.loc[final.kind == "heuristic", "fid_final"].min()
-    assert final.loc["searched", "ratio_to_best_heuristic"] == pytest.approx(final.loc["searched", "fid_final"] / best_heuristic)
-    assert final.loc["searched", "fid_search"] <= final.loc["ddim_uniform", "fid_search"]  # it searched from there
-    study = _load(db)
+    return tmp / "run", _load(db)
+
+
+@pytest.mark.slow
+def test_default_run_final_table_against_the_study_and_by_hand(default_run) -> None:  # type: ignore[no-untyped-def]
+    run_dir, study = default_run
     assert study.user_attrs["autodiff:signature"]["search.sampler"] == "autodiffusion"
-    assert study.metric_names == ["FID"]
-    assert any(t.state == TrialState.PRUNED for t in study.trials)
-    best = json.loads((tmp_path / "run" / "best_schedule.json").read_text())
+    assert study.user_attrs["autodiff:signature"]["model.pretrained"] == "builtin:digits-ddpm"
+    assert study.user_attrs["autodiff:signature"]["metric.feature_extractor"] == "digits-cnn"
+    assert study.metric_names == ["FID"] and any(t.state == TrialState.PRUNED for t in study.trials)
+    final = pd.read_csv(run_dir / "final.csv").set_index("schedule")
+    heuristics = ["ddim_uniform", "trailing", "quadratic", "logsnr", "karras"]
+    assert list(final.index) == ["searched", *heuristics, "gits_dp"]  # ays is published for Stable Diffusion only
+    assert list(final.kind) == ["searched"] + ["heuristic"] * 5 + ["peer"]
+    assert final.loc["ddim_uniform", "timesteps"] == "[750, 500, 250, 0]"  # T = 1000, K = 4 by hand
+    assert final.loc["trailing", "timesteps"] == "[999, 749, 499, 249]"
+    assert final.loc["quadratic", "timesteps"] == "[800, 356, 89, 0]"  # round(800 i^2 / 9)
+    assert (final.nfe == 4).all() and (final.skipped_layers == 0).all() and (final.cost_full_steps == 4).all()
+    # each row's search FID is its trial's value in the study; the searched row is the study's best
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    by_steps = {tuple(genome_of(t).timesteps): t.values[0] for t in done}
+    for name, row in final.iterrows():
+        assert row.fid_search == pytest.approx(by_steps[tuple(json.loads(row.timesteps))], rel=1e-12), name
+    assert final.loc["searched", "fid_search"] == pytest.approx(min(by_steps.values()), rel=1e-12)
+    assert json.loads(final.loc["searched", "timesteps"]) == list(genome_of(study.best_trial).timesteps)
+    # ratios by hand from the table's own FIDs on fresh seeds
+    best_heuristic = final.loc[heuristics, "fid_final"].min()
+    best_baseline = min(best_heuristic, final.loc["gits_dp", "fid_final"])
+    for name, row in final.iterrows():
+        assert row.ratio_to_best_baseline == pytest.approx(row.fid_final / best_baseline), name
+        assert row.ratio_to_best_heuristic == pytest.approx(row.fid_final / best_heuristic), name
+        assert row.ratio_to_best_peer == pytest.approx(row.fid_final / final.loc["gits_dp", "fid_final"]), name
+    assert (final.fid_final_std > 0).all()  # two independent sample sets per schedule
+    stored = pd.DataFrame(study.user_attrs["autodiff:final"]["rows"]).set_index("schedule")
+    np.testing.assert_allclose(stored.fid_final, final.fid_final)  # what reruns and workers reuse
+
+
+@pytest.mark.slow
+def test_default_run_report_files_read_back_equal_the_study(default_run) -> None:  # type: ignore[no-untyped-def]
+    run_dir, study = default_run
+    trials = pd.read_csv(run_dir / "trials.csv").set_index("trial")
+    assert list(trials.index) == [t.number for t in study.trials]
+    for t in study.trials:
+        assert trials.loc[t.number, "state"] == t.state.name
+        if t.state == TrialState.COMPLETE:
+            assert trials.loc[t.number, "fid"] == pytest.approx(t.values[0], rel=1e-12)
+    generations = pd.read_csv(run_dir / "generations.csv").set_index("generation")
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    gens = sorted({t.system_attrs["autodiff:generation"] for t in done})
+    assert list(generations.index) == gens
+    for g in gens:
+        fids = [t.values[0] for t in done if t.system_attrs["autodiff:generation"] == g]
+        assert generations.loc[g, "candidates"] == len(fids)
+        assert generations.loc[g, "best_fid"] == pytest.approx(min(fids), rel=1e-12)
+        assert generations.loc[g, "median_fid"] == pytest.approx(float(np.median(fids)), rel=1e-12)
+    final = pd.read_csv(run_dir / "final.csv")
+    lines = (run_dir / "final.md").read_text().splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert head == list(final.columns) and len(lines) == 2 + len(final)
+    for line, row in zip(lines[2:], final.itertuples()):
+        cells = dict(zip(head, (c.strip() for c in line.strip("|").split("|"))))
+        assert cells["schedule"] == row.schedule and float(cells["fid_final"]) == pytest.approx(row.fid_final, abs=5e-4)
+
+
+@pytest.mark.slow
+def test_default_run_exported_schedule_and_its_snippet(default_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    from autodiff_opt.apply import main as apply_main
+
+    run_dir, study = default_run
+    best = json.loads((run_dir / "best_schedule.json").read_text())
+    assert best["timesteps"] == list(genome_of(study.best_trial).timesteps)
+    assert best["trial"] == study.best_trial.number and best["fid_search"] == study.best_value
+    assert best["skipped_layers"] == [[]] * 4 and best["skipped_layer_names"] == [[]] * 4 and best["nfe"] == 4
+    assert (best["model"], best["subfolder"], best["solver"], best["clip_x0"]) == ("builtin:digits-ddpm", None, "ddim", True)
+    assert best["study"] == study.study_name and best["storage"].startswith("sqlite:///")
+    final = pd.read_csv(run_dir / "final.csv")
+    assert [r["schedule"] for r in best["final"]] == list(final.schedule)
+    np.testing.assert_allclose([r["fid_final"] for r in best["final"]], final.fid_final)
     assert "builtin:" not in best["diffusers_snippet"]
+    assert f"set_timesteps(timesteps={best['timesteps']})" in best["diffusers_snippet"]
     scope: dict[str, object] = {}
     exec(compile(best["diffusers_snippet"], "snippet", "exec"), scope)  # noqa: S102 - our own generated code
     images = scope["images"]
     assert images.shape == (16, 1, 8, 8) and images.dtype.is_floating_point is False
     assert 20 < float(images.float().std()) < 128, "the snippet's samples are blank or noise"
+    apply_main([str(run_dir / "best_schedule.json"), "--num-images", "9", "--device", "cpu",
+                "--out", str(tmp_path / "grid.png")])
+    assert Image.open(tmp_path / "grid.png").size == (2 + 3 * 34, 2 + 3 * 34)  # 3 x 3 tiles of 8 x 4 px
 
 
 def test_study_signature_covers_every_objective_setting_and_allows_only_the_listed_ones(tmp_path: Path) -> None:

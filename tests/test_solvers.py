@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
@@ -92,8 +94,52 @@ def test_known_heuristic_values() -> None:
     assert heuristic_schedule("ddim_uniform", 4, ab) == [750, 500, 250, 0]
     assert heuristic_schedule("trailing", 4, ab) == [999, 749, 499, 249]
     assert heuristic_schedule("quadratic", 4, ab) == [800, 356, 89, 0]
-    karras = heuristic_schedule("karras", 4, ab)
-    assert karras[-1] == 0 and karras[0] < 999  # sigma_max capped at 80
+
+
+def _nearest_by_bisection(curve: list[float], target: float) -> int:
+    """Index of the entry of an increasing curve closest to target (ties to the lower index)."""
+    import bisect
+
+    i = bisect.bisect_left(curve, target)
+    if i == 0:
+        return 0
+    if i == len(curve):
+        return len(curve) - 1
+    return i if curve[i] - target < target - curve[i - 1] else i - 1
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("k", [2, 4, 10])
+def test_karras_steps_follow_the_edm_formula(beta_schedule: str, k: int) -> None:
+    """Karras et al. (2022) eq. 5: sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho, rho = 7,
+    with smax = min(sigma(T-1), 80) and smin = sigma(0), each mapped to the training step of nearest sigma."""
+    betas = DDPMScheduler(beta_schedule=beta_schedule).betas.double().tolist()
+    alpha_bar, prod = [], 1.0
+    for b in betas:
+        prod *= 1.0 - b
+        alpha_bar.append(prod)
+    sigma = [math.sqrt((1 - a) / a) for a in alpha_bar]
+    rho, smin, smax = 7.0, sigma[0], min(sigma[-1], 80.0)
+    targets = [(smax ** (1 / rho) + i / (k - 1) * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho for i in range(k)]
+    expected = [_nearest_by_bisection(sigma, s) for s in targets]
+    assert heuristic_schedule("karras", k, _alphas_cumprod(beta_schedule)) == expected
+    assert expected[-1] == 0 and expected[0] < 999  # sigma_max capped at 80 (the linear schedule reaches 157)
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("k", [2, 4, 10])
+def test_logsnr_steps_are_uniform_in_log_snr(beta_schedule: str, k: int) -> None:
+    """lambda = log(alpha_bar / (1 - alpha_bar)); K points lambda_min + i (lambda(0) - lambda_min) / K, i < K,
+    lambda_min = max(lambda(T-1), -2 log 80), each at the step of nearest lambda."""
+    betas = DDPMScheduler(beta_schedule=beta_schedule).betas.double().tolist()
+    prod, neg_lam = 1.0, []
+    for b in betas:
+        prod *= 1.0 - b
+        neg_lam.append(-math.log(prod / (1 - prod)))  # increasing in t
+    lam_min, lam_max = max(-neg_lam[-1], -2 * math.log(80.0)), -neg_lam[0]
+    grid = [lam_min + i * (lam_max - lam_min) / k for i in range(k)]
+    expected = [_nearest_by_bisection(neg_lam, -g) for g in grid]
+    assert heuristic_schedule("logsnr", k, _alphas_cumprod(beta_schedule)) == expected
 
 
 def test_make_distinct_repairs_collisions() -> None:

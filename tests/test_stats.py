@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +143,69 @@ def test_module_entry_point(images: np.ndarray, tmp_path: Path) -> None:
     proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert FIDStats.load(tmp_path / "o.npz").num_images == 40
+
+
+# --- --from-images, --force, a changed source, builtin: sources, a bad --import -----------------------
+def _planted(path: Path, images: np.ndarray) -> Path:
+    """Stored test-randconv statistics no computation gives (mu = 7, sigma = 3 I) beside the images they claim."""
+    np.savez(path, arr_0=images, mu=np.full(32, 7.0), sigma=3 * np.eye(32), feature_extractor=np.asarray(TEST_EXTRACTOR),
+             feature_layer=np.asarray("32"))
+    return path
+
+
+def test_from_images_recomputes_where_stored_statistics_would_be_copied(images: np.ndarray, scorer: FIDScorer,
+                                                                         tmp_path: Path) -> None:
+    source = _planted(tmp_path / "batch.npz", images)
+    copied, computed = tmp_path / "copied.npz", tmp_path / "computed.npz"
+    assert _stats("--source", str(source), "--out", str(copied), *RANDCONV) == 0
+    assert np.array_equal(FIDStats.load(copied).mu, np.full(32, 7.0))
+    assert _stats("--source", str(source), "--out", str(computed), "--from-images", *RANDCONV) == 0
+    feats = scorer.features(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+    got = FIDStats.load(computed)
+    assert got.num_images == 40 and np.allclose(got.mu, feats.mean(0))
+    assert np.allclose(got.sigma, np.cov(feats, rowvar=False), atol=1e-12)
+    with np.load(computed) as data:
+        assert bool(data["from_images"]) is True
+
+
+def test_force_rebuilds_and_a_changed_source_invalidates(images: np.ndarray, scorer: FIDScorer, tmp_path: Path) -> None:
+    archive = write_image_npz(tmp_path / "images.npz", images)
+    out = tmp_path / "s.npz"
+    assert _stats("--source", str(archive), "--out", str(out), *RANDCONV) == 0
+    with np.load(out) as data:
+        kept = {k: data[k] for k in data.files}
+    np.savez(out, **{**kept, "mu": kept["mu"] + 100.0})  # same settings, other numbers: a reuse returns these
+    stamp = out.stat().st_mtime_ns
+    assert _stats("--source", str(archive), "--out", str(out), *RANDCONV) == 0
+    assert out.stat().st_mtime_ns == stamp and np.allclose(FIDStats.load(out).mu, kept["mu"] + 100.0)
+    assert _stats("--source", str(archive), "--out", str(out), "--force", *RANDCONV) == 0
+    assert np.allclose(FIDStats.load(out).mu, kept["mu"])  # rebuilt from the images
+
+    darker = images // 2  # the source changes (content and mtime): the output is rebuilt without --force
+    write_image_npz(archive, darker)
+    os.utime(archive, (archive.stat().st_atime + 5, archive.stat().st_mtime + 5))
+    assert _stats("--source", str(archive), "--out", str(out), *RANDCONV) == 0
+    feats = scorer.features(torch.from_numpy(darker).permute(0, 3, 1, 2).contiguous())
+    assert np.allclose(FIDStats.load(out).mu, feats.mean(0))
+
+
+def test_builtin_source_and_its_reuse(scorer: FIDScorer, tmp_path: Path) -> None:
+    from autodiff_opt.metrics.reference import load_reference_images
+
+    out = tmp_path / "digits.npz"
+    assert _stats("--source", "builtin:digits-train", "--out", str(out), "--max-images", "64", *RANDCONV) == 0
+    feats = scorer.features(load_reference_images("builtin:digits-train", 64))
+    got = FIDStats.load(out)
+    assert got.num_images == 64 and np.allclose(got.mu, feats.mean(0))
+    assert np.allclose(got.sigma, np.cov(feats, rowvar=False), atol=1e-12)
+    stamp = out.stat().st_mtime_ns
+    assert _stats("--source", "builtin:digits-train", "--out", str(out), "--max-images", "64", *RANDCONV) == 0
+    assert out.stat().st_mtime_ns == stamp  # reused
+
+
+def test_a_module_that_cannot_be_imported_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    archive = write_image_npz(tmp_path / "i.npz", blob_images(4, 8))
+    code = _stats("--source", str(archive), "--out", str(tmp_path / "o.npz"), "--import", "no_such_module_xyz", *RANDCONV)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --import no_such_module_xyz:"), err
+    assert "No module named 'no_such_module_xyz'" in err[0] and not (tmp_path / "o.npz").exists()

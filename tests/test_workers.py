@@ -24,6 +24,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+import torch
 from optuna.trial import TrialState
 
 import cheap_worker as cw
@@ -36,6 +37,10 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 WORKER = TESTS_DIR / "cheap_worker.py"
 POPULATION, GENERATIONS = 8, 4
+# Workers that may be killed: a 1 s beat and 10 s of grace. Under contention the journal's file lock backs
+# off up to 1 s per write; 2 s of grace was not enough on a loaded 2-core machine, 4 s failed live trials
+# with the load average at 12 (docs/workers.md). A dead worker's trial is then retried 10 s after the kill.
+LIVENESS = {"storage.heartbeat_interval": 1, "storage.grace_period": 10}
 
 
 @pytest.fixture(params=["postgresql", "journal"])
@@ -109,7 +114,10 @@ def check_generations(study: optuna.Study, max_overshoot: int = 0) -> None:
 
 def test_four_workers_fill_every_generation_exactly(storage_url: str, tmp_path: Path) -> None:
     create_study(storage_url)
-    procs = spawn(storage_url, 4, tmp_path, None, "--sleep", "0.05", "--ready", str(tmp_path / "ready"), "--parties", "4")
+    # no worker dies here, so no trial may go stale: a 60 s grace, far above any write stall (4 s was not
+    # enough for the journal with the machine's load average at 12 on 2 cores: live trials were failed)
+    procs = spawn(storage_url, 4, tmp_path, None, "--sleep", "0.05", "--ready", str(tmp_path / "ready"), "--parties", "4",
+                  "--grace", "60")
     codes = wait_all(procs, 150)
     assert codes == [0, 0, 0, 0], logs(tmp_path)
     study = load(storage_url)
@@ -128,7 +136,7 @@ def test_four_workers_fill_every_generation_exactly(storage_url: str, tmp_path: 
 
 def test_killed_worker_trial_is_failed_by_heartbeat_and_retried(storage_url: str, tmp_path: Path) -> None:
     create_study(storage_url)
-    hb = ["--sleep", "0.1", "--heartbeat", "1", "--grace", "4"]
+    hb = ["--sleep", "0.1", "--heartbeat", "1", "--grace", str(LIVENESS["storage.grace_period"])]
     procs = spawn(storage_url, 1, tmp_path, {0: ["--slow-trial", "2", "--slow-sleep", "120"]}, *hb)
     slow = wait_for_slow_trial(storage_url)  # worker 0 is in its third trial, which would take 120 s
     assert slow.user_attrs["pid"] == procs[0].pid
@@ -219,7 +227,7 @@ def _launcher(args: list[str], tmp_path: Path, timeout: float = 400) -> subproce
 def test_launcher_runs_two_cli_workers_then_the_final_report_once(tiny_model_dir: Path, tiny_reference: Path,
                                                                    tmp_path: Path) -> None:
     journal = tmp_path / "study.journal"
-    overrides = [o for o in tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "unused.db")
+    overrides = [o for o in tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "unused.db", **LIVENESS)
                  if not o.startswith("storage.url=")]
     run_dir = tmp_path / "run"
     proc = _launcher(["--workers", "2", "--storage", f"journal:{journal}", "--", *overrides,
@@ -294,7 +302,7 @@ def test_launcher_survives_a_killed_cli_worker(tiny_model_dir: Path, tiny_refere
     journal = tmp_path / "study.journal"
     overrides = [o for o in tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "unused.db",
                                            **{"search.num_samples": 360, "search.batch_size": 24,
-                                              "search.generations": 3})
+                                              "search.generations": 3, **LIVENESS})
                  if not o.startswith("storage.url=")]
     run_dir = tmp_path / "run"
     launcher = subprocess.Popen([sys.executable, "-m", "autodiff_opt.workers", "--workers", "2", "--storage",
@@ -354,7 +362,7 @@ def test_two_cli_workers_share_the_default_sampler_and_its_budget(tiny_model_dir
     journal = tmp_path / "study.journal"
     overrides = [o for o in tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "unused.db",
                                            **{"search.sampler": "autodiffusion", "search.budget": 14,
-                                              "search.num_samples": 96, "search.batch_size": 32})
+                                              "search.num_samples": 96, "search.batch_size": 32, **LIVENESS})
                  if not o.startswith("storage.url=")]
     run_dir = tmp_path / "run"
     proc = _launcher(["--workers", "2", "--storage", f"journal:{journal}", "--", *overrides,
@@ -369,3 +377,133 @@ def test_two_cli_workers_share_the_default_sampler_and_its_budget(tiny_model_dir
     assert 14 <= spent < 14 + 2, spent  # each worker stops at its next check: at most one candidate over each
     assert {t.state for t in study.trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
     assert sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("final.csv")) == ["final.csv"]
+
+
+# --- the launcher's edges: signals, --start-timeout, every worker failing -------------------------------
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def _start_launcher(args: list[str], tmp_path: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "autodiff_opt.workers", *args], cwd=tmp_path, env=cli_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(ready, launcher: subprocess.Popen, what: str, timeout: float = 240) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert launcher.poll() is None, f"the launcher ended before {what}: {launcher.stdout.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"never saw {what}"
+        time.sleep(0.05)
+
+
+def _roster(run_dir: Path) -> list[dict]:
+    try:
+        return json.loads((run_dir / "workers.json").read_text())
+    except (OSError, ValueError):
+        return []
+
+
+def test_launcher_stops_its_workers_on_sigint_and_exits_130(tiny_model_dir: Path, tiny_reference: Path,
+                                                            tmp_path: Path) -> None:
+    """Ctrl-C while worker 0 starts up: the worker is stopped, the launcher says how to resume, exit 130."""
+    overrides = [o for o in tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "unused.db")
+                 if not o.startswith("storage.url=")]
+    run_dir = tmp_path / "run"
+    launcher = _start_launcher(["--workers", "2", "--storage", f"journal:{tmp_path / 'j.log'}", "--", *overrides,
+                                f"hydra.run.dir={run_dir}"], tmp_path)
+    _wait_for(lambda: bool(_roster(run_dir)), launcher, "worker 0 in workers.json")  # the handler is installed
+    launcher.send_signal(signal.SIGINT)
+    out, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode == 130, out[-3000:]
+    assert "SIGINT: stopping the workers; rerun the same command to resume" in out
+    assert [w["worker"] for w in _roster(run_dir)] == [0] and not _alive(_roster(run_dir)[0]["pid"])
+    assert not (run_dir / "final.csv").exists()
+
+
+def test_launcher_on_sigterm_fails_the_trial_being_evaluated_and_exits_130(tiny_model_dir: Path,
+                                                                          tiny_reference: Path, tmp_path: Path) -> None:
+    """SIGTERM while a worker evaluates a candidate (Optuna's heartbeat thread, which runs only around the
+    objective, has beaten): the worker is stopped with SIGINT, Optuna marks that trial failed, the launcher exits 130.
+    (An interrupt inside study.ask leaves the trial RUNNING instead: the heartbeat fails it on resume.)"""
+    from autodiff_opt.core.keys import HEARTBEAT_ATTR
+
+    journal = tmp_path / "j.log"
+    overrides = [o for o in tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "unused.db",
+                                           **{"search.num_samples": 4000, "search.batch_size": 25, **LIVENESS})
+                 if not o.startswith("storage.url=")]  # a candidate takes tens of seconds
+    run_dir = tmp_path / "run"
+    launcher = _start_launcher(["--workers", "1", "--storage", f"journal:{journal}", "--", *overrides,
+                                f"hydra.run.dir={run_dir}"], tmp_path)
+    storage, beats, evaluated = None, {}, []
+
+    def evaluating() -> bool:
+        nonlocal storage
+        if not journal.exists():
+            return False
+        storage = storage or cw.open_storage(f"journal:{journal}", 0, 2)
+        names = optuna.get_all_study_names(storage)
+        for t in optuna.load_study(study_name=names[0], storage=storage).get_trials(deepcopy=False) if names else []:
+            beat = t.system_attrs.get(HEARTBEAT_ATTR)
+            if t.state == TrialState.RUNNING and beat is not None:
+                beats.setdefault(t.number, set()).add(beat)
+                if len(beats[t.number]) >= 3:  # ask beats at most twice: the third is Optuna's heartbeat thread
+                    evaluated.append(t.number)
+                    return True
+        return False
+
+    _wait_for(evaluating, launcher, "a candidate being evaluated")
+    launcher.send_signal(signal.SIGTERM)
+    out, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode == 130, out[-3000:]
+    assert "SIGTERM: stopping the workers; rerun the same command to resume" in out
+    assert "did not stop" not in out and not _alive(_roster(run_dir)[0]["pid"])
+    study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0],
+                              storage=cw.open_storage(f"journal:{journal}", 0, 2))
+    assert study.trials[evaluated[0]].state == TrialState.FAIL, [t.state for t in study.trials]
+    assert TrialState.RUNNING not in [t.state for t in study.trials]
+    assert not (run_dir / "final.csv").exists()
+
+
+def test_start_timeout_stops_worker_0_and_starts_no_other(tiny_model_dir: Path, tiny_reference: Path,
+                                                          tmp_path: Path) -> None:
+    """--start-timeout 0: the launcher gives up at its first look, before worker 0 can have made the study."""
+    overrides = [o for o in tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "unused.db")
+                 if not o.startswith("storage.url=")]
+    run_dir = tmp_path / "run"
+    proc = _launcher(["--workers", "3", "--storage", f"journal:{tmp_path / 'j.log'}", "--start-timeout", "0", "--",
+                      *overrides, f"hydra.run.dir={run_dir}"], tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: study ") and "was not created within --start-timeout=0s" in last, last
+    assert str(run_dir / "worker-0.log") in last
+    roster = _roster(run_dir)
+    assert [w["worker"] for w in roster] == [0] and not _alive(roster[0]["pid"])
+
+
+def test_every_worker_failing_ends_with_worker_0s_error_and_no_final_run(tiny_reference: Path, tmp_path: Path) -> None:
+    """A model whose weights are NaN passes every check but fails every candidate, in every worker."""
+    from conftest import make_tiny_unet, save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "nan-model")
+    unet = make_tiny_unet()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.fill_(float("nan"))
+    unet.save_pretrained(model_dir)
+    overrides = [o for o in tiny_overrides(model_dir, tiny_reference, tmp_path / "unused.db",
+                                           **{"search.max_consecutive_failures": 2, **LIVENESS})
+                 if not o.startswith("storage.url=")]
+    run_dir = tmp_path / "run"
+    proc = _launcher(["--workers", "2", "--storage", f"journal:{tmp_path / 'j.log'}", "--", *overrides,
+                      f"hydra.run.dir={run_dir}"], tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: every worker failed; worker 0 says: 2 candidates failed in a row"), last
+    assert "worker 0: exit 2" in proc.stderr and "worker 1: exit 2" in proc.stderr
+    assert [w["worker"] for w in _roster(run_dir)] == [0, 1]
+    assert not list(run_dir.rglob("final.csv")) and not (run_dir / "trials.csv").exists()  # no final run
