@@ -28,6 +28,7 @@ class ModelConfig:
     prompts: Optional[str] = None  # COCO captions JSON (captions_val2014.json) or .txt, one prompt a line
     guidance_scale: float = 7.5  # classifier-free guidance s: eps_u + s * (eps_c - eps_u); 1.0 = conditional only
     decode_batch_size: int = 8  # latents decoded by the VAE this many at a time
+    image_size: Optional[int] = None  # SD3 / Flux image side in pixels (null: the pipeline's default)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from autodiff_opt.models.base import DiffusionModel, EpsFn, StepWrapper
 from autodiff_opt.core.genome import Genome
+from autodiff_opt.solvers.flow import check_solver
 from autodiff_opt.solvers import get_solver
 from autodiff_opt.utils import autocast, to_uint8
 
@@ -56,6 +57,7 @@ class ImageGenerator:
         step_wrapper: StepWrapper | None = None,
     ) -> None:
         self.model = model
+        check_solver(solver, model)
         self.solver_name = solver
         self.solver = get_solver(solver)
         self.clip_x0 = clip_x0

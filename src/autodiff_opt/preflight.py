@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 from autodiff_opt.core.errors import ConfigError
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
@@ -162,6 +162,33 @@ def check_checkpoints(model: Any) -> None:
             plain_state_dict(Path(str(value)).expanduser(), option, mmap=True)
 
 
+def check_solver_fits_model(solver: str, pretrained: str, subfolder: str | None = None,
+                            peers: Sequence[str] = ()) -> None:
+    """A flow solver on a rectified flow, a VP solver on a noise-prediction model, read from the local
+    folder's scheduler config (hub ids and absent folders are checked once the model is loaded); AYS
+    publishes time steps of VP models only."""
+    from autodiff_opt.models.flow import is_flow_scheduler
+    from autodiff_opt.solvers.flow import solver_mismatch
+    from autodiff_opt.models.loading import resolve_pretrained
+
+    root = Path(resolve_pretrained(pretrained))
+    folder = _unet_folder(root, subfolder)
+    for candidate in (folder / "scheduler_config.json", root / "scheduler" / "scheduler_config.json"):
+        if candidate.is_file():
+            try:
+                config = json.loads(candidate.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                return  # the loader reports an unreadable config
+            flow = isinstance(config, dict) and is_flow_scheduler(config)
+            problem = solver_mismatch(solver, flow)
+            if problem:
+                raise _config_error(problem)
+            if flow and "ays" in peers:
+                raise _config_error("search.peers: ays publishes time steps of VP diffusion models and this model is a"
+                                    " rectified flow: drop it (search.peers=[gits_dp] or [])")
+            return
+
+
 def check_feature_layer(feature_extractor: str, feature_layer: str | None) -> None:
     """The layer must be one the (registered) extractor provides; an unknown extractor is reported by FIDScorer."""
     import torch_fidelity.registry as registry
@@ -236,5 +263,7 @@ def run_all(cfg: Any):  # -> optuna.storages.BaseStorage
     check_device(str(cfg.device))
     check_model_folder(str(cfg.model.pretrained), cfg.model.subfolder)
     check_checkpoints(cfg.model)
+    check_solver_fits_model(str(cfg.solver.name), str(cfg.model.pretrained), cfg.model.subfolder,
+                            list(cfg.search.get("peers") or []))
     check_storage(str(cfg.storage.url))
     return open_storage(cfg.storage)

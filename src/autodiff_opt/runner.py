@@ -31,7 +31,7 @@ from autodiff_opt.search.samplers import EVOLUTION_KEYS, SearchSetup, builtin_sa
 from autodiff_opt.search.space import SearchSpace, best_fid_trial, fid_of, genome_params
 from autodiff_opt.search.concurrency import SearchBudget, StudyLockedSampler, fail_dead_local_trials, study_lock
 from autodiff_opt.search.study import _redact, open_study
-from autodiff_opt.solvers import heuristic_schedule
+from autodiff_opt.solvers import FLOW_HEURISTICS, flow_heuristic_schedule, heuristic_schedule
 from autodiff_opt.utils import pick_device
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,12 @@ class Experiment:
         return coding.params_of(genome, self.space.num_train_timesteps)
 
 
-def baseline_genomes(cfg: DictConfig, alphas_cumprod: Any, T: int) -> dict[str, Genome]:
-    """Heuristic schedules at the search's K, then the user's own schedules (validated)."""
+def baseline_genomes(cfg: DictConfig, alphas_cumprod: Any, T: int, shift: float = 1.0,
+                     dynamic_shift: bool = False) -> dict[str, Genome]:
+    """Heuristic schedules at the search's K (flow_* ones with the flow model's shift), then the user's own."""
     K = cfg.search.num_steps
-    out = {name: Genome.from_steps(heuristic_schedule(name, K, alphas_cumprod)) for name in cfg.search.baselines}
+    out = {name: Genome.from_steps(flow_heuristic_schedule(name, K, T, shift, dynamic_shift) if name in FLOW_HEURISTICS
+                                   else heuristic_schedule(name, K, alphas_cumprod)) for name in cfg.search.baselines}
     for i, steps in enumerate(cfg.search.schedules):
         steps = [int(t) for t in steps]
         try:
@@ -131,7 +133,8 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     T = model.num_train_timesteps
     if cfg.search.num_steps > T:
         raise ConfigError(f"search.num_steps={cfg.search.num_steps} exceeds the model's T={T}: use K <= T")
-    baselines = baseline_genomes(cfg, model.alphas_cumprod, T)
+    baselines = baseline_genomes(cfg, model.alphas_cumprod, T, getattr(model, "shift", 1.0),
+                                 getattr(model, "dynamic_shift", False))
     scorer = FIDScorer(cfg.metric.feature_extractor, cfg.metric.feature_layer, cfg.metric.weights_path,
                        device=device, batch_size=cfg.metric.batch_size, allow_download=cfg.metric.allow_download)
     image_shape = (3 if model.decode is not None else model.sample_shape[0], *model.sample_shape[1:])
@@ -352,7 +355,7 @@ def make_sampler(exp: Experiment, seed: int | None = None) -> optuna.samplers.Ba
 
     setup = exp.search_setup
     seed = exp.cfg.search.seed if seed is None else seed
-    anchor = exp.baselines.get("ddim_uniform")
+    anchor = exp.baselines.get("ddim_uniform", exp.baselines.get("flow_uniform"))
     if setup.sampler == "autodiffusion_paper":
         inner: optuna.samplers.BaseSampler = AutoDiffusionSampler(exp.space, setup.evolution, anchor=anchor,
                                                                   seed=seed, stage2=exp.stage2)

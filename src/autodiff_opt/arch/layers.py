@@ -23,7 +23,7 @@ from autodiff_opt.core.genome import Genome
 
 log = logging.getLogger(__name__)
 
-LayerKind = Literal["resnet", "attention"]
+LayerKind = Literal["resnet", "attention", "block"]
 
 # (short name used in layer names, attribute of the UNet)
 _BLOCK_GROUPS: tuple[tuple[str, str], ...] = (("down", "down_blocks"), ("mid", "mid_block"), ("up", "up_blocks"))
@@ -76,8 +76,24 @@ def _block_members(block: nn.Module) -> Iterator[tuple[str, int, nn.Module | Non
             yield attr, j, module
 
 
+# Transformer denoisers (DiT, SD3, Flux): their residual blocks, in forward order.
+_TRANSFORMER_GROUPS: tuple[tuple[str, str], ...] = (("blocks", "transformer_blocks"), ("single", "single_transformer_blocks"))
+
+
+def discover_transformer_blocks(model: nn.Module) -> tuple[Layer, ...]:
+    """``transformer_blocks.i`` (then Flux's ``single_transformer_blocks.i``) of a transformer denoiser."""
+    layers: list[Layer] = []
+    for short, attr in _TRANSFORMER_GROUPS:
+        for i, _ in enumerate(getattr(model, attr, None) or []):
+            layers.append(Layer(len(layers), f"{short}.{i}", "block", f"{attr}.{i}"))
+    return tuple(layers)
+
+
 def discover_layers(unet: nn.Module) -> tuple[Layer, ...]:
-    """All skippable layers of a ``UNet2DModel`` / ``UNet2DConditionModel``, ids 0..L-1 in forward order."""
+    """All skippable layers of a ``UNet2DModel`` / ``UNet2DConditionModel``, ids 0..L-1 in forward order;
+    the transformer blocks of a DiT / SD3 / Flux transformer."""
+    if isinstance(getattr(unet, "transformer_blocks", None), nn.ModuleList):
+        return discover_transformer_blocks(unet)
     layers: list[Layer] = []
     for short, block_path, block in _iter_blocks(unet):
         for attr, idx, module in _block_members(block):

@@ -89,8 +89,29 @@ def skip_transformer(model: Transformer2DModel, *args: Any, **kwargs: Any) -> An
     return Transformer2DModelOutput(sample=x) if return_dict else (x,)
 
 
+def skip_dit_block(block: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """DiT's ``BasicTransformerBlock``: the residual stream passes through unchanged."""
+    return _first_arg(args, kwargs, "hidden_states").clone()
+
+
+def skip_joint_block(block: nn.Module, *args: Any, **kwargs: Any) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """SD3's ``JointTransformerBlock`` and Flux's double and single blocks: (text stream, image stream)
+    pass through unchanged (the last SD3 block, ``context_pre_only``, returns no text stream)."""
+    hidden = _first_arg(args, kwargs, "hidden_states").clone()
+    context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+    if getattr(block, "context_pre_only", False) or context is None:
+        return None, hidden
+    return context.clone(), hidden
+
+
+_BLOCK_SKIPS = {"BasicTransformerBlock": skip_dit_block, "JointTransformerBlock": skip_joint_block,
+                "FluxTransformerBlock": skip_joint_block, "FluxSingleTransformerBlock": skip_joint_block}
+
+
 def skip_function(module: nn.Module) -> SkipFn:
     """The replacement forward ``f(module, *args, **kwargs)`` for a skippable module."""
+    if type(module).__name__ in _BLOCK_SKIPS:
+        return _BLOCK_SKIPS[type(module).__name__]
     if isinstance(module, ResnetBlock2D):
         return skip_resnet
     if isinstance(module, Attention):

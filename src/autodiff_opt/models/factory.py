@@ -51,6 +51,8 @@ def build_model(model_cfg: DictConfig, device: torch.device, cache_dir: str | Pa
     if model_cfg.dtype not in _DTYPES:
         raise ModelLoadError(f"model.dtype={model_cfg.dtype!r}: use one of {sorted(_DTYPES)}")
     pretrained = str(model_cfg.pretrained)
+    if transformer_pipeline_kind(pretrained) is not None:
+        return build_transformer_pipeline(model_cfg, device)
     if model_cfg.prompts or is_text_to_image_pipeline(resolve_pretrained(pretrained)):
         return build_text_to_image(model_cfg, device)
     if model_cfg.converter:
@@ -75,6 +77,39 @@ def build_text_to_image(model_cfg: DictConfig, device: torch.device) -> Diffusio
                                guidance_scale=float(model_cfg.guidance_scale),
                                decode_batch_size=int(model_cfg.decode_batch_size), device=device,
                                dtype=_DTYPES[model_cfg.dtype])
+    model.extras["source"] = str(model_cfg.pretrained)
+    return model
+
+
+def transformer_pipeline_kind(pretrained: str) -> str | None:
+    """dit, sd3 or flux when model.pretrained is such a pipeline (a local folder, or a hub id whose
+    model_index.json is cached or downloadable); None otherwise."""
+    from autodiff_opt.models.pipelines import pipeline_kind
+
+    ref = resolve_pretrained(pretrained)
+    if Path(ref).exists() or _looks_like_path(ref):
+        return pipeline_kind(ref)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return pipeline_kind(Path(hf_hub_download(ref, "model_index.json")).parent)
+    except Exception:  # not on the hub, offline and not cached: the other loaders report it
+        return None
+
+
+def build_transformer_pipeline(model_cfg: DictConfig, device: torch.device) -> DiffusionModel:
+    """DiT (class-conditional, CFG with the null class), SD3 (CFG) or Flux (guidance embedding)."""
+    from autodiff_opt.models.pipelines import load_transformer_pipeline
+
+    if model_cfg.converter or model_cfg.classifier:
+        raise ModelLoadError("model.converter and model.classifier apply to ADM checkpoints, not to DiT / SD3 / Flux"
+                             " pipelines: set them to null")
+    model = load_transformer_pipeline(str(model_cfg.pretrained), model_cfg.prompts,
+                                      guidance_scale=float(model_cfg.guidance_scale),
+                                      decode_batch_size=int(model_cfg.decode_batch_size), device=device,
+                                      dtype=_DTYPES[model_cfg.dtype], name=model_cfg.name,
+                                      source_hint=str(model_cfg.source_hint or ""),
+                                      image_size=model_cfg.image_size)
     model.extras["source"] = str(model_cfg.pretrained)
     return model
 

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 
 from autodiff_opt.models.base import DiffusionModel, ModelLoadError
+from autodiff_opt.models.flow import flow_model_from, is_flow_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,12 @@ def load_model(
     size = config.sample_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     num_classes = getattr(config, "num_class_embeds", None)
+    if is_flow_scheduler(sched):  # a rectified flow: velocity prediction on the (0, 1] time grid
+        flow = flow_model_from(unet, sched, name or root.name, (in_channels, int(height), int(width)),
+                               int(num_classes) if num_classes else None)
+        log.info("loaded %s: %s, rectified flow (shift %.3g), sample %s, classes=%s", flow.name, type(unet).__name__,
+                 flow.shift, flow.sample_shape, flow.num_classes)
+        return flow
     learned = int(config.out_channels) == 2 * in_channels or sched.get("variance_type") in ("learned", "learned_range")
     model = DiffusionModel(
         name=name or root.name,

@@ -53,6 +53,41 @@ def diffusers_snippet(genome: Genome, model: str, solver: str, shape: tuple[int,
     )
 
 
+_FLOW_SNIPPET = '''# Apply the searched times with plain diffusers (flow Euler; {note}).
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
+
+unet = UNet2DModel.from_pretrained("{model}"{subfolder}).eval()
+# shift=1 and no dynamic shifting: the searched times are run as given, not shifted again
+scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("{model}"{sched_subfolder}, shift=1.0,
+    use_dynamic_shifting=False, shift_terminal=None, use_karras_sigmas=False, use_exponential_sigmas=False,
+    use_beta_sigmas=False)
+scheduler.set_timesteps(sigmas={times})
+x = torch.randn(16, *{shape}, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    for t in scheduler.timesteps:
+        v = unet(x, t.expand(len(x)){labels}).sample
+        x = scheduler.step(v, t, x).prev_sample
+images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+'''
+
+
+def flow_snippet(genome: Genome, model: str, solver: str, shape: tuple[int, ...], num_classes: int | None,
+                 clip_x0: bool, subfolder: str | None = None) -> str:
+    """FlowMatchEulerDiscreteScheduler on the searched times (the grid index i is t = (i + 1) / 1000)."""
+    from autodiff_opt.solvers.flow import GRID_SIZE, grid_time
+
+    exact = solver == "flow_euler" and not clip_x0
+    note = ("the same samples as the search's solver" if exact else
+            f"the search ran {solver}{' with x0 clipping' if clip_x0 else ''}, which this loop approximates")
+    return _FLOW_SNIPPET.format(
+        note=note, model=model, times=[grid_time(i, GRID_SIZE) for i in genome.timesteps], shape=tuple(shape),
+        subfolder=f', subfolder="{subfolder}"' if subfolder else "",
+        sched_subfolder=', subfolder="scheduler"' if subfolder == "unet" else "",
+        labels=", class_labels=torch.randint(0, %d, (16,))" % num_classes if num_classes else "",
+    )
+
+
 def export_schedule(path: str | Path, genome: Genome, info: dict[str, Any], layer_names: list[str] | None = None) -> dict[str, Any]:
     """Write the schedule JSON: steps, per-step skipped layers (ids and names), and how it was found."""
     doc: dict[str, Any] = {

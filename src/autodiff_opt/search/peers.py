@@ -6,7 +6,8 @@ jump g -> h by the L2 distance of one first-order (DDIM) step from the teacher's
 x_h; starting at grid point g costs the distance of the initial noise to x_g (so, unlike GITS, the
 path need not start at T - 1: on the embedded model a start fixed there scores FID 3.1 against 1.6). A dynamic program
 then finds the K-step path of least total error. The jumps reuse the teacher's eps, so the whole peer
-costs ``grid x num_samples`` image-steps. For multistep solvers the first-order error is the proxy
+costs ``grid x num_samples`` image-steps. On a rectified flow the first-order step is flow Euler on the
+velocity (DDIM in the flow's parametrisation). For multistep solvers the first-order error is the proxy
 (their first step is DDIM); the found steps are then run with the configured solver.
 
 ``ays``: the published Align-Your-Steps schedule for Stable Diffusion (diffusers' ``AysSchedules``), at
@@ -17,13 +18,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
 from autodiff_opt.generate import ImageGenerator, SampleSet
 from autodiff_opt.core.genome import Genome
+from autodiff_opt.models.base import DiffusionModel
 from autodiff_opt.solvers.ddim import ddim_step
+from autodiff_opt.solvers.flow import flow_step, grid_time
 from autodiff_opt.solvers.schedules import make_distinct
 
 log = logging.getLogger(__name__)
@@ -37,10 +41,20 @@ class PeerSchedule:
     seconds: float = 0.0
 
 
+def first_order_step(model: DiffusionModel) -> Callable[[torch.Tensor, torch.Tensor, int, int | None, bool], torch.Tensor]:
+    """The model's first-order jump from grid step t to step s (None: the end): DDIM on eps, or flow Euler on
+    the velocity of a rectified flow (the same update in the flow's parametrisation)."""
+    ab = model.alphas_cumprod
+    n = int(ab.shape[0])
+    if model.prediction_type == "flow":
+        return lambda x, out, t, s, clip: flow_step(x, out, grid_time(t, n), grid_time(s, n) if s is not None else 0.0, clip)
+    return lambda x, out, t, s, clip: ddim_step(x, out, float(ab[t]), float(ab[s]) if s is not None else 1.0, clip)
+
+
 def _teacher(generator: ImageGenerator, samples: SampleSet, grid: list[int],
              clip_x0: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """States (G+1, N, ...) at each grid point and at the end, and eps (G, N, ...) at each grid point."""
-    ab = generator.model.alphas_cumprod
+    step = first_order_step(generator.model)
     genome = Genome(tuple(grid))
     states, epss = [], []
     for start in range(0, len(samples), generator.batch_size):
@@ -53,8 +67,7 @@ def _teacher(generator: ImageGenerator, samples: SampleSet, grid: list[int],
                 eps = eps_fn(x, t, i).float()
                 xs.append(x.cpu())
                 es.append(eps.cpu())
-                prev = float(ab[grid[i + 1]]) if i + 1 < len(grid) else 1.0
-                x = ddim_step(x, eps, float(ab[t]), prev, clip_x0)
+                x = step(x, eps, t, grid[i + 1] if i + 1 < len(grid) else None, clip_x0)
         xs.append(x.cpu())
         states.append(torch.stack(xs))
         epss.append(torch.stack(es))
@@ -67,14 +80,16 @@ def distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def jump_errors(states: torch.Tensor, epss: torch.Tensor, grid: list[int], alphas_cumprod: torch.Tensor,
-                clip_x0: bool) -> np.ndarray:
-    """err[g, h] = distance of one DDIM step from the teacher's x_g to its x_h (h = G: the end)."""
+                clip_x0: bool, step: Callable[..., torch.Tensor] | None = None) -> np.ndarray:
+    """err[g, h] = distance of one first-order step (DDIM by default) from the teacher's x_g to its x_h (h = G: the end)."""
+    if step is None:
+        step = lambda x, out, t, s, clip: ddim_step(x, out, float(alphas_cumprod[t]),  # noqa: E731
+                                                    float(alphas_cumprod[s]) if s is not None else 1.0, clip)
     G = len(grid)
     err = np.full((G, G + 1), np.inf)
     for g in range(G):
         for h in range(g + 1, G + 1):
-            prev = float(alphas_cumprod[grid[h]]) if h < G else 1.0
-            x = ddim_step(states[g], epss[g], float(alphas_cumprod[grid[g]]), prev, clip_x0)
+            x = step(states[g], epss[g], grid[g], grid[h] if h < G else None, clip_x0)
             err[g, h] = distance(x, states[h])
     return np.where(np.isfinite(err), err, np.inf)  # an overflowing jump (x0 / sqrt(alpha_bar) at t ~ T) is never taken
 
@@ -110,7 +125,7 @@ def trajectory_dp(generator: ImageGenerator, num_steps: int, num_samples: int = 
     grid = sorted({int(round(v)) for v in np.linspace(T - 1, 0, min(grid_size, T))}, reverse=True)
     samples = SampleSet.draw(num_samples, model.sample_shape, model.num_classes, seed)
     states, epss, noise = _teacher(generator, samples, grid, clip_x0)
-    err = jump_errors(states, epss, grid, model.alphas_cumprod, clip_x0)
+    err = jump_errors(states, epss, grid, model.alphas_cumprod, clip_x0, first_order_step(model))
     start = np.array([distance(noise, states[g]) for g in range(len(grid))])
     start = np.where(np.isfinite(start), start, np.inf)
     path = best_path(start, err, num_steps)

@@ -1,0 +1,222 @@
+"""DiT, SD3 and Flux on tiny random replicas saved by diffusers: our sampling loop gives the diffusers
+pipeline's output on the same noise and schedule (CFG, guidance embedding, the shift applied once), and a
+folder without weights stops naming the files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from autodiff_opt.models.base import ModelLoadError
+from autodiff_opt.models.flow import scheduler_for_times
+from autodiff_opt.models.pipelines import ClassGuidedModel, PromptFlowModel, load_transformer_pipeline
+from autodiff_opt.solvers import ddim_sample, flow_heuristic_schedule
+from autodiff_opt.solvers.flow import flow_euler_sample, grid_time
+from transformer_replicas import IMAGE_SIZE, make_tiny_dit_pipeline, make_tiny_flux_pipeline, make_tiny_sd3_pipeline
+
+PROMPTS = ["a red bus", "two cats on a table", "a dog"]
+
+
+@pytest.fixture(scope="module")
+def dit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_dit_pipeline(tmp_path_factory.mktemp("dit") / "DiT-XL-2-256")
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "stable-diffusion-3-medium-diffusers")
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_flux_pipeline(tmp_path_factory.mktemp("flux") / "FLUX.1-dev")
+
+
+def _load(folder: Path, guidance: float, prompts: list[str] | None = None):  # type: ignore[no-untyped-def]
+    return load_transformer_pipeline(str(folder), prompts, guidance_scale=guidance, decode_batch_size=2, device="cpu",
+                                     dtype=torch.float32, image_size=IMAGE_SIZE)
+
+
+def test_dit_ddim_with_cfg_matches_dit_pipeline(dit_dir: Path) -> None:
+    from diffusers import DiTPipeline
+
+    model = _load(dit_dir, guidance=4.0)
+    assert isinstance(model, ClassGuidedModel) and model.learned_sigma and model.num_classes == 1000
+    labels = [3, 917]
+    steps = [750, 500, 250, 0]  # DDIMScheduler "leading" spacing at 4 steps, what the pipeline runs
+    noise = torch.randn((2, *model.sample_shape), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        x0 = ddim_sample(model.eps_fn(class_labels=torch.tensor(labels)), noise, steps, model.alphas_cumprod,
+                         clip_x0=False)
+        ours = (model.to_images(x0) + 1) / 2
+    pipe = DiTPipeline.from_pretrained(dit_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(class_labels=labels, guidance_scale=4.0, num_inference_steps=4,
+                  generator=torch.Generator().manual_seed(5), output_type="pt").images
+    torch.testing.assert_close(ours, torch.as_tensor(theirs).float(), atol=2e-5, rtol=1e-4)
+
+
+def test_dit_guidance_changes_the_output_and_is_one_batched_pass(dit_dir: Path) -> None:
+    model = _load(dit_dir, guidance=4.0)
+    calls: list[int] = []
+    hook = model.unet.register_forward_pre_hook(lambda m, args, kw: calls.append(args[0].shape[0]), with_kwargs=True)
+    x = torch.randn(3, *model.sample_shape)
+    with torch.no_grad():
+        guided = model.eps_fn(class_labels=torch.tensor([1, 2, 3]))(x, 500, 0)
+        model.guidance_scale = 1.0
+        plain = model.eps_fn(class_labels=torch.tensor([1, 2, 3]))(x, 500, 0)
+    hook.remove()
+    assert calls == [6, 3]  # the CFG pair is one call on 2B latents: 2 network evaluations a step
+    assert not torch.allclose(guided, plain)
+
+
+def _sd3_pipe(folder: Path, exact: bool):  # type: ignore[no-untyped-def]
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True)
+    if exact:
+        pipe.scheduler = scheduler_for_times(dict(pipe.scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sd3_flow_euler_with_cfg_matches_the_pipeline_and_shifts_once(sd3_dir: Path) -> None:
+    model = _load(sd3_dir, guidance=5.0, prompts=PROMPTS)
+    assert isinstance(model, PromptFlowModel) and model.shift == 3.0 and model.sample_shape == (4, 4, 4)
+    steps = flow_heuristic_schedule("flow_default", 4, shift=model.shift)  # SD3's own schedule, on the grid
+    times = [grid_time(i, 1000) for i in steps]
+    noise = torch.randn((2, *model.sample_shape), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = flow_euler_sample(model.eps_fn(class_labels=torch.tensor([1, 2])), noise, steps, model.alphas_cumprod)
+        kwargs = dict(prompt=PROMPTS[1:], height=IMAGE_SIZE, width=IMAGE_SIZE, sigmas=times, guidance_scale=5.0,
+                      latents=noise.clone(), output_type="latent", max_sequence_length=256)
+        theirs = _sd3_pipe(sd3_dir, exact=True)(**kwargs).images
+        shifted_twice = _sd3_pipe(sd3_dir, exact=False)(**kwargs).images
+    torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4)
+    assert (ours - shifted_twice).abs().max() > 1e-3  # the stock scheduler would shift the searched times again
+    images = model.to_images(ours)
+    assert images.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE) and images.abs().max() <= 1.0
+
+
+def test_flux_guidance_embedding_matches_the_pipeline(flux_dir: Path) -> None:
+    from diffusers import FluxPipeline
+
+    model = _load(flux_dir, guidance=3.5, prompts=PROMPTS)
+    assert isinstance(model, PromptFlowModel) and model.dynamic_shift
+    # 4 latent patches: mu = 0.5 + 0.65 (4 - 256) / (4096 - 256)
+    assert model.shift == pytest.approx(np.exp(0.5 + 0.65 * (4 - 256) / (4096 - 256)))
+    steps = [999, 800, 420, 90]
+    noise = torch.randn((2, *model.sample_shape), generator=torch.Generator().manual_seed(4))
+    pipe = FluxPipeline.from_pretrained(flux_dir, local_files_only=True)
+    pipe.scheduler = scheduler_for_times(dict(pipe.scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ours = flow_euler_sample(model.eps_fn(class_labels=torch.tensor([0, 2])), noise, steps, model.alphas_cumprod)
+        packed = pipe._pack_latents(noise.clone(), 2, 4, 4, 4)
+        out = pipe(prompt=[PROMPTS[0], PROMPTS[2]], height=IMAGE_SIZE, width=IMAGE_SIZE,
+                   sigmas=[grid_time(i, 1000) for i in steps], guidance_scale=3.5, latents=packed,
+                   output_type="latent").images
+    theirs = pipe._unpack_latents(out, IMAGE_SIZE, IMAGE_SIZE, pipe.vae_scale_factor)
+    torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4)
+
+
+def test_folder_without_weights_names_the_files(sd3_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "sd3"
+    shutil.copytree(sd3_dir, broken)
+    (broken / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    shutil.rmtree(broken / "tokenizer_3")
+    with pytest.raises(ModelLoadError) as err:
+        load_transformer_pipeline(str(broken), PROMPTS, guidance_scale=5.0, decode_batch_size=2, device="cpu",
+                                  dtype=torch.float32, source_hint="published on the hub as X")
+    message = str(err.value)
+    assert "transformer/diffusion_pytorch_model.safetensors" in message and "tokenizer_3/" in message
+    assert "published on the hub as X" in message and "set model.pretrained=" in message
+
+
+def _tiny_cli_run(name: str, model: Path, tmp: Path, **extra: object):  # type: ignore[no-untyped-def]
+    from cli_helpers import run_cli, tiny_overrides
+    from replicas import blob_images, write_image_npz
+
+    reference = write_image_npz(tmp / "reference.npz", blob_images(64, IMAGE_SIZE))
+    overrides = tiny_overrides(model, reference, tmp / "s.db", **{
+        "search.num_samples": 8, "search.batch_size": 8, "search.population": 3, "search.generations": 1,
+        "search.num_parents": 2, "search.num_mutants": 1, "search.num_crossovers": 1, "search.init_random": 1,
+        "final.num_samples": 8, "final.repeats": 2, "metric.weights_path": "null", "metric.feature_layer": "null",
+        "model.dtype": "float32", "model.image_size": IMAGE_SIZE, **extra})
+    return run_cli([f"+experiment={name}", *overrides], tmp, tmp / "run", timeout=400)
+
+
+@pytest.mark.slow
+def test_sd3_coco_through_the_cli_on_a_replica(sd3_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    from replicas import write_coco_captions
+
+    captions = write_coco_captions(tmp_path / "annotations" / "captions_val2014.json")
+    proc = _tiny_cli_run("sd3_coco", sd3_dir, tmp_path, **{"model.prompts": captions,
+                                                           "search.baselines": "[flow_default,flow_uniform]"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "run" / "best_schedule.json").read_text())
+    rows = {row["schedule"]: row for row in doc["final"]}
+    assert {"searched", "flow_default", "flow_uniform"} <= set(rows)
+    assert rows["flow_default"]["timesteps"] == flow_heuristic_schedule("flow_default", 4, shift=3.0)
+
+
+@pytest.mark.slow
+def test_dit_imagenet256_through_the_cli_on_a_replica(dit_dir: Path, tmp_path: Path) -> None:
+    proc = _tiny_cli_run("dit_imagenet256", dit_dir, tmp_path, **{"search.baselines": "[ddim_uniform,trailing]"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1000 classes, CFG 1.50" in proc.stderr + proc.stdout
+
+
+class _PassThrough(torch.nn.Module):
+    """A block whose residual branch is zero, written out: what a skipped block must equal."""
+
+    def __init__(self, joint: bool, pre_only: bool = False) -> None:
+        super().__init__()
+        self.joint, self.pre_only = joint, pre_only
+
+    def forward(self, hidden_states, encoder_hidden_states=None, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if not self.joint:
+            return hidden_states
+        return (None if self.pre_only else encoder_hidden_states), hidden_states
+
+
+@pytest.mark.parametrize("which", ["dit", "sd3"])
+def test_transformer_blocks_skip_per_step_with_the_residual_passing(which: str, dit_dir: Path, sd3_dir: Path) -> None:
+    import copy
+
+    from autodiff_opt.arch import LayerSkipper
+    from autodiff_opt.core.genome import Genome
+
+    model = _load(dit_dir, 3.0) if which == "dit" else _load(sd3_dir, 3.0, PROMPTS)
+    skipper = LayerSkipper(model.unet)
+    assert [layer.name for layer in skipper.layers] == ["blocks.0", "blocks.1"]
+    x = torch.randn(2, *model.sample_shape, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([1, 2])
+    step = 500 if which == "dit" else 700
+    with torch.no_grad():
+        plain = model.eps_fn(class_labels=labels)(x, step, 0)
+        with skipper.skipping([]):
+            empty = model.eps_fn(class_labels=labels)(x, step, 0)
+        with skipper.skipping([1]):
+            skipped = model.eps_fn(class_labels=labels)(x, step, 0)
+        reference = copy.deepcopy(model)
+        block = reference.unet.transformer_blocks[1]
+        reference.unet.transformer_blocks[1] = _PassThrough(which == "sd3", getattr(block, "context_pre_only", False))
+        expected = reference.eps_fn(class_labels=labels)(x, step, 0)
+    assert torch.equal(plain, empty)
+    torch.testing.assert_close(skipped, expected, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(skipped, plain)
+    from autodiff_opt.arch.skip import per_step_skipping
+
+    wrap = per_step_skipping(model.unet, skipper)
+    genome = Genome((step, 100), (frozenset({1}), frozenset()))
+    with torch.no_grad():
+        fn = wrap(model.eps_fn(class_labels=labels), genome)
+        torch.testing.assert_close(fn(x, step, 0), expected, atol=1e-6, rtol=1e-6)
+        assert torch.equal(fn(x, 100, 1), model.eps_fn(class_labels=labels)(x, 100, 1))  # the second step: no skips
