@@ -120,11 +120,10 @@ def test_a_plain_postgresql_url_works(pg_url: str, tiny_model_dir: Path, tiny_re
     proc = run_with({"storage.url": pg_url, "search.generations": 1, "final.enabled": "false"}, tiny_model_dir,
                     tiny_reference, tmp_path)
     assert proc.returncode == 0, proc.stderr.strip().splitlines()[-1]
-    from autodiff_opt.search.concurrency import sqlalchemy_url
 
-    studies = optuna.get_all_study_summaries(sqlalchemy_url(pg_url))
+    studies = optuna.get_all_study_summaries(pg_url)
     assert len(studies) == 1 and studies[0].n_trials == 6  # one generation of 6, in the server's database
-    study = optuna.load_study(study_name=studies[0].study_name, storage=sqlalchemy_url(pg_url))
+    study = optuna.load_study(study_name=studies[0].study_name, storage=pg_url)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 6
     assert {t.user_attrs.get("baseline") for t in study.trials} >= {"ddim_uniform", "trailing"}
 
