@@ -65,11 +65,12 @@ def check_search(search: Any) -> None:
     unknown = [p for p in (search.get("peers") or []) if p not in ("gits_dp", "ays")]
     if unknown:
         raise _config_error(f"search.peers: {unknown} unknown: use gits_dp and/or ays")
-    from autodiff_opt.solvers import HEURISTICS
+    from autodiff_opt.solvers import FLOW_HEURISTICS, HEURISTICS
 
-    unknown = [b for b in (search.get("baselines") or []) if b not in HEURISTICS]
+    known = [*HEURISTICS, *FLOW_HEURISTICS]  # which family fits the model is checked once it is loaded
+    unknown = [b for b in (search.get("baselines") or []) if b not in known]
     if unknown:
-        raise _config_error(f"search.baselines: {unknown} unknown: use any of {', '.join(HEURISTICS)} (or [] for none)")
+        raise _config_error(f"search.baselines: {unknown} unknown: use any of {', '.join(known)} (or [] for none)")
 
 
 def check_seeds(search_seed: int, final: Any) -> None:
