@@ -40,7 +40,7 @@ class DatasetConfig:
 
 @dataclass
 class SolverConfig:
-    name: str = "ddim"  # ddim | dpmpp_2m
+    name: str = "ddim"  # ddim | dpmpp_2m | dpmpp_3m | ipndm | unipc | euler | heun (solvers/__init__.py)
     clip_x0: bool = True
 
 
