@@ -11,7 +11,7 @@ import optuna
 import pandas as pd
 
 from autodiff_opt.models.loading import resolve_pretrained
-from autodiff_opt.report.export import diffusers_snippet, export_schedule, sd_snippet
+from autodiff_opt.report.export import diffusers_scheduler, diffusers_snippet, export_schedule, sd_snippet
 from autodiff_opt.report.figures import final_figure, history_figure, pareto_figure, schedules_figure
 from autodiff_opt.report.tables import generation_summary, trials_table
 from autodiff_opt.search.final import best_genome
@@ -63,16 +63,18 @@ def write_report(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | N
     best = best_fid_trial(study)
     genome = best_genome(study)
     cfg = exp.cfg
+    solver = exp.generator.solver_of(genome)  # the solver gene, or solver.name
     info = {
         "model": str(exp.model.extras.get("source", cfg.model.pretrained)), "subfolder": cfg.model.subfolder,
-        "solver": cfg.solver.name, "clip_x0": cfg.solver.clip_x0,
-        "nfe": genome.num_steps, "fid_search": fid_of(best), "study": study.study_name,
+        "solver": solver, "clip_x0": cfg.solver.clip_x0,
+        "nfe": exp.generator.nfe(genome), "fid_search": fid_of(best), "study": study.study_name,
         "storage": _redact(str(cfg.storage.url)), "trial": best.number,
-        "diffusers_snippet": (sd_snippet(genome, str(cfg.model.pretrained), cfg.solver.name, cfg.model.guidance_scale)
+        "diffusers_scheduler": diffusers_scheduler(solver, cfg.solver.clip_x0) if not genome.has_skips else None,
+        "diffusers_snippet": (sd_snippet(genome, str(cfg.model.pretrained), solver, cfg.model.guidance_scale)
                               if cfg.model.prompts else
                               diffusers_snippet(genome, resolve_pretrained(str(exp.model.extras.get("source", cfg.model.pretrained))),
-                                                cfg.solver.name, exp.model.sample_shape, exp.model.num_classes,
-                                                cfg.model.subfolder)),
+                                                solver, exp.model.sample_shape, exp.model.num_classes,
+                                                cfg.model.subfolder, clip_x0=cfg.solver.clip_x0)),
     }
     if final is not None and not final.empty:
         info["final"] = json.loads(final.to_json(orient="records"))
