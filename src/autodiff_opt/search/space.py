@@ -42,6 +42,8 @@ class SearchSpace:
 
     @property
     def min_steps(self) -> int:
+        if self.solvers:
+            return min(self.steps_for(s) for s in self.solvers)
         return self.k_min or self.num_steps
 
     @property
@@ -52,7 +54,8 @@ class SearchSpace:
 
     @property
     def variable_k(self) -> bool:
-        return self.min_steps != self.max_steps
+        """K is a gene of its own (stage 2); with the solver gene K follows the solver instead."""
+        return not self.solvers and self.min_steps != self.max_steps
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
