@@ -61,12 +61,13 @@ def test_genome_key_carries_the_solver_only_when_it_is_a_gene() -> None:
 @pytest.mark.parametrize("override,message", [
     ("search.solvers=[ddim,plms]", "['plms'] unknown"),
     ("search.solvers=[ddim,ddim]", "lists a solver twice"),
+    ("search.solvers=[ddim,heun] search.schedules=[[900,500,100]]", "take [2, 4] at NFE"),
 ])
 def test_bad_solver_lists_are_refused_before_work(override: str, message: str, tiny_model_dir: Path,
                                                   tiny_reference: Path, tmp_path: Path) -> None:
     from autodiff_opt.search.runner import ConfigError, check_inputs
 
-    cfg = compose_cfg([*tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "s.db"), override], tmp_path)
+    cfg = compose_cfg([*tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "s.db"), *override.split()], tmp_path)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         check_inputs(cfg)
 
@@ -84,21 +85,23 @@ def test_builtin_sampler_with_solvers_is_refused(tiny_model_dir: Path, tiny_refe
 def test_cli_searches_the_solver_with_the_steps_and_resumes(tiny_model_dir: Path, tiny_reference: Path,
                                                            tmp_path: Path) -> None:
     db = tmp_path / "s.db"
-    gene = {"search.solvers": "[ddim,heun,dpmpp_3m]", "search.population": 8, "search.num_mutants": 4,
-            "search.num_crossovers": 2, "search.init_random": 2, "solver.clip_x0": "false"}
+    gene = {"search.solvers": "[ddim,heun,dpmpp_3m]", "search.population": 5, "search.num_parents": 3,
+            "search.num_mutants": 2, "search.num_crossovers": 2, "search.init_random": 1, "solver.clip_x0": "false",
+            "search.baselines": "[trailing]", "search.num_samples": 32, "search.batch_size": 32,
+            "final.num_samples": 32, "final.repeats": 1}
     first = run_cli(tiny_overrides(tiny_model_dir, tiny_reference, db, **gene, **{"search.generations": 1,
                                                                                   "final.enabled": "false"}),
                     tmp_path, tmp_path / "run1")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert len(_load(db).get_trials(states=(TrialState.COMPLETE,))) == 8
+    assert len(_load(db).get_trials(states=(TrialState.COMPLETE,))) == 5
 
     resumed = run_cli(tiny_overrides(tiny_model_dir, tiny_reference, db, **gene, **{"search.generations": 2}),
                       tmp_path, tmp_path / "run2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     study = _load(db)
     done = study.get_trials(states=(TrialState.COMPLETE,))
-    assert len(done) == 16
-    by_number = {t.number: t for t in study.trials}
+    assert len(done) == 10
+    by_number, crossed = {t.number: t for t in study.trials}, False
     for t in done:
         g = genome_of(t)
         assert t.params["solver"] == g.solver in SOLVERS  # the gene is a trial param (the dashboard shows it)
@@ -106,8 +109,10 @@ def test_cli_searches_the_solver_with_the_steps_and_resumes(tiny_model_dir: Path
         parents = [genome_of(by_number[n]).solver for n in t.system_attrs["autodiff:parents"]]
         if t.system_attrs["autodiff:operator"] == "crossover":
             assert g.solver in parents
+            crossed = True
+    assert crossed, "no crossover child in generation 1"
     baselines = {t.user_attrs["baseline"]: genome_of(t) for t in done if "baseline" in t.user_attrs}
-    assert set(baselines) == {f"{h}@{s}" for h in ("ddim_uniform", "trailing") for s in SOLVERS}
+    assert set(baselines) == {f"trailing@{s}" for s in SOLVERS}
     assert baselines["trailing@heun"].timesteps == (999, 499)
     keys = [genome_of(t).key() for t in done]
     assert len(keys) == len(set(keys))

@@ -132,6 +132,14 @@ def check_solver_gene(cfg: DictConfig) -> None:
                           f" (got {cfg.search.sampler}): the built-in samplers see steps only")
     if solvers and cfg.search.stage2.enabled:
         raise ConfigError("search.solvers with search.stage2.enabled=true is not supported: leave one of them off")
+    if solvers:
+        from autodiff_opt.solvers import steps_for_nfe
+
+        lengths = {steps_for_nfe(s, cfg.search.num_steps) for s in solvers}
+        for i, steps in enumerate(cfg.search.schedules):
+            if len(steps) not in lengths:
+                raise ConfigError(f"search.schedules[{i}] has {len(steps)} steps but the solvers of search.solvers"
+                                  f" take {sorted(lengths)} at NFE search.num_steps={cfg.search.num_steps}")
 
 
 def import_plugins(modules: list[str]) -> None:
