@@ -8,7 +8,7 @@ sampler searches the steps of each solver alone (``search.solvers=[s]``, its heu
 (``search.solvers=[all]``, budget ``--joint-budget``). Every kept schedule is re-scored on fresh seeds.
 
     OMP_NUM_THREADS=1 python experiments/bench_solvers.py [--nfe 4,6,10] [--budget 15] [--joint-budget 45]
-        [--solvers ddim,dpmpp_2m,...] [--repeats 2] [--final-samples 2000] [-- OVERRIDES...]
+        [--solvers ddim,dpmpp_2m,...] [--repeats 2] [--final-samples 2000] [--ddim-reference 10] [-- OVERRIDES...]
 
 Prints one markdown table and writes it, with the schedules, to <out>/table.md and <out>/results.json.
 """
@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--final-samples", type=int, default=2000)
     parser.add_argument("--fresh-seed", type=int, default=1_000_003)
     parser.add_argument("--seed", type=int, default=0, help="the samplers' seed")
+    parser.add_argument("--ddim-reference", type=int, default=10,
+                        help="also score DDIM's best heuristic at this NFE (the NFE-6 target's yardstick); 0: no")
     parser.add_argument("--out", default="outputs/bench_solvers")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the experiment (after --)")
     args = parser.parse_args(argv)
@@ -152,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
                         "timesteps": list(genome.timesteps), "fid_search": search_fid, "fid": fresh(genome)})
         log.info("NFE %d joint: %s %s %.3f (%.0fs)", nfe, genome.solver, list(genome.timesteps), results[-1]["fid"],
                  time.perf_counter() - t0)
+    if args.ddim_reference and args.ddim_reference not in nfes:
+        name, genome, search_fid = _best_heuristic(exp, args.ddim_reference, "ddim")
+        results.append({"nfe": args.ddim_reference, "solver": "ddim", "kind": "heuristic", "schedule": name,
+                        "timesteps": list(genome.timesteps), "fid_search": search_fid, "fid": fresh(genome)})
+        nfes = [*nfes, args.ddim_reference]
     seconds = time.perf_counter() - t_start
     table = _table(results, nfes, solvers)
     verdict = _targets(results)

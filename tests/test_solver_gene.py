@@ -91,12 +91,12 @@ def test_cli_searches_the_solver_with_the_steps_and_resumes(tiny_model_dir: Path
             "final.num_samples": 32, "final.repeats": 1}
     first = run_cli(tiny_overrides(tiny_model_dir, tiny_reference, db, **gene, **{"search.generations": 1,
                                                                                   "final.enabled": "false"}),
-                    tmp_path, tmp_path / "run1")
+                    tmp_path, tmp_path / "run1", timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     assert len(_load(db).get_trials(states=(TrialState.COMPLETE,))) == 5
 
     resumed = run_cli(tiny_overrides(tiny_model_dir, tiny_reference, db, **gene, **{"search.generations": 2}),
-                      tmp_path, tmp_path / "run2")
+                      tmp_path, tmp_path / "run2", timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     study = _load(db)
     done = study.get_trials(states=(TrialState.COMPLETE,))
@@ -126,5 +126,5 @@ def test_cli_searches_the_solver_with_the_steps_and_resumes(tiny_model_dir: Path
     assert best["diffusers_scheduler"] in best["diffusers_snippet"].splitlines()[0]
 
     other = run_cli(tiny_overrides(tiny_model_dir, tiny_reference, db, **{**gene, "search.solvers": "[ddim,ipndm]"}),
-                    tmp_path, tmp_path / "run3")
+                    tmp_path, tmp_path / "run3", timeout=900)
     assert other.returncode == 2 and "search.solvers" in other.stderr
