@@ -120,9 +120,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the samplers' seed")
     parser.add_argument("--ddim-reference", type=int, default=10,
                         help="also score DDIM's best heuristic at this NFE (the NFE-6 target's yardstick); 0: no")
+    parser.add_argument("--parts", default="single,joint", help="single (per-solver rows), joint, or both")
+    parser.add_argument("--merge", default=None, help="comma-separated results.json of part runs: print their table")
     parser.add_argument("--out", default="outputs/bench_solvers")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the experiment (after --)")
     args = parser.parse_args(argv)
+    if args.merge:
+        runs = [json.loads(Path(p).read_text()) for p in args.merge.split(",")]
+        results = [r for run in runs for r in run["results"]]
+        nfes = sorted({r["nfe"] for r in results})
+        solvers = list(dict.fromkeys(r["solver"] for r in results if r["kind"] != "joint"))
+        seconds = sum(run["seconds"] for run in runs)
+        print(_report(results, nfes, solvers, seconds, runs[0]["args"]))  # noqa: T201 - a benchmark's report
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     import optuna
@@ -137,8 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     fresh = lambda g: _fresh(exp, g, args.repeats, args.final_samples, args.fresh_seed)  # noqa: E731
     results: list[dict[str, Any]] = []
     t_start = time.perf_counter()
+    parts = args.parts.split(",")
+
+    def save() -> None:
+        (out / "results.json").write_text(json.dumps({"args": vars(args), "seconds": time.perf_counter() - t_start,
+                                                      "results": results}, indent=1))
+
     for nfe in nfes:
-        for solver in solvers:
+        for solver in solvers if "single" in parts else []:
             t0 = time.perf_counter()
             name, genome, search_fid = _best_heuristic(exp, nfe, solver)
             results.append({"nfe": nfe, "solver": solver, "kind": "heuristic", "schedule": name,
@@ -148,27 +164,33 @@ def main(argv: list[str] | None = None) -> int:
                             "timesteps": list(genome.timesteps), "fid_search": search_fid, "fid": fresh(genome)})
             log.info("NFE %d %s: heuristic %.3f, searched %.3f (%.0fs)", nfe, solver, results[-2]["fid"],
                      results[-1]["fid"], time.perf_counter() - t0)
+            save()
+        if "joint" not in parts:
+            continue
         t0 = time.perf_counter()
         genome, search_fid, trials = _search(exp, nfe, solvers, args.joint_budget, args.seed)
         results.append({"nfe": nfe, "solver": genome.solver, "kind": "joint", "schedule": f"joint ({trials} trials)",
                         "timesteps": list(genome.timesteps), "fid_search": search_fid, "fid": fresh(genome)})
         log.info("NFE %d joint: %s %s %.3f (%.0fs)", nfe, genome.solver, list(genome.timesteps), results[-1]["fid"],
                  time.perf_counter() - t0)
+        save()
     if args.ddim_reference and args.ddim_reference not in nfes:
         name, genome, search_fid = _best_heuristic(exp, args.ddim_reference, "ddim")
         results.append({"nfe": args.ddim_reference, "solver": "ddim", "kind": "heuristic", "schedule": name,
                         "timesteps": list(genome.timesteps), "fid_search": search_fid, "fid": fresh(genome)})
         nfes = [*nfes, args.ddim_reference]
-    seconds = time.perf_counter() - t_start
-    table = _table(results, nfes, solvers)
-    verdict = _targets(results)
-    text = f"{table}\n\n{verdict}\n\n{seconds:.0f} s in all (budget {args.budget:g} candidate-equivalents per" \
-           f" single-solver search, {args.joint_budget:g} for the joint search; fresh FID: mean of {args.repeats}" \
-           f" x {args.final_samples} samples)."
+    save()
+    text = _report(results, nfes, solvers, time.perf_counter() - t_start, vars(args))
     (out / "table.md").write_text(text + "\n")
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "seconds": seconds, "results": results}, indent=1))
     print(text)  # noqa: T201 - a benchmark's report
     return 0
+
+
+def _report(results: list[dict[str, Any]], nfes: list[int], solvers: list[str], seconds: float,
+            args: dict[str, Any]) -> str:
+    return (f"{_table(results, nfes, solvers)}\n\n{_targets(results)}\n\n{seconds:.0f} s of runs (budget"
+            f" {args['budget']:g} candidate-equivalents per single-solver search, {args['joint_budget']:g} for the"
+            f" joint search; fresh FID: mean of {args['repeats']} x {args['final_samples']} samples).")
 
 
 def _table(results: list[dict[str, Any]], nfes: list[int], solvers: list[str]) -> str:
