@@ -30,7 +30,7 @@ log = logging.getLogger("bench_solvers")
 
 def _experiment(overrides: list[str], out: Path) -> Any:
     from autodiff_opt.cli import compose_config
-    from autodiff_opt.search.runner import build_experiment
+    from autodiff_opt.runner import build_experiment
 
     return build_experiment(compose_config([*overrides, f"output_dir={out}", "progress=false", "search.peers=[]"]))
 
@@ -39,7 +39,7 @@ def _set_space(exp: Any, nfe: int, solvers: list[str]) -> None:
     """Point the experiment at an NFE budget and a solver list (the baselines follow)."""
     from omegaconf import OmegaConf
 
-    from autodiff_opt.search import runner
+    from autodiff_opt import runner
     from autodiff_opt.search.samplers import resolve
     from autodiff_opt.search.space import SearchSpace
 
@@ -56,7 +56,7 @@ def _search(exp: Any, nfe: int, solvers: list[str], budget: float, seed: int) ->
     """The best genome of a search with this budget, its search FID, and the number of trials."""
     import optuna
 
-    from autodiff_opt.search import runner
+    from autodiff_opt import runner
     from autodiff_opt.search.fidelity import ImageStepBudget, make_pruner
     from autodiff_opt.search.sampler import genome_of
     from autodiff_opt.search.space import best_fid_trial

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.sampler import genome_of
 from autodiff_opt.search.solver_gene import child_solver, fit_to_solver
 from autodiff_opt.search.space import SearchSpace
@@ -65,7 +65,7 @@ def test_genome_key_carries_the_solver_only_when_it_is_a_gene() -> None:
 ])
 def test_bad_solver_lists_are_refused_before_work(override: str, message: str, tiny_model_dir: Path,
                                                   tiny_reference: Path, tmp_path: Path) -> None:
-    from autodiff_opt.search.runner import ConfigError, check_inputs
+    from autodiff_opt.runner import ConfigError, check_inputs
 
     cfg = compose_cfg([*tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "s.db"), *override.split()], tmp_path)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -73,7 +73,7 @@ def test_bad_solver_lists_are_refused_before_work(override: str, message: str, t
 
 
 def test_builtin_sampler_with_solvers_is_refused(tiny_model_dir: Path, tiny_reference: Path, tmp_path: Path) -> None:
-    from autodiff_opt.search.runner import ConfigError, check_inputs
+    from autodiff_opt.runner import ConfigError, check_inputs
 
     over = [o for o in tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "s.db") if not o.startswith("search.sampler=")]
     cfg = compose_cfg([*over, "search.sampler=tpe", "search.solvers=[ddim,heun]"], tmp_path)
