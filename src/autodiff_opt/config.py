@@ -41,7 +41,7 @@ class DatasetConfig:
 
 @dataclass
 class SolverConfig:
-    name: str = "ddim"  # ddim | dpmpp_2m
+    name: str = "ddim"  # ddim | dpmpp_2m | dpmpp_3m | ipndm | unipc | euler | heun (solvers/__init__.py)
     clip_x0: bool = True
 
 
@@ -94,6 +94,9 @@ class SearchConfig:
     peer_samples: int = 256  # teacher samples of the trajectory-DP peer
     peer_grid: int = 100  # teacher steps of the trajectory-DP peer
     schedules: List[List[int]] = field(default_factory=list)  # your own schedules, scored alongside
+    # The solver gene: the search picks one of these with the steps, and num_steps is then the NFE budget
+    # (Heun gets (NFE + 1) // 2 steps); empty: every candidate uses solver.name (search/solver_gene.py).
+    solvers: List[str] = field(default_factory=list)
     max_consecutive_failures: int = 10
     stage2: Stage2Config = field(default_factory=Stage2Config)
 

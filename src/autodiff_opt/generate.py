@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from autodiff_opt.models.base import DiffusionModel, EpsFn, StepWrapper
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.solvers.flow import check_solver
-from autodiff_opt.solvers import get_solver
+from autodiff_opt.solvers import get_solver, nfe
 from autodiff_opt.utils import autocast, to_uint8
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,14 @@ class ImageGenerator:
     def device(self) -> torch.device:
         return self.model.device
 
+    def solver_of(self, genome: Genome) -> str:
+        """The genome's solver gene, or the configured solver."""
+        return genome.solver or self.solver_name
+
+    def nfe(self, genome: Genome) -> int:
+        """Network evaluations one sample of this genome costs."""
+        return nfe(self.solver_of(genome), genome.num_steps)
+
     def eps_for(self, genome: Genome, labels: torch.Tensor | None) -> EpsFn:
         """The batch's eps function for this genome (labels bound; per-step skipping, guidance applied)."""
         eps_fn = self.model.eps_fn(class_labels=labels.to(self.device) if labels is not None else None)
@@ -77,7 +85,8 @@ class ImageGenerator:
     def _batch(self, genome: Genome, noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         eps_fn = self.eps_for(genome, labels)
         with torch.no_grad(), autocast(self.device, self.precision):  # no_grad: guidance re-enables grad inside
-            x0 = self.solver(eps_fn, noise.to(self.device), genome.timesteps, self.model.alphas_cumprod,
+            solver = get_solver(genome.solver) if genome.solver else self.solver
+            x0 = solver(eps_fn, noise.to(self.device), genome.timesteps, self.model.alphas_cumprod,
                              clip_x0=self.clip_x0)
             x0 = self.model.to_images(x0)
         if not torch.isfinite(x0).all():

@@ -27,7 +27,7 @@ from autodiff_opt.search import coding
 from autodiff_opt.search.fidelity import PEER_COST_ATTR, ImageStepBudget, make_pruner, rung_sizes
 from autodiff_opt.search.objective import Objective
 from autodiff_opt.search.sampler import AutoDiffusionSampler
-from autodiff_opt.search.samplers import EVOLUTION_KEYS, SearchSetup, builtin_sampler, resolve
+from autodiff_opt.search.samplers import EVOLUTION_KEYS, EVOLUTIONARY, SearchSetup, builtin_sampler, resolve
 from autodiff_opt.search.space import SearchSpace, best_fid_trial, fid_of, genome_params
 from autodiff_opt.search.concurrency import SearchBudget, StudyLockedSampler, fail_dead_local_trials, study_lock
 from autodiff_opt.search.study import _redact, open_study
@@ -76,18 +76,36 @@ class Experiment:
 
 def baseline_genomes(cfg: DictConfig, alphas_cumprod: Any, T: int, shift: float = 1.0,
                      dynamic_shift: bool = False) -> dict[str, Genome]:
-    """Heuristic schedules at the search's K (flow_* ones with the flow model's shift), then the user's own."""
-    K = cfg.search.num_steps
-    out = {name: Genome.from_steps(flow_heuristic_schedule(name, K, T, shift, dynamic_shift) if name in FLOW_HEURISTICS
-                                   else heuristic_schedule(name, K, alphas_cumprod)) for name in cfg.search.baselines}
+    """Heuristic schedules at the search's K (flow_* ones with the flow model's shift), then the user's own
+    schedules (validated). With the solver gene, every heuristic with every listed solver at its K for the
+    NFE budget ("karras@ipndm"), and the user's schedules with every listed solver whose K they have."""
+    space = SearchSpace(cfg.search.num_steps, T, solvers=tuple(cfg.search.solvers))
+    solvers: list[str | None] = list(space.solvers) or [None]
+    out: dict[str, Genome] = {}
+    for name in cfg.search.baselines:
+        for solver in solvers:
+            k = space.steps_for(solver)
+            steps = (flow_heuristic_schedule(name, k, T, shift, dynamic_shift) if name in FLOW_HEURISTICS
+                     else heuristic_schedule(name, k, alphas_cumprod))
+            out[name if solver is None else f"{name}@{solver}"] = Genome.from_steps(steps, solver=solver)
     for i, steps in enumerate(cfg.search.schedules):
         steps = [int(t) for t in steps]
         try:
             validate_timesteps(steps, T)
         except GenomeError as err:
             raise ConfigError(f"search.schedules[{i}]={steps}: {err}") from err
-        out[f"user{i}"] = Genome(tuple(steps))
+        for solver in solvers:
+            if len(steps) == space.steps_for(solver):
+                out[f"user{i}" if solver is None else f"user{i}@{solver}"] = Genome(tuple(steps), solver=solver)
     return out
+
+
+def with_solvers(genomes: dict[str, Genome], space: SearchSpace) -> dict[str, Genome]:
+    """Solver-less schedules (peers) with every listed solver whose K they have (no-op without the gene)."""
+    if not space.solvers:
+        return genomes
+    return {f"{name}@{s}": g.with_solver(s) for name, g in genomes.items() for s in space.solvers
+            if g.solver is None and g.num_steps == space.steps_for(s)}
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -97,8 +115,34 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.search.num_samples < 2:
         raise ConfigError(f"search.num_samples={cfg.search.num_samples}: FID needs at least 2 samples (use thousands)")
     for i, steps in enumerate(cfg.search.schedules):
-        if len(steps) != cfg.search.num_steps:
+        if len(steps) != cfg.search.num_steps and not cfg.search.solvers:
             raise ConfigError(f"search.schedules[{i}] has {len(steps)} steps but search.num_steps={cfg.search.num_steps}")
+    check_solver_gene(cfg)
+
+
+def check_solver_gene(cfg: DictConfig) -> None:
+    """search.solvers: known names, no repeats, and a sampler that carries the gene."""
+    from autodiff_opt.solvers import SOLVERS
+
+    solvers = list(cfg.search.solvers)
+    unknown = [s for s in solvers if s not in SOLVERS]
+    if unknown:
+        raise ConfigError(f"search.solvers={solvers}: {unknown} unknown; use names from {sorted(SOLVERS)}")
+    if len(set(solvers)) != len(solvers):
+        raise ConfigError(f"search.solvers={solvers} lists a solver twice: list each once")
+    if solvers and resolve(cfg.search).sampler not in EVOLUTIONARY:
+        raise ConfigError(f"search.solvers needs search.sampler=autodiffusion or autodiffusion_paper"
+                          f" (got {cfg.search.sampler}): the built-in samplers see steps only")
+    if solvers and cfg.search.stage2.enabled:
+        raise ConfigError("search.solvers with search.stage2.enabled=true is not supported: leave one of them off")
+    if solvers:
+        from autodiff_opt.solvers import steps_for_nfe
+
+        lengths = {steps_for_nfe(s, cfg.search.num_steps) for s in solvers}
+        for i, steps in enumerate(cfg.search.schedules):
+            if len(steps) not in lengths:
+                raise ConfigError(f"search.schedules[{i}] has {len(steps)} steps but the solvers of search.solvers"
+                                  f" take {sorted(lengths)} at NFE search.num_steps={cfg.search.num_steps}")
 
 
 def import_plugins(modules: list[str]) -> None:
@@ -145,8 +189,8 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     generator = ImageGenerator(model, cfg.solver.name, cfg.solver.clip_x0, cfg.search.batch_size, cfg.precision,
                                step_wrapper=step_wrapper_for(model))
     samples = SampleSet.draw(cfg.search.num_samples, model.sample_shape, model.num_classes, cfg.search.seed)
-    exp = Experiment(cfg, model, scorer, reference, SearchSpace(cfg.search.num_steps, T), generator, samples, baselines,
-                     setup=resolve(cfg.search))
+    space = SearchSpace(cfg.search.num_steps, T, solvers=tuple(cfg.search.solvers))
+    exp = Experiment(cfg, model, scorer, reference, space, generator, samples, baselines, setup=resolve(cfg.search))
     if cfg.search.stage2.enabled:
         attach_stage2(exp)
     return exp
@@ -227,7 +271,7 @@ def compute_peers(study: optuna.Study, exp: Experiment) -> dict[str, Genome]:
 
     attrs = study._storage.get_study_system_attrs(study._study_id)
     if PEERS_ATTR in attrs:
-        return {name: Genome.from_json(g) for name, g in attrs[PEERS_ATTR].items()}
+        return with_solvers({name: Genome.from_json(g) for name, g in attrs[PEERS_ATTR].items()}, exp.space)
     cfg, out, cost = exp.cfg, {}, 0
     if "gits_dp" in cfg.search.peers:
         peer = trajectory_dp(exp.generator, exp.space.num_steps, cfg.search.peer_samples, cfg.search.peer_grid,
@@ -240,7 +284,7 @@ def compute_peers(study: optuna.Study, exp: Experiment) -> dict[str, Genome]:
             log.info("peer ays: published for Stable Diffusion only; not used for %s", cfg.model.name)
     study._storage.set_study_system_attr(study._study_id, PEERS_ATTR, {k: g.to_json() for k, g in out.items()})
     study._storage.set_study_system_attr(study._study_id, PEER_COST_ATTR, cost)
-    return out
+    return with_solvers(out, exp.space)
 
 
 def seed_study(study: optuna.Study, exp: Experiment) -> None:
@@ -355,7 +399,8 @@ def make_sampler(exp: Experiment, seed: int | None = None) -> optuna.samplers.Ba
 
     setup = exp.search_setup
     seed = exp.cfg.search.seed if seed is None else seed
-    anchor = exp.baselines.get("ddim_uniform", exp.baselines.get("flow_uniform"))
+    anchor = exp.baselines.get("ddim_uniform") or exp.baselines.get("flow_uniform") or next(
+        (g for name, g in exp.baselines.items() if name.startswith("ddim_uniform@")), None)
     if setup.sampler == "autodiffusion_paper":
         inner: optuna.samplers.BaseSampler = AutoDiffusionSampler(exp.space, setup.evolution, anchor=anchor,
                                                                   seed=seed, stage2=exp.stage2)

@@ -1,4 +1,5 @@
-"""The genome of one candidate: K sampling time steps, and per step a set of skipped layers."""
+"""The genome of one candidate: K sampling time steps, per step a set of skipped layers, and the solver
+when the search chooses it (``search.solvers``; None: the configured ``solver.name``)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ class Genome:
     """Time steps in sampling order (strictly descending) and, per step, the ids of skipped layers.
 
     ``skips[i]`` belongs to ``timesteps[i]``: the pairing travels with the step through every
-    operator, so a mask is never applied to another step by rank.
+    operator, so a mask is never applied to another step by rank. ``solver`` is the solver gene.
     """
 
     timesteps: tuple[int, ...]
     skips: tuple[frozenset[int], ...] = field(default=())
+    solver: str | None = None
 
     def __post_init__(self) -> None:
         if not self.skips:
@@ -38,7 +40,7 @@ class Genome:
 
     @classmethod
     def from_steps(
-        cls, steps: Iterable[int], skips: Sequence[Iterable[int]] | None = None
+        cls, steps: Iterable[int], skips: Sequence[Iterable[int]] | None = None, solver: str | None = None
     ) -> "Genome":
         """Build from steps in any order; masks, when given, follow their steps through the sort."""
         steps = [int(t) for t in steps]
@@ -46,7 +48,10 @@ class Genome:
         if len(masks) != len(steps):
             raise GenomeError(f"{len(steps)} time steps but {len(masks)} skip masks")
         order = sorted(range(len(steps)), key=lambda i: -steps[i])
-        return cls(tuple(steps[i] for i in order), tuple(masks[i] for i in order))
+        return cls(tuple(steps[i] for i in order), tuple(masks[i] for i in order), solver)
+
+    def with_solver(self, solver: str | None) -> "Genome":
+        return Genome(self.timesteps, self.skips, solver)
 
     def validate(self, num_train_timesteps: int) -> "Genome":
         """Raise GenomeError unless the steps are distinct, strictly descending and in [0, T-1]."""
@@ -58,10 +63,11 @@ class Genome:
         return json.dumps(self.to_json())
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "timesteps": list(self.timesteps),
-            "skips": [sorted(s) for s in self.skips],
-        }
+        """Steps and masks, and the solver only when it is a gene (keys of older studies stay as they were)."""
+        out: dict[str, Any] = {"timesteps": list(self.timesteps), "skips": [sorted(s) for s in self.skips]}
+        if self.solver is not None:
+            out["solver"] = self.solver
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | str) -> "Genome":
@@ -70,6 +76,7 @@ class Genome:
         return cls(
             tuple(int(t) for t in data["timesteps"]),
             tuple(frozenset(int(i) for i in s) for s in data.get("skips") or [[] for _ in data["timesteps"]]),
+            data.get("solver"),
         )
 
 

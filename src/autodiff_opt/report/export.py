@@ -1,4 +1,5 @@
-"""The best schedule as JSON, with a snippet that applies it with plain diffusers."""
+"""The best schedule as JSON, with a snippet that applies it: plain diffusers where a scheduler runs the same
+update on custom steps, otherwise ``autodiff_opt.apply``."""
 
 from __future__ import annotations
 
@@ -7,22 +8,62 @@ from pathlib import Path
 from typing import Any
 
 from autodiff_opt.core.genome import Genome
+from autodiff_opt.solvers import nfe
 
-_SNIPPET = '''# Apply the searched schedule with plain diffusers ({solver}).
+_HEADER = '''# Apply the searched schedule ({solver}, {nfe} NFE) with plain diffusers: {scheduler} runs the same update.
 import torch
-from diffusers import DPMSolverMultistepScheduler, UNet2DModel
+from diffusers import {scheduler}, UNet2DModel
 
 unet = UNet2DModel.from_pretrained("{model}"{subfolder}).eval()
-scheduler = DPMSolverMultistepScheduler.from_pretrained("{model}"{sched_subfolder},
-    algorithm_type="dpmsolver++", solver_order={order}, final_sigmas_type="zero", lower_order_final=True)
-scheduler.set_timesteps(timesteps={timesteps})
-x = torch.randn(16, *{shape}, generator=torch.Generator().manual_seed(0))
-with torch.no_grad():
+'''
+_LOOP = '''with torch.no_grad():
     for t in scheduler.timesteps:
-        eps = unet(x, t{labels}).sample[:, :{channels}]
+        eps = unet({model_input}, t{labels}).sample[:, :{channels}]
         x = scheduler.step(eps, t, x).prev_sample
 images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 '''
+_SCHEDULERS = {  # solver -> (diffusers scheduler, how it is set up on our steps, model input)
+    "ddim": ("DPMSolverMultistepScheduler", '''scheduler = DPMSolverMultistepScheduler.from_pretrained("{model}"{sched_subfolder},
+    algorithm_type="dpmsolver++", solver_order=1, final_sigmas_type="zero", lower_order_final=False)
+scheduler.set_timesteps(timesteps={timesteps})  # DPM-Solver++ of order 1 is DDIM (eta=0)
+x = torch.randn(16, *{shape}, generator=torch.Generator().manual_seed(0))
+''', "x"),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", '''scheduler = DPMSolverMultistepScheduler.from_pretrained("{model}"{sched_subfolder},
+    algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero", lower_order_final=False)
+scheduler.set_timesteps(timesteps={timesteps})
+x = torch.randn(16, *{shape}, generator=torch.Generator().manual_seed(0))
+''', "x"),
+    "dpmpp_3m": ("DPMSolverMultistepScheduler", '''scheduler = DPMSolverMultistepScheduler.from_pretrained("{model}"{sched_subfolder},
+    algorithm_type="dpmsolver++", solver_order=3, final_sigmas_type="zero", lower_order_final=False)
+scheduler.set_timesteps(timesteps={timesteps})
+x = torch.randn(16, *{shape}, generator=torch.Generator().manual_seed(0))
+''', "x"),
+    "euler": ("EulerDiscreteScheduler", '''scheduler = EulerDiscreteScheduler.from_pretrained("{model}"{sched_subfolder})
+alpha_bar = scheduler.alphas_cumprod.double()
+sigmas = [float(((1 - alpha_bar[t]) / alpha_bar[t]) ** 0.5) for t in {timesteps}] + [0.0]
+scheduler.set_timesteps(sigmas=sigmas)
+x = torch.randn(16, *{shape}, generator=torch.Generator().manual_seed(0)) * (1 + sigmas[0] ** 2) ** 0.5  # x_t / alpha
+''', "scheduler.scale_model_input(x, t)"),
+    "heun": ("HeunDiscreteScheduler", '''scheduler = HeunDiscreteScheduler.from_pretrained("{model}"{sched_subfolder}, clip_sample=False)
+scheduler.set_timesteps(timesteps={timesteps})
+sigma_max = float(scheduler.sigmas[0])
+x = torch.randn(16, *{shape}, generator=torch.Generator().manual_seed(0)) * (1 + sigma_max**2) ** 0.5  # x_t / alpha
+''', "scheduler.scale_model_input(x, t)"),
+}
+_APPLY = '''# Apply the searched schedule ({solver}, {nfe} NFE{clip}): {reason}, so it runs with autodiff_opt.apply
+# (this file is the schedule: its solver, steps and layer skipping).
+from autodiff_opt.apply import generate_from_schedule, save_grid
+
+images = generate_from_schedule("best_schedule.json", num_images=16, seed=0)  # uint8 (16, C, H, W)
+save_grid(images, "samples.png")
+'''
+
+
+def diffusers_scheduler(solver: str, clip_x0: bool) -> str | None:
+    """The diffusers scheduler that runs our solver's exact update on custom steps, or None."""
+    if clip_x0 or solver not in _SCHEDULERS:
+        return None
+    return _SCHEDULERS[solver][0]
 
 
 _SD_SNIPPET = '''# Apply the searched schedule to a Stable Diffusion pipeline ({solver}, CFG {guidance}).
@@ -31,26 +72,43 @@ from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 pipe = StableDiffusionPipeline.from_pretrained("{model}")
 pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config,
-    algorithm_type="dpmsolver++", solver_order={order}, final_sigmas_type="zero", lower_order_final=True)
+    algorithm_type="dpmsolver++", solver_order={order}, final_sigmas_type="zero", lower_order_final=False)
 image = pipe("a photo of a cat", timesteps={timesteps}, guidance_scale={guidance}).images[0]
 '''
 
 
+SD_ORDERS = {"ddim": 1, "dpmpp_2m": 2, "dpmpp_3m": 3}  # DPMSolverMultistepScheduler's solver_order for each
+
+
 def sd_snippet(genome: Genome, model: str, solver: str, guidance: float) -> str:
+    if solver not in SD_ORDERS:
+        return _APPLY.format(solver=solver, nfe=nfe(solver, genome.num_steps), clip="",
+                             reason=f"no diffusers scheduler runs {solver} on custom steps")
     return _SD_SNIPPET.format(solver=solver, model=model, timesteps=list(genome.timesteps), guidance=guidance,
-                              order=1 if solver == "ddim" else 2)
+                              order=SD_ORDERS[solver])
 
 
 def diffusers_snippet(genome: Genome, model: str, solver: str, shape: tuple[int, ...], num_classes: int | None,
-                      subfolder: str | None = None) -> str:
-    """DPM-Solver++ with order 1 is DDIM (eta=0); order 2 is DPM-Solver++(2M) (without x0 clipping)."""
-    return _SNIPPET.format(
-        solver=solver, model=model, timesteps=list(genome.timesteps), shape=tuple(shape), channels=shape[0],
-        order=1 if solver == "ddim" else 2,
-        subfolder=f', subfolder="{subfolder}"' if subfolder else "",
-        sched_subfolder=', subfolder="scheduler"' if subfolder == "unet" else "",
-        labels=", class_labels=torch.randint(0, %d, (16,))" % num_classes if num_classes else "",
-    )
+                      subfolder: str | None = None, clip_x0: bool = False) -> str:
+    """Code that samples with the schedule: plain diffusers where a scheduler runs the same update on custom
+    steps (DDIM and DPM-Solver++ 2M/3M: DPMSolverMultistepScheduler timesteps=; Euler: EulerDiscreteScheduler
+    sigmas=; Heun: HeunDiscreteScheduler timesteps=), otherwise autodiff_opt.apply (iPNDM, UniPC, x0 clipping,
+    layer skipping). The first comment line says which."""
+    steps = list(genome.timesteps)
+    scheduler = diffusers_scheduler(solver, clip_x0)
+    if scheduler is None or genome.has_skips:
+        reason = ("diffusers has no scheduler that skips layers" if genome.has_skips else
+                  "diffusers clips x0 on no scheduler that takes custom steps" if clip_x0 else
+                  f"no diffusers scheduler runs {solver} on custom steps")
+        return _APPLY.format(solver=solver, nfe=nfe(solver, len(steps)), clip=", x0 clipped" if clip_x0 else "",
+                             reason=reason)
+    _, setup, model_input = _SCHEDULERS[solver]
+    fields = dict(solver=solver, nfe=nfe(solver, len(steps)), scheduler=scheduler, model=model, timesteps=steps,
+                  shape=tuple(shape), channels=shape[0], model_input=model_input,
+                  subfolder=f', subfolder="{subfolder}"' if subfolder else "",
+                  sched_subfolder=', subfolder="scheduler"' if subfolder == "unet" else "",
+                  labels=", class_labels=torch.randint(0, %d, (16,))" % num_classes if num_classes else "")
+    return (_HEADER + setup + _LOOP).format(**fields)
 
 
 _FLOW_SNIPPET = '''# Apply the searched times with plain diffusers (flow Euler; {note}).

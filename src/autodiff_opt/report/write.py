@@ -13,7 +13,7 @@ import pandas as pd
 
 from autodiff_opt.models.loading import resolve_pretrained
 from autodiff_opt.report.dashboard import publish_artifacts, publish_figures, publish_note
-from autodiff_opt.report.export import diffusers_snippet, export_schedule, flow_snippet, sd_snippet
+from autodiff_opt.report.export import diffusers_scheduler, diffusers_snippet, export_schedule, flow_snippet, sd_snippet
 from autodiff_opt.report.figures import final_figure, history_figure, pareto_figure, schedules_figure
 from autodiff_opt.report.headline import Headline, headline
 from autodiff_opt.report.page import Grid, render_page
@@ -107,20 +107,22 @@ def write_report(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | N
     best = best_fid_trial(study)
     genome = best_genome(study)
     cfg = exp.cfg
+    solver = exp.generator.solver_of(genome)  # the solver gene, or solver.name
     info = {
         "model": str(exp.model.extras.get("source", cfg.model.pretrained)), "subfolder": cfg.model.subfolder,
-        "solver": cfg.solver.name, "clip_x0": cfg.solver.clip_x0,
-        "nfe": genome.num_steps, "fid_search": fid_of(best), "study": study.study_name,
+        "solver": solver, "clip_x0": cfg.solver.clip_x0,
+        "nfe": exp.generator.nfe(genome), "fid_search": fid_of(best), "study": study.study_name,
         "storage": _redact(str(cfg.storage.url)), "trial": best.number,
-        "diffusers_snippet": (sd_snippet(genome, str(cfg.model.pretrained), cfg.solver.name, cfg.model.guidance_scale)
+        "diffusers_scheduler": diffusers_scheduler(solver, cfg.solver.clip_x0) if not genome.has_skips else None,
+        "diffusers_snippet": (sd_snippet(genome, str(cfg.model.pretrained), solver, cfg.model.guidance_scale)
                               if cfg.model.prompts else
                               flow_snippet(genome, resolve_pretrained(str(exp.model.extras.get("source", cfg.model.pretrained))),
                                            cfg.solver.name, exp.model.sample_shape, exp.model.num_classes,
                                            bool(cfg.solver.clip_x0), cfg.model.subfolder)
                               if exp.model.prediction_type == "flow" else
                               diffusers_snippet(genome, resolve_pretrained(str(exp.model.extras.get("source", cfg.model.pretrained))),
-                                                cfg.solver.name, exp.model.sample_shape, exp.model.num_classes,
-                                                cfg.model.subfolder)),
+                                                solver, exp.model.sample_shape, exp.model.num_classes,
+                                                cfg.model.subfolder, clip_x0=cfg.solver.clip_x0)),
     }
     if final is not None and not final.empty:
         info["final"] = json.loads(final.to_json(orient="records"))

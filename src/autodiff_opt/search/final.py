@@ -123,7 +123,7 @@ def final_evaluation(study: optuna.Study, exp: "Experiment") -> pd.DataFrame:
         rows.append({
             "schedule": name, "kind": kind_of(name, exp),
             "timesteps": list(genome.timesteps), "skipped_layers": sum(len(s) for s in genome.skips),
-            "nfe": genome.num_steps, "fid_search": search_fid.get(genome.key()),
+            "solver": exp.generator.solver_of(genome), "nfe": exp.generator.nfe(genome), "fid_search": search_fid.get(genome.key()),
             "cost_full_steps": round(exp.stage2.budget.in_full_steps(genome), 3) if exp.stage2 else genome.num_steps,
             "fid_final": float(np.mean(fids)), "fid_final_std": float(np.std(fids, ddof=1)) if repeats > 1 else 0.0,
             "seconds": round(seconds, 3),

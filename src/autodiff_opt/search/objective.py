@@ -97,7 +97,7 @@ class Objective:
         attrs: dict[str, object] = {}  # written in one transaction once the candidate is scored or failed
         try:
             genome = self._genome(trial)
-            attrs["nfe"] = genome.num_steps
+            attrs["nfe"] = self.generator.nfe(genome)
             if self.cost_fn is not None:
                 attrs["flops"] = float(self.cost_fn(genome))
             result = evaluate_on_rungs(self.generator, self.scorer, self.reference, self.samples, genome,
@@ -105,11 +105,11 @@ class Objective:
         except Exception as err:  # the candidate fails, the study goes on; the reason stays in the trial
             attrs[FAIL_REASON_ATTR] = f"{type(err).__name__}: {err}"[:500]
             if genome is not None:
-                attrs[IMAGE_STEPS_ATTR] = len(self.samples) * genome.num_steps  # an upper bound
+                attrs[IMAGE_STEPS_ATTR] = len(self.samples) * self.generator.nfe(genome)  # an upper bound
             set_trial_attrs(trial.storage, trial._trial_id, user=attrs)
             log.warning("trial %d failed: %s: %s", trial.number, type(err).__name__, err)
             raise
-        attrs[IMAGE_STEPS_ATTR] = int(result["num_samples"]) * genome.num_steps
+        attrs[IMAGE_STEPS_ATTR] = int(result["num_samples"]) * self.generator.nfe(genome)
         attrs.update({key: round(result[key], 4) for key in ("gen_seconds", "fid_seconds", "image_steps_per_s")})
         set_trial_attrs(trial.storage, trial._trial_id, user=attrs)
         if pruned["at"]:

@@ -33,25 +33,24 @@ def mutate(genome: Genome, prob: float, num_train_timesteps: int, rng: np.random
 
 
 def crossover(a: Genome, b: Genome, num_train_timesteps: int, rng: np.random.Generator) -> Genome:
-    """Uniform crossover of two equal-length parents: each position (step and its mask) from either parent.
+    """Uniform crossover: each position (step and its mask) from either parent; the child has a's K.
 
     A step already taken by an earlier position is replaced by the other parent's step there, or else by
     an unused random step, so the child never silently loses a step (a defect of the authors' code).
+    Positions beyond b's K (parents of another solver's K, search/solver_gene.py) come from a.
     """
-    if a.num_steps != b.num_steps:
-        raise ValueError(f"stage-1 crossover needs parents of equal K, got {a.num_steps} and {b.num_steps}")
     steps: list[int] = []
     masks: list[list[int]] = []
     for i in range(a.num_steps):
         first, second = (a, b) if rng.random() < 0.5 else (b, a)
         for parent in (first, second):
-            if parent.timesteps[i] not in steps:
+            if i < parent.num_steps and parent.timesteps[i] not in steps:
                 steps.append(parent.timesteps[i])
                 masks.append(sorted(parent.skips[i]))
                 break
         else:
             steps.append(_unused_step(set(steps), num_train_timesteps, rng))
-            masks.append(sorted(first.skips[i]))
+            masks.append(sorted(a.skips[i]))
     return Genome.from_steps(steps, masks)
 
 

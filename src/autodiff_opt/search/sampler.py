@@ -26,7 +26,7 @@ from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from autodiff_opt.arch import operators as joint_ops
-from autodiff_opt.search import operators
+from autodiff_opt.search import operators, solver_gene
 from autodiff_opt.search.attrs import set_trial_attrs
 from autodiff_opt.search.concurrency import next_slot
 from autodiff_opt.core.genome import Genome
@@ -37,6 +37,7 @@ from autodiff_opt.search.space import (
     OPERATOR_ATTR,
     PARENTS_ATTR,
     SLOT_ATTR,
+    SOLVER_PARAM,
     STAGE_ATTR,
     SearchSpace,
     genome_from_params,
@@ -134,6 +135,8 @@ class AutoDiffusionSampler(BaseSampler):
         if genome is not None:
             if param_name == "num_steps":
                 return genome.num_steps
+            if param_name == SOLVER_PARAM and genome.solver is not None:
+                return genome.solver
             for i, t in enumerate(genome.timesteps):
                 if param_name == step_param(i):
                     return t
@@ -233,6 +236,20 @@ class AutoDiffusionSampler(BaseSampler):
         return "random"
 
     def _apply(self, operator: str, parents: Sequence[FrozenTrial], rng: np.random.Generator) -> tuple[Genome, list[int]]:
+        child, used = self._apply_steps(operator, parents, rng)
+        return self._solver_gene(child, operator, parents, used, rng), used
+
+    def _solver_gene(self, child: Genome, operator: str, parents: Sequence[FrozenTrial], used: Sequence[int],
+                     rng: np.random.Generator) -> Genome:
+        """With search.solvers: the child's solver from its parents, and its steps fitted to that solver."""
+        if not self.space.solvers:
+            return child
+        by_number = {t.number: t for t in parents}
+        genomes = [genome_of(by_number[n]) or self._params_genome(by_number[n]) for n in used if n in by_number]
+        solver = solver_gene.child_solver(operator, genomes, self.space.solvers, self.evolution.mutation_prob, rng)
+        return solver_gene.fit_to_solver(child, solver, self.space.steps_for(solver), self.space.num_train_timesteps, rng)
+
+    def _apply_steps(self, operator: str, parents: Sequence[FrozenTrial], rng: np.random.Generator) -> tuple[Genome, list[int]]:
         evo, T = self.evolution, self.space.num_train_timesteps
         if operator == "anchor_mutation":
             assert self.anchor is not None

@@ -1,7 +1,7 @@
 """A small Gaussian-process surrogate of log FID over genomes, and expected improvement to rank offspring.
 
-Genomes are embedded as fixed-length vectors: the steps as t / (T - 1) in sampling order, and in stage 2
-the skipped fraction of each step's layers. A genome with fewer than k_max steps is padded with steps
+Genomes are embedded as fixed-length vectors: the steps as t / (T - 1) in sampling order, in stage 2
+the skipped fraction of each step's layers, and with the solver gene a one-hot code of the solver. A genome with fewer than k_max steps is padded with steps
 at t = 0 that skip everything, which is what a missing step is. The GP (Matern 5/2, isotropic length
 scale and noise picked from a small grid by marginal likelihood, so the fit is a pure function of the
 data) models the standardised log of the objective; it is refitted for every decision, so a resumed
@@ -24,12 +24,22 @@ LENGTH_SCALES = (0.04, 0.08, 0.16, 0.32, 0.64)
 NOISES = (1e-4, 1e-2, 1e-1)
 
 
+def solver_code(solver: str | None) -> np.ndarray:
+    """The solver gene as a one-hot over every registered solver (empty without the gene)."""
+    from autodiff_opt.solvers import SOLVERS
+
+    if solver is None:
+        return np.zeros(0)
+    return np.array([float(name == solver) for name in sorted(SOLVERS)])
+
+
 def embed(genome: Genome, num_train_timesteps: int, k_max: int, num_layers: int | None = None) -> np.ndarray:
-    """One genome -> a vector in [0, 1]^k_max (stage 1) or [0, 1]^(2 k_max) (with skip fractions)."""
+    """One genome -> a vector in [0, 1]^k_max (stage 1) or [0, 1]^(2 k_max) (with skip fractions), followed
+    by the solver's one-hot code when the solver is a gene."""
     steps = np.zeros(k_max)
     steps[: genome.num_steps] = np.asarray(genome.timesteps[:k_max], dtype=float) / max(num_train_timesteps - 1, 1)
     if num_layers is None:
-        return steps
+        return np.concatenate([steps, solver_code(genome.solver)])
     skipped = np.ones(k_max)
     skipped[: genome.num_steps] = [len(s) / num_layers for s in genome.skips[:k_max]]
     return np.concatenate([steps, skipped])

@@ -147,10 +147,11 @@ class SurrogateEvolutionSampler(AutoDiffusionSampler):
                    rng: np.random.Generator) -> tuple[Genome | None, list[int]]:
         if kind == "random" or not parents:
             return (joint_ops.random_genome(joint, rng) if joint else
-                    operators.random_genome(self.space.num_steps, T, rng)), []
+                    self._solver_gene(operators.random_genome(self.space.num_steps, T, rng), "random", [], [], rng)), []
         if kind == "local":
             parent = parents[int(rng.integers(len(parents)))]
             child = operators.perturb(genome_of(parent), float(rng.choice(LOCAL_SCALES)), T, rng)
+            child = self._solver_gene(child, "local", parents, [parent.number], rng)
             if joint is not None:
                 if rng.random() < 0.5:
                     child = joint_ops.mutate(child, joint, rng, p_step=0.0, p_mask=self.stage2.mask_mutation_prob) or child
@@ -164,6 +165,7 @@ class SurrogateEvolutionSampler(AutoDiffusionSampler):
                        rng: np.random.Generator) -> tuple[Genome, str, list[int]]:
         T = self.space.num_train_timesteps
         while True:
-            genome = joint_ops.random_genome(joint, rng) if joint else operators.random_genome(self.space.num_steps, T, rng)
+            genome = joint_ops.random_genome(joint, rng) if joint else self._solver_gene(
+                operators.random_genome(self.space.num_steps, T, rng), "random", [], [], rng)
             if genome is not None and genome.key() not in seen:
                 return genome, "random" + ("+skip" if joint else ""), []
