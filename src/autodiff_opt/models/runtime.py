@@ -1,0 +1,95 @@
+"""How the denoiser runs on its device: channels_last, torch.compile of each skippable layer, CUDA graphs.
+
+``compile_denoiser(model, "default")`` gates the model's ``LayerSkipper`` (skipping becomes a runtime
+switch, arch/skip.py) and replaces each gate's ``run`` by ``torch.compile`` of the layer's forward, with
+static shapes. The glue between layers (embeddings, ``conv_in``, concatenations, the output head) stays
+eager, and so does the skip decision: a new mask runs other compiled layers, it compiles nothing. Layers
+of the same class and shapes share one compiled graph. Everything is compiled lazily, at the first call
+of each layer, and once per process: later candidates, masks and batches of the same size reuse it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from autodiff_opt.models.base import DiffusionModel
+from autodiff_opt.utils import COMPILE_MODES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CompiledDenoiser:
+    """What ``compile_denoiser`` did: the torch.compile mode (None: eager) and whether CUDA graphs are on."""
+
+    compile: str
+    mode: str | None
+    cuda_graphs: bool
+    channels_last: bool
+    backend: str
+
+    def step_begin(self) -> None:
+        """Call before each network evaluation: a new CUDA-graph step (earlier outputs may be reused)."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+
+
+def torch_compile_mode(compile: str, device: torch.device, cuda_graphs: bool) -> str | None:
+    """The torch.compile mode for ``compile=`` (off: None); CUDA graphs only on CUDA."""
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile={compile!r} is not one of {', '.join(COMPILE_MODES)}")
+    if compile == "off":
+        return None
+    graphs = cuda_graphs and device.type == "cuda"
+    if compile == "default":
+        return "reduce-overhead" if graphs else "default"
+    return "max-autotune" if graphs else "max-autotune-no-cudagraphs"
+
+
+def _raise_recompile_limit(needed: int) -> None:
+    """Each distinct layer shape is one cache entry of the shared forward code: allow them all."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    if getattr(config, name) < needed:
+        log.info("torch._dynamo.config.%s raised from %d to %d (one entry per layer shape)",
+                 name, getattr(config, name), needed)
+        setattr(config, name, needed)
+
+
+def compile_denoiser(model: DiffusionModel, compile: str = "default", cuda_graphs: bool = True,
+                     channels_last: bool | None = None, backend: str = "inductor") -> CompiledDenoiser:
+    """Prepare ``model`` to run compiled (idempotent: a second call returns the first result).
+
+    ``channels_last`` (None: on CUDA) converts the UNet's weights and keeps every layer's 4-d inputs in
+    that layout. ``backend`` is torch.compile's (tests use "aot_eager", which needs no C++ compiler).
+    """
+    from autodiff_opt.arch import LayerSkipper
+
+    done = model.extras.get("compiled")
+    if done is not None:
+        if done.compile != compile or done.backend != backend:
+            raise RuntimeError(f"the denoiser is compiled with compile={done.compile} already; use one mode per process")
+        return done
+    device = model.device
+    mode = torch_compile_mode(compile, device, cuda_graphs)
+    layout = device.type == "cuda" if channels_last is None else channels_last
+    result = CompiledDenoiser(compile, mode, mode is not None and cuda_graphs and device.type == "cuda", layout,
+                              backend)
+    if mode is None:
+        return result
+    if layout:
+        model.unet.to(memory_format=torch.channels_last)
+    skipper = model.extras.setdefault("skipper", LayerSkipper(model.unet))
+    skipper.gate()
+    _raise_recompile_limit(2 * len(skipper.gates) + 8)
+    for gate in skipper.gates.values():
+        gate.layout = torch.channels_last if layout else torch.contiguous_format
+        kwargs = {"mode": mode} if backend == "inductor" else {}  # modes are inductor's
+        gate.run = torch.compile(gate.run, backend=backend, dynamic=False, **kwargs)
+    model.extras["compiled"] = result
+    log.info("denoiser: %d layers compiled lazily (torch.compile mode=%s, backend=%s, channels_last=%s,"
+             " CUDA graphs %s)", len(skipper.gates), mode, backend, layout, "on" if result.cuda_graphs else "off")
+    return result
