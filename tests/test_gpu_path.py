@@ -168,3 +168,22 @@ def test_check_search_batch_size() -> None:
     for bad in ("many", 0, 2.5, True):
         with pytest.raises(ConfigError, match="search.batch_size=.*use a whole number of at least 1, or auto"):
             preflight.check_search({"batch_size": bad})
+
+
+def test_cost_model_counts_the_eager_layers_of_a_compiled_model(tiny_model_dir: Path) -> None:
+    """FlopCounterMode sees every operation: under a dispatch mode the gates run the eager forward."""
+    from autodiff_opt.arch import measure_layer_costs
+
+    reference = measure_layer_costs(load_model(str(tiny_model_dir)).unet)
+    generator = _generator(tiny_model_dir, batch_size=2, compile="default", compile_backend=BACKEND)
+    skipper = generator.model.extras["skipper"]
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the compiled forward ran under FlopCounterMode")
+
+    for gate in skipper.gates.values():
+        gate.run = never
+    costs = measure_layer_costs(generator.model.unet, skipper)
+    assert (costs.full_step, costs.savings) == (reference.full_step, reference.savings)
+    with pytest.raises(AssertionError, match="compiled forward ran"):  # outside the counter, `run` is what runs
+        generator.generate(Genome(STEPS), _samples(2))

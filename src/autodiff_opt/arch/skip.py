@@ -38,6 +38,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from autodiff_opt.arch.layers import Layer, discover_layers, layer_modules
 from autodiff_opt.core.genome import Genome
@@ -154,16 +155,21 @@ class LayerGate:
     With ``layout`` set, 4-d tensor inputs are put in that memory format before ``run``: a skipped
     neighbour returns a contiguous tensor where the layer would have returned, e.g., attention's
     transposed view, and a compiled ``run`` would otherwise recompile for the other strides.
+    Under a dispatch mode (``FlopCounterMode`` of the cost model) the layer's own eager forward runs,
+    so fused compiled kernels never hide operations from the counter.
     """
 
     def __init__(self, skipper: "LayerSkipper", layer_id: int, module: nn.Module, skip_fn: SkipFn) -> None:
         self.skipper, self.layer_id, self.module, self.skip_fn = skipper, layer_id, module, skip_fn
-        self.run: Callable[..., Any] = type(module).forward.__get__(module)
+        self.eager: Callable[..., Any] = type(module).forward.__get__(module)
+        self.run: Callable[..., Any] = self.eager
         self.layout: torch.memory_format | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.layer_id in self.skipper.skipped:
             return self.skip_fn(self.module, *args, **kwargs)
+        if _get_current_dispatch_mode() is not None:
+            return self.eager(*args, **kwargs)
         if self.layout is not None:
             args = tuple(_in_layout(a, self.layout) for a in args)
             kwargs = {k: _in_layout(v, self.layout) for k, v in kwargs.items()}
