@@ -88,11 +88,11 @@ def make_generator(model: DiffusionModel, mode: str, args: argparse.Namespace) -
     if mode == "whole":
         if model.device.type == "cuda":
             model.unet.to(memory_format=torch.channels_last)
-        model.unet = torch.compile(model.unet, dynamic=False)  # type: ignore[assignment]
+        model.unet = torch.compile(model.unet, backend=args.compile_backend, dynamic=False)  # type: ignore[assignment]
         return ImageGenerator(model, "ddim", True, args.batch, args.precision, pad=True)
     compile_ = "off" if mode == "eager" else "default"
     return ImageGenerator(model, "ddim", True, args.batch, args.precision, compile=compile_,
-                          cuda_graphs=mode == "graphs")
+                          cuda_graphs=mode == "graphs", compile_backend=args.compile_backend)
 
 
 def time_mode(name: str, mode: str, device: torch.device, genome: Genome, args: argparse.Namespace
@@ -112,6 +112,38 @@ def time_mode(name: str, mode: str, device: torch.device, genome: Genome, args: 
     image_steps = len(samples) * genome.num_steps
     return {"model": name, "mode": mode, "batch": args.batch, "image_steps_per_s": image_steps / seconds,
             "compile_s": max(0.0, first - seconds / args.batches)}, generator
+
+
+def count_recompiles(name: str, device: torch.device, genome: Genome, num_masks: int, backend: str,
+                     seed: int = 0) -> dict[str, int]:
+    """Graphs compiled by dynamo (torch._dynamo.utils.counters) for one plain candidate, then for
+    ``num_masks`` candidates with random per-step masks: gated layers vs hooks under a whole-UNet compile."""
+    from torch._dynamo.utils import counters
+
+    from autodiff_opt.arch import LayerSkipper
+    from autodiff_opt.models.factory import step_wrapper_for
+
+    rng = np.random.default_rng(seed)
+    out: dict[str, int] = {}
+    for variant in ("gated", "hooks"):
+        torch._dynamo.reset()
+        counters.clear()
+        model = MODELS[name](device)
+        skipper = LayerSkipper(model.unet)
+        model.extras["skipper"] = skipper
+        if variant == "hooks":
+            model.unet = torch.compile(model.unet, backend=backend, dynamic=False)  # type: ignore[assignment]
+        generator = ImageGenerator(model, "ddim", True, 4, "fp32", step_wrapper=step_wrapper_for(model), pad=True,
+                                   compile="default" if variant == "gated" else "off", compile_backend=backend)
+        samples = SampleSet.draw(4, model.sample_shape, model.num_classes, 0)
+        generator.generate(genome, samples)
+        out[f"{variant}_first"] = int(counters["stats"]["unique_graphs"])
+        for _ in range(num_masks):
+            masks = tuple(frozenset(int(j) for j in rng.choice(skipper.num_layers, 2, replace=False))
+                          for _ in genome.timesteps)
+            generator.generate(Genome(genome.timesteps, masks), samples)
+        out[f"{variant}_after_masks"] = int(counters["stats"]["unique_graphs"])
+    return out
 
 
 def random_inception_weights(folder: Path) -> str:
@@ -178,10 +210,23 @@ def main() -> None:
     parser.add_argument("--candidate-mode", default=None, help="the mode of the candidate split (default: fastest)")
     parser.add_argument("--feature-batch", type=int, default=500)
     parser.add_argument("--inception-weights", default=None, help="torch-fidelity's file (default: random weights)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (tests: aot_eager)")
+    parser.add_argument("--recompiles", type=int, default=0, help="count recompilations over this many masked"
+                        " candidates (digits model) and stop")
+    parser.add_argument("--recompile-backend", default="aot_eager", help="torch.compile backend of --recompiles")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
     device = pick_device(args.device)
     args.precision = args.precision or "bf16"
+    if args.recompiles:
+        ab = digits(torch.device("cpu")).alphas_cumprod
+        genome = Genome(tuple(heuristic_schedule("trailing", args.steps, ab)))
+        r = count_recompiles("digits", device, genome, args.recompiles, args.recompile_backend)
+        print(f"graphs compiled (digits, backend {args.recompile_backend}, {args.steps} steps, 2 random layers"
+              f" skipped per step): gated layers {r['gated_first']} for the first candidate, +"
+              f"{r['gated_after_masks'] - r['gated_first']} over {args.recompiles} masked candidates; hooks under a"
+              f" whole-UNet compile {r['hooks_first']}, +{r['hooks_after_masks'] - r['hooks_first']}")
+        return
     modes = [m for m in args.modes.split(",") if m and (m != "graphs" or device.type == "cuda")]
     dtype = PRECISIONS[args.precision] or torch.float32
     n = args.matmul_size or (8192 if device.type == "cuda" else 1024)
@@ -203,7 +248,7 @@ def main() -> None:
                 row.update({"gflop_per_image_step": flops / 1e9, "roofline_image_steps_per_s": roofline,
                             "fraction": row["image_steps_per_s"] / roofline})
                 rows.append(row)
-                print(f"{name:7} {mode:9} {row['batch']:>5} {flops / 1e9:>14.2f} {row['image_steps_per_s']:>11.1f}"
+                print(f"{name:7} {mode:9} {row['batch']:>5} {flops / 1e9:>14.4g} {row['image_steps_per_s']:>11.1f}"
                       f" {roofline:>9.1f} {row['fraction']:>8.1%} {row['compile_s']:>9.1f}", flush=True)
             best = args.candidate_mode or max((r for r in rows if r["model"] == name),
                                               key=lambda r: r["image_steps_per_s"])["mode"]

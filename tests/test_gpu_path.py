@@ -187,3 +187,28 @@ def test_cost_model_counts_the_eager_layers_of_a_compiled_model(tiny_model_dir: 
     assert (costs.full_step, costs.savings) == (reference.full_step, reference.savings)
     with pytest.raises(AssertionError, match="compiled forward ran"):  # outside the counter, `run` is what runs
         generator.generate(Genome(STEPS), _samples(2))
+
+
+@pytest.mark.slow
+def test_bench_gpu_runs_on_cpu(tmp_path: Path) -> None:
+    """experiments/bench_gpu.py end to end with tiny settings: both modes timed, the cost model's FLOPs
+    (6.73 MFLOPs per image-step of the digits model, docs/digits.md), a candidate's time split."""
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(root / "experiments" / "bench_gpu.py"), "--device", "cpu",
+                           "--models", "digits", "--modes", "eager,compiled", "--compile-backend", BACKEND,
+                           "--precision", "fp32", "--batch", "4", "--batches", "1", "--steps", "2",
+                           "--candidate-samples", "8", "--matmul-size", "256", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [r["mode"] for r in result["rows"]] == ["eager", "compiled"]
+    for row in result["rows"]:
+        assert row["gflop_per_image_step"] == pytest.approx(6.73e-3, rel=0.01)
+        assert row["image_steps_per_s"] > 0
+        assert row["fraction"] == pytest.approx(row["image_steps_per_s"] / (result["peak_flops"] / 6.73e6), rel=0.01)
+    (split,) = result["candidates"]
+    assert split["samples"] == 8 and split["feature_dim"] > 0
+    assert split["total_s"] == pytest.approx(split["generation_s"] + split["features_s"] + split["fid_formula_s"])
