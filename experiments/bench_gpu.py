@@ -6,8 +6,8 @@ Roofline = peak matmul FLOP/s of the run's dtype, measured here, / FLOPs of one 
 evaluation of one image, counted with FlopCounterMode by arch/flops.py, the cost model of stage 2).
 
     python experiments/bench_gpu.py                        # CUDA: batch 512, bf16, 5,000-sample candidate
-    python experiments/bench_gpu.py --device cpu --precision bf16 --batch 2 --batches 1 --steps 2 \\
-        --candidate-samples 8 --matmul-size 1024           # a CPU smoke run (minutes, mostly compilation)
+    python experiments/bench_gpu.py --device cpu --threads 1 --models digits --modes eager,compiled,whole \\
+        --batch 8 --batches 4 --steps 2 --candidate-samples 64 --matmul-size 1024   # CPU (docs/gpu.md)
 
 Modes: eager; compiled (compile=default: each skippable layer compiled, skipping a runtime switch);
 graphs (the same with CUDA graphs, mode reduce-overhead; CUDA only); whole (torch.compile of the whole
@@ -214,10 +214,13 @@ def main() -> None:
     parser.add_argument("--recompiles", type=int, default=0, help="count recompilations over this many masked"
                         " candidates (digits model) and stop")
     parser.add_argument("--recompile-backend", default="aot_eager", help="torch.compile backend of --recompiles")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (1 on a busy machine)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
     device = pick_device(args.device)
     args.precision = args.precision or "bf16"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.recompiles:
         ab = digits(torch.device("cpu")).alphas_cumprod
         genome = Genome(tuple(heuristic_schedule("trailing", args.steps, ab)))
