@@ -82,7 +82,9 @@ def compile_denoiser(model: DiffusionModel, compile: str = "default", cuda_graph
         return result
     if layout:
         model.unet.to(memory_format=torch.channels_last)
-    skipper = model.extras.setdefault("skipper", LayerSkipper(model.unet))
+    if "skipper" not in model.extras:  # the one the step wrapper and the cost model use (models/factory.py)
+        model.extras["skipper"] = LayerSkipper(model.unet)
+    skipper = model.extras["skipper"]
     skipper.gate()
     _raise_recompile_limit(2 * len(skipper.gates) + 8)
     for gate in skipper.gates.values():
