@@ -10,9 +10,9 @@ evaluation of one image, counted with FlopCounterMode by arch/flops.py, the cost
         --batch 8 --batches 4 --steps 2 --candidate-samples 64 --matmul-size 1024   # CPU (docs/gpu.md)
 
 Modes: eager; compiled (compile=default: each skippable layer compiled, skipping a runtime switch);
-graphs (the same with CUDA graphs, mode reduce-overhead; CUDA only); whole (torch.compile of the whole
-UNet, for comparison only: it recompiles for every stage-2 mask). Compilation time is the first batch's
-time minus a steady batch's.
+graphs (the same with CUDA graphs, mode reduce-overhead; CUDA only); whole and whole-graphs (the whole
+UNet compiled, what stage-1 studies use; it would recompile for every stage-2 mask). Compilation time is
+the first batch's time minus a steady batch's.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from autodiff_opt.search.genome import Genome
 from autodiff_opt.solvers import heuristic_schedule
 from autodiff_opt.utils import PRECISIONS, pick_device
 
-MODES = ("eager", "compiled", "graphs", "whole")
+MODES = ("eager", "compiled", "graphs", "whole", "whole-graphs")
 
 
 def _sync(device: torch.device) -> None:
@@ -85,14 +85,9 @@ def flops_per_image_step(model: DiffusionModel) -> int:
 
 
 def make_generator(model: DiffusionModel, mode: str, args: argparse.Namespace) -> ImageGenerator:
-    if mode == "whole":
-        if model.device.type == "cuda":
-            model.unet.to(memory_format=torch.channels_last)
-        model.unet = torch.compile(model.unet, backend=args.compile_backend, dynamic=False)  # type: ignore[assignment]
-        return ImageGenerator(model, "ddim", True, args.batch, args.precision, pad=True)
-    compile_ = "off" if mode == "eager" else "default"
-    return ImageGenerator(model, "ddim", True, args.batch, args.precision, compile=compile_,
-                          cuda_graphs=mode == "graphs", compile_backend=args.compile_backend)
+    scope = "unet" if mode.startswith("whole") else "layers"
+    return ImageGenerator(model, "ddim", True, args.batch, args.precision, compile="off" if mode == "eager" else "default",
+                          cuda_graphs=mode.endswith("graphs"), compile_backend=args.compile_backend, compile_scope=scope)
 
 
 def time_mode(name: str, mode: str, device: torch.device, genome: Genome, args: argparse.Namespace
@@ -131,10 +126,9 @@ def count_recompiles(name: str, device: torch.device, genome: Genome, num_masks:
         model = MODELS[name](device)
         skipper = LayerSkipper(model.unet)
         model.extras["skipper"] = skipper
-        if variant == "hooks":
-            model.unet = torch.compile(model.unet, backend=backend, dynamic=False)  # type: ignore[assignment]
-        generator = ImageGenerator(model, "ddim", True, 4, "fp32", step_wrapper=step_wrapper_for(model), pad=True,
-                                   compile="default" if variant == "gated" else "off", compile_backend=backend)
+        generator = ImageGenerator(model, "ddim", True, 4, "fp32", step_wrapper=step_wrapper_for(model),
+                                   compile="default", compile_backend=backend,
+                                   compile_scope="layers" if variant == "gated" else "unet")
         samples = SampleSet.draw(4, model.sample_shape, model.num_classes, 0)
         generator.generate(genome, samples)
         out[f"{variant}_first"] = int(counters["stats"]["unique_graphs"])
@@ -200,7 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--models", default="adm64,digits")
-    parser.add_argument("--modes", default="eager,compiled,graphs", help=f"comma-separated from {MODES}")
+    parser.add_argument("--modes", default="eager,compiled,graphs,whole,whole-graphs", help=f"comma-separated from {MODES}")
     parser.add_argument("--precision", default=None, help="fp32 | bf16 | fp16 (default: bf16)")
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--batches", type=int, default=3, help="batches timed per mode after the first")
@@ -230,7 +224,7 @@ def main() -> None:
               f"{r['gated_after_masks'] - r['gated_first']} over {args.recompiles} masked candidates; hooks under a"
               f" whole-UNet compile {r['hooks_first']}, +{r['hooks_after_masks'] - r['hooks_first']}")
         return
-    modes = [m for m in args.modes.split(",") if m and (m != "graphs" or device.type == "cuda")]
+    modes = [m for m in args.modes.split(",") if m and (not m.endswith("graphs") or device.type == "cuda")]
     dtype = PRECISIONS[args.precision] or torch.float32
     n = args.matmul_size or (8192 if device.type == "cuda" else 1024)
     peak = peak_matmul(dtype, device, n)

@@ -39,9 +39,11 @@ def _samples(n: int, seed: int = 0) -> SampleSet:
     return SampleSet.draw(n, (1, 8, 8), None, seed)
 
 
-def test_compiled_layers_give_the_eager_images(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("scope", ["layers", "unet"])
+def test_compiled_gives_the_eager_images(scope: str, tiny_model_dir: Path) -> None:
     eager = _generator(tiny_model_dir, batch_size=6)
-    compiled = _generator(tiny_model_dir, batch_size=6, compile="default", compile_backend=BACKEND)
+    compiled = _generator(tiny_model_dir, batch_size=6, compile="default", compile_backend=BACKEND, compile_scope=scope)
+    assert ("forward" in compiled.model.extras) == (scope == "unet")
     samples = _samples(10)
     for genome in (Genome(STEPS), Genome(STEPS, tuple(frozenset(m) for m in MASKS[:4]))):
         a, b = eager.generate(genome, samples), compiled.generate(genome, samples)

@@ -68,9 +68,10 @@ class ImageGenerator:
     """Runs a solver over a SampleSet in batches on one device and returns uint8 images.
 
     ``batch_size="auto"`` sizes the batch from free CUDA memory (``auto_batch_size``), CPU_AUTO_BATCH off
-    CUDA. ``compile`` (off | default | max-autotune) compiles the denoiser's layers once
-    (models/runtime.py); then every batch has the same shape: the last one is padded (``pad``, default:
-    on when compiled) and the padding dropped, so nothing is compiled again for a shorter batch.
+    CUDA. ``compile`` (off | default | max-autotune) compiles the denoiser once (models/runtime.py:
+    ``compile_scope`` "layers", each skippable layer, masks switch without recompiling; "unet", the whole
+    UNet, for studies without masks); then every batch has the same shape: the last one is padded
+    (``pad``, default: on when compiled) and the padding dropped, so nothing compiles again for it.
     """
 
     def __init__(
@@ -85,6 +86,7 @@ class ImageGenerator:
         cuda_graphs: bool = True,
         pad: bool | None = None,
         compile_backend: str = "inductor",
+        compile_scope: str = "layers",
     ) -> None:
         problem = precision_problem(precision, model.device)
         if problem is not None:
@@ -97,7 +99,7 @@ class ImageGenerator:
         self.step_wrapper = step_wrapper
         self.compiled: CompiledDenoiser | None = None
         self.batch_size = auto_batch_size(self) if batch_size == "auto" else int(batch_size)  # probed eagerly
-        self.compiled = compile_denoiser(model, compile, cuda_graphs, backend=compile_backend)
+        self.compiled = compile_denoiser(model, compile, cuda_graphs, backend=compile_backend, scope=compile_scope)
         self.pad = self.compiled.mode is not None if pad is None else bool(pad)
 
     @property

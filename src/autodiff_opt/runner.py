@@ -141,7 +141,8 @@ def build_experiment(cfg: DictConfig) -> Experiment:
 
     generator = ImageGenerator(model, cfg.solver.name, cfg.solver.clip_x0, cfg.search.batch_size, cfg.precision,
                                step_wrapper=step_wrapper_for(model), compile=str(cfg.compile),
-                               cuda_graphs=bool(cfg.cuda_graphs))
+                               cuda_graphs=bool(cfg.cuda_graphs),
+                               compile_scope="layers" if cfg.search.stage2.enabled else "unet")
     samples = SampleSet.draw(cfg.search.num_samples, model.sample_shape, model.num_classes, cfg.search.seed)
     exp = Experiment(cfg, model, scorer, reference, SearchSpace(cfg.search.num_steps, T), generator, samples, baselines,
                      setup=resolve(cfg.search))

@@ -1,6 +1,10 @@
-"""How the denoiser runs on its device: channels_last, torch.compile of each skippable layer, CUDA graphs.
+"""How the denoiser runs on its device: channels_last, torch.compile (of each skippable layer, or of the
+whole UNet), CUDA graphs.
 
-``compile_denoiser(model, "default")`` gates the model's ``LayerSkipper`` (skipping becomes a runtime
+``scope="unet"`` compiles the whole UNet (``model.extras["forward"]``, what ``DiffusionModel.network``
+calls): the most fusion, for studies without layer skipping (stage 1). Masks would recompile it.
+
+``scope="layers"`` gates the model's ``LayerSkipper`` (skipping becomes a runtime
 switch, arch/skip.py) and replaces each gate's ``run`` by ``torch.compile`` of the layer's forward, with
 static shapes. The glue between layers (embeddings, ``conv_in``, concatenations, the output head) stays
 eager, and so does the skip decision: a new mask runs other compiled layers, it compiles nothing. Layers
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -26,6 +31,7 @@ class CompiledDenoiser:
     """What ``compile_denoiser`` did: the torch.compile mode (None: eager) and whether CUDA graphs are on."""
 
     compile: str
+    scope: str
     mode: str | None
     cuda_graphs: bool
     channels_last: bool
@@ -59,8 +65,26 @@ def _raise_recompile_limit(needed: int) -> None:
         setattr(config, name, needed)
 
 
+SCOPES = ("layers", "unet")
+
+
+def _whole_unet(model: DiffusionModel, mode: str, backend: str, clone: bool) -> None:
+    """The whole UNet compiled; with CUDA graphs its output is copied out of the graph's memory
+    (a solver may keep an eps across the next evaluation)."""
+    kwargs = {"mode": mode} if backend == "inductor" else {}
+    compiled = torch.compile(model.unet, backend=backend, dynamic=False, **kwargs)
+
+    def forward(*args: Any, **kw: Any) -> torch.Tensor:
+        out = compiled(*args, **kw)
+        sample = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
+        return sample.clone() if clone else sample
+
+    model.extras["forward"] = forward
+
+
 def compile_denoiser(model: DiffusionModel, compile: str = "default", cuda_graphs: bool = True,
-                     channels_last: bool | None = None, backend: str = "inductor") -> CompiledDenoiser:
+                     channels_last: bool | None = None, backend: str = "inductor",
+                     scope: str = "layers") -> CompiledDenoiser:
     """Prepare ``model`` to run compiled (idempotent: a second call returns the first result).
 
     ``channels_last`` (None: on CUDA) converts the UNet's weights and keeps every layer's 4-d inputs in
@@ -70,18 +94,26 @@ def compile_denoiser(model: DiffusionModel, compile: str = "default", cuda_graph
 
     done = model.extras.get("compiled")
     if done is not None:
-        if done.compile != compile or done.backend != backend:
+        if (done.compile, done.backend, done.scope) != (compile, backend, scope):
             raise RuntimeError(f"the denoiser is compiled with compile={done.compile} already; use one mode per process")
         return done
+    if scope not in SCOPES:
+        raise ValueError(f"scope={scope!r} is not one of {SCOPES}")
     device = model.device
     mode = torch_compile_mode(compile, device, cuda_graphs)
     layout = device.type == "cuda" if channels_last is None else channels_last
-    result = CompiledDenoiser(compile, mode, mode is not None and cuda_graphs and device.type == "cuda", layout,
+    result = CompiledDenoiser(compile, scope, mode, mode is not None and cuda_graphs and device.type == "cuda", layout,
                               backend)
     if mode is None:
         return result
     if layout:
         model.unet.to(memory_format=torch.channels_last)
+    if scope == "unet":
+        _whole_unet(model, mode, backend, clone=result.cuda_graphs)
+        model.extras["compiled"] = result
+        log.info("denoiser: the whole UNet compiled lazily (torch.compile mode=%s, backend=%s, channels_last=%s)",
+                 mode, backend, layout)
+        return result
     if "skipper" not in model.extras:  # the one the step wrapper and the cost model use (models/factory.py)
         model.extras["skipper"] = LayerSkipper(model.unet)
     skipper = model.extras["skipper"]
