@@ -32,7 +32,7 @@ from autodiff_opt.generate import ImageGenerator, SampleSet
 from autodiff_opt.metrics.fid import FIDScorer, FIDStats, fast_fid
 from autodiff_opt.models.base import DiffusionModel
 from autodiff_opt.models.loading import load_model
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 from autodiff_opt.solvers import heuristic_schedule
 from autodiff_opt.utils import PRECISIONS, pick_device
 
@@ -116,7 +116,7 @@ def count_recompiles(name: str, device: torch.device, genome: Genome, num_masks:
     from torch._dynamo.utils import counters
 
     from autodiff_opt.arch import LayerSkipper
-    from autodiff_opt.models.factory import step_wrapper_for
+    from autodiff_opt.arch.skip import step_wrapper_for
 
     rng = np.random.default_rng(seed)
     out: dict[str, int] = {}

@@ -17,9 +17,9 @@ import torch
 from torch._dynamo.utils import counters
 
 from autodiff_opt.generate import CPU_AUTO_BATCH, ImageGenerator, SampleSet, pad_batch
-from autodiff_opt.models.factory import step_wrapper_for
+from autodiff_opt.arch.skip import step_wrapper_for
 from autodiff_opt.models.loading import load_model
-from autodiff_opt.search.genome import Genome
+from autodiff_opt.core.genome import Genome
 
 BACKEND = "aot_eager"
 STEPS = (999, 749, 499, 249)
@@ -153,7 +153,7 @@ def test_check_runtime_refuses(settings: dict[str, object], message: str) -> Non
     from omegaconf import OmegaConf
 
     from autodiff_opt import preflight
-    from autodiff_opt.search.runner import ConfigError
+    from autodiff_opt.core.errors import ConfigError
 
     base = {"precision": "bf16", "device": "cpu", "compile": "default"}
     preflight.check_runtime(OmegaConf.create(base))
@@ -163,7 +163,7 @@ def test_check_runtime_refuses(settings: dict[str, object], message: str) -> Non
 
 def test_check_search_batch_size() -> None:
     from autodiff_opt import preflight
-    from autodiff_opt.search.runner import ConfigError
+    from autodiff_opt.core.errors import ConfigError
 
     for good in (1, 512, "auto"):
         preflight.check_search({"batch_size": good})

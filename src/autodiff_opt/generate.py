@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.models.base import DiffusionModel, EpsFn, StepWrapper
-from autodiff_opt.models.runtime import CompiledDenoiser, compile_denoiser
+from autodiff_opt.arch.compiled import CompiledDenoiser, compile_denoiser
 from autodiff_opt.solvers import get_solver
 from autodiff_opt.utils import autocast, precision_problem, to_uint8
 
@@ -68,7 +68,7 @@ class ImageGenerator:
     """Runs a solver over a SampleSet in batches on one device and returns uint8 images.
 
     ``batch_size="auto"`` sizes the batch from free CUDA memory (``auto_batch_size``), CPU_AUTO_BATCH off
-    CUDA. ``compile`` (off | default | max-autotune) compiles the denoiser once (models/runtime.py:
+    CUDA. ``compile`` (off | default | max-autotune) compiles the denoiser once (arch/compiled.py:
     ``compile_scope`` "layers", each skippable layer, masks switch without recompiling; "unet", the whole
     UNet, for studies without masks); then every batch has the same shape: the last one is padded
     (``pad``, default: on when compiled) and the padding dropped, so nothing compiles again for it.

@@ -18,7 +18,7 @@ no hook is attached, so the model runs its own, unmodified forward.
 
 ``LayerSkipper.gate()`` turns skipping into a runtime switch instead: every layer gets one
 permanent forward (a ``LayerGate``) that reads the mask at each call and runs either the skip
-function or ``gate.run``, the layer's own forward, which ``models.runtime`` may replace by that
+function or ``gate.run``, the layer's own forward, which ``arch.compiled`` may replace by that
 forward compiled. A mask change then touches no module attribute, so ``torch.compile`` has
 nothing to specialise on and never recompiles for a new mask (docs/gpu.md).
 """

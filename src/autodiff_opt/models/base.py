@@ -47,7 +47,7 @@ class DiffusionModel:
     @property
     def network(self) -> Callable[..., Any]:
         """What a network evaluation calls: the UNet, or the UNet compiled whole (``extras["forward"]``,
-        models/runtime.py); ``unet`` itself stays the plain module (layers, costs, export use it)."""
+        arch/compiled.py); ``unet`` itself stays the plain module (layers, costs, export use it)."""
         return self.extras.get("forward", self.unet)
 
     @property

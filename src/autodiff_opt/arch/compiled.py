@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from autodiff_opt.arch.skip import LayerSkipper
 from autodiff_opt.models.base import DiffusionModel
 from autodiff_opt.utils import COMPILE_MODES
 
@@ -90,8 +91,6 @@ def compile_denoiser(model: DiffusionModel, compile: str = "default", cuda_graph
     ``channels_last`` (None: on CUDA) converts the UNet's weights and keeps every layer's 4-d inputs in
     that layout. ``backend`` is torch.compile's (tests use "aot_eager", which needs no C++ compiler).
     """
-    from autodiff_opt.arch import LayerSkipper
-
     done = model.extras.get("compiled")
     if done is not None:
         if (done.compile, done.backend, done.scope) != (compile, backend, scope):
