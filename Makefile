@@ -9,7 +9,7 @@ WORKERS ?= 2
 PORT   ?= 8080
 ARTIFACTS ?= artifacts
 
-.PHONY: setup run test dashboard workers bench bench-search bench-skip bench-storage clean
+.PHONY: setup run test dashboard workers bench bench-search bench-gpu bench-skip bench-storage clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ bench: $(STAMP)
 ## Every search.sampler and the trajectory-DP peer at equal image-step budgets (docs/search.md); ARGS: Hydra overrides
 bench-search: $(STAMP)
 	$(PY) experiments/bench_search.py -- $(ARGS)
+
+## The fast path on this machine's device (docs/gpu.md): eager / compiled / CUDA graphs against the roofline
+bench-gpu: $(STAMP)
+	$(PY) experiments/bench_gpu.py $(ARGS)
 
 bench-skip: $(STAMP)
 	$(PY) experiments/bench_skip.py --threads 1

@@ -71,7 +71,7 @@ class Stage2Config:
 class SearchConfig:
     num_steps: int = 4
     num_samples: int = 1000
-    batch_size: int = 500
+    batch_size: Any = 500  # images per network call, or "auto": from free CUDA memory (docs/gpu.md); CPU: 256
     # autodiffusion (default) | autodiffusion_paper | tpe | cmaes | gp | random (search/samplers.py)
     sampler: str = "autodiffusion"
     budget: Optional[float] = None  # candidate-equivalents of image-steps; null: population x generations
@@ -139,7 +139,9 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     imports: List[str] = field(default_factory=list)  # modules imported first (e.g. to register a feature extractor)
     device: str = "auto"
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on CUDA only)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the denoiser (bf16 also on CPU; fp16 needs CUDA)
+    compile: str = "off"  # off | default | max-autotune: torch.compile of each skippable layer, once per process
+    cuda_graphs: bool = True  # with compile on CUDA: CUDA graphs (mode reduce-overhead); ignored on CPU
     progress: bool = True
     cache_dir: str = "${oc.env:AUTODIFF_OPT_CACHE,'~/.cache/autodiff_opt'}"  # reference stats, converted models
     output_dir: str = "${hydra:runtime.output_dir}"

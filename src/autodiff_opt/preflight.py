@@ -48,7 +48,10 @@ def check_search(search: Any) -> None:
     """The sampler and the evolution's sizes, before any model is loaded."""
     from autodiff_opt.search.samplers import SamplerChoiceError, resolve
 
-    for key in ("population", "generations", "batch_size", "max_consecutive_failures", "num_parents"):
+    batch = search.get("batch_size")
+    if batch is not None and batch != "auto" and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise _config_error(f"search.batch_size={batch!r}: use a whole number of at least 1, or auto (from free GPU memory)")
+    for key in ("population", "generations", "max_consecutive_failures", "num_parents"):
         if search.get(key) is not None and int(search[key]) < 1:
             raise _config_error(f"search.{key}={search[key]}: must be at least 1")
     for key in ("mutation_prob", "init_mutation_prob"):
@@ -84,6 +87,25 @@ def check_seeds(search_seed: int, final: Any) -> None:
         which = "final.seed" if r == 0 else f"final.seed + 7919 x {r} (repeat {r})"
         raise _config_error(f"{which} = {search_seed} is search.seed: the final comparison needs fresh seeds:"
                             " set final.seed to another value (the default is 1000003)")
+
+
+def _resolved_device(name: str):  # -> torch.device
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def check_runtime(cfg: Any) -> None:
+    """precision and compile: known values, and a precision the device can run (after check_device)."""
+    from autodiff_opt.utils import compile_problem, precision_problem
+
+    problem = compile_problem(str(cfg.get("compile", "off")))
+    if problem is None:
+        problem = precision_problem(str(cfg.get("precision", "fp32")), _resolved_device(str(cfg.get("device", "auto"))))
+    if problem is not None:
+        raise _config_error(problem)
 
 
 def _unet_folder(root: Path, subfolder: str | None) -> Path:
@@ -262,6 +284,7 @@ def run_all(cfg: Any):  # -> optuna.storages.BaseStorage
     check_search(cfg.search)
     check_seeds(cfg.search.get("seed", 0), cfg.get("final"))
     check_device(str(cfg.device))
+    check_runtime(cfg)
     check_model_folder(str(cfg.model.pretrained), cfg.model.subfolder)
     check_checkpoints(cfg.model)
     check_solver_fits_model(str(cfg.solver.name), str(cfg.model.pretrained), cfg.model.subfolder,

@@ -187,7 +187,9 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     from autodiff_opt.arch.skip import step_wrapper_for
 
     generator = ImageGenerator(model, cfg.solver.name, cfg.solver.clip_x0, cfg.search.batch_size, cfg.precision,
-                               step_wrapper=step_wrapper_for(model))
+                               step_wrapper=step_wrapper_for(model), compile=str(cfg.compile),
+                               cuda_graphs=bool(cfg.cuda_graphs),
+                               compile_scope="layers" if cfg.search.stage2.enabled else "unet")
     samples = SampleSet.draw(cfg.search.num_samples, model.sample_shape, model.num_classes, cfg.search.seed)
     space = SearchSpace(cfg.search.num_steps, T, solvers=tuple(cfg.search.solvers))
     exp = Experiment(cfg, model, scorer, reference, space, generator, samples, baselines, setup=resolve(cfg.search))

@@ -10,7 +10,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_MODES = ("off", "default", "max-autotune")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -23,16 +24,34 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def precision_problem(precision: str, device: torch.device) -> str | None:
+    """Why ``precision`` cannot run on ``device`` (one line with the fix), or None when it can."""
+    if precision not in PRECISIONS:
+        return f"precision={precision!r} is not one of {', '.join(PRECISIONS)}: use precision=fp32, bf16 or fp16"
+    if precision == "fp16" and device.type != "cuda":
+        return (f"precision=fp16 needs CUDA (this run is on {device.type}; CPU half-precision kernels are slow"
+                " and partly missing): use precision=bf16 or fp32")
+    return None
+
+
+def compile_problem(mode: str) -> str | None:
+    """Why ``compile=mode`` is refused (one line with the fix), or None."""
+    if str(mode) not in COMPILE_MODES:
+        return f"compile={mode!r} is not one of {', '.join(COMPILE_MODES)}: use compile=off, default or max-autotune"
+    return None
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device, precision: str) -> Iterator[None]:
-    """Optional bf16/fp16 autocast on CUDA; on CPU (or fp32) a no-op."""
-    if precision not in _AUTOCAST_DTYPES:
-        raise ValueError(f"precision={precision!r} is not one of {sorted(_AUTOCAST_DTYPES)}")
-    dtype = _AUTOCAST_DTYPES[precision]
-    if dtype is None or device.type != "cuda":
+    """bf16/fp16 autocast on the device (bf16 on CUDA and CPU, fp16 on CUDA); fp32 is a no-op."""
+    problem = precision_problem(precision, device)
+    if problem is not None:
+        raise ValueError(problem)
+    dtype = PRECISIONS[precision]
+    if dtype is None:
         yield
         return
-    with torch.autocast(device_type="cuda", dtype=dtype):
+    with torch.autocast(device_type=device.type, dtype=dtype):
         yield
 
 

@@ -15,6 +15,12 @@ A skipped layer always returns a new tensor, so no in-place op downstream can al
 The replacement forward is attached with diffusers' ``HookRegistry`` (a ``ModelHook`` whose
 ``new_forward`` does not call the original) only while a layer is skipped; with an empty mask
 no hook is attached, so the model runs its own, unmodified forward.
+
+``LayerSkipper.gate()`` turns skipping into a runtime switch instead: every layer gets one
+permanent forward (a ``LayerGate``) that reads the mask at each call and runs either the skip
+function or ``gate.run``, the layer's own forward, which ``arch.compiled`` may replace by that
+forward compiled. A mask change then touches no module attribute, so ``torch.compile`` has
+nothing to specialise on and never recompiles for a new mask (docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from autodiff_opt.arch.layers import Layer, discover_layers, layer_modules
 from autodiff_opt.core.genome import Genome
@@ -156,6 +163,40 @@ def _detach(module: nn.Module, use_hooks: bool) -> None:
         del module.forward
 
 
+def _in_layout(value: Any, layout: torch.memory_format) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() == 4:
+        return value.contiguous(memory_format=layout)
+    return value
+
+
+class LayerGate:
+    """A layer's permanent forward once its skipper is gated: the skip function while the mask holds
+    the layer, else ``run`` (the layer's own forward, or that forward compiled).
+
+    With ``layout`` set, 4-d tensor inputs are put in that memory format before ``run``: a skipped
+    neighbour returns a contiguous tensor where the layer would have returned, e.g., attention's
+    transposed view, and a compiled ``run`` would otherwise recompile for the other strides.
+    Under a dispatch mode (``FlopCounterMode`` of the cost model) the layer's own eager forward runs,
+    so fused compiled kernels never hide operations from the counter.
+    """
+
+    def __init__(self, skipper: "LayerSkipper", layer_id: int, module: nn.Module, skip_fn: SkipFn) -> None:
+        self.skipper, self.layer_id, self.module, self.skip_fn = skipper, layer_id, module, skip_fn
+        self.eager: Callable[..., Any] = type(module).forward.__get__(module)
+        self.run: Callable[..., Any] = self.eager
+        self.layout: torch.memory_format | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.layer_id in self.skipper.skipped:
+            return self.skip_fn(self.module, *args, **kwargs)
+        if _get_current_dispatch_mode() is not None:
+            return self.eager(*args, **kwargs)
+        if self.layout is not None:
+            args = tuple(_in_layout(a, self.layout) for a in args)
+            kwargs = {k: _in_layout(v, self.layout) for k, v in kwargs.items()}
+        return self.run(*args, **kwargs)
+
+
 class LayerSkipper:
     """Skips a chosen set of layers of one UNet; change the set between network evaluations.
 
@@ -172,6 +213,27 @@ class LayerSkipper:
         if self.use_hooks and not HAS_DIFFUSERS_HOOKS:
             raise RuntimeError("the installed diffusers has no diffusers.hooks; use use_hooks=False")
         self._skipped: frozenset[int] = frozenset()
+        self._gates: dict[int, LayerGate] = {}
+
+    @property
+    def gates(self) -> dict[int, LayerGate]:
+        """The layers' permanent forwards, by id (empty until ``gate()``)."""
+        return self._gates
+
+    def gate(self) -> None:
+        """Install one permanent ``LayerGate`` per layer: from now on a mask change is a plain attribute
+        of the skipper that every gate reads per call (no hook attached or removed). Idempotent."""
+        if self._gates:
+            return
+        mask = self._skipped
+        self.set_skipped(())  # detaches the hooks of the current mask
+        for i, module in self._modules.items():
+            if "forward" in module.__dict__:
+                raise RuntimeError(f"{type(module).__name__} already has a patched forward; cannot gate it")
+            gate = LayerGate(self, i, module, self._skip_fns[i])
+            module.forward = gate
+            self._gates[i] = gate
+        self._skipped = mask
 
     @property
     def num_layers(self) -> int:
@@ -192,6 +254,9 @@ class LayerSkipper:
     def set_skipped(self, ids: Iterable[int]) -> None:
         """Skip exactly the layers ``ids`` from the next forward on (an empty set runs the plain model)."""
         mask = self._checked(ids)
+        if self._gates:  # gated: the gates read the mask at each call
+            self._skipped = mask
+            return
         for i in self._skipped - mask:
             _detach(self._modules[i], self.use_hooks)
         for i in mask - self._skipped:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +64,23 @@ def _check_weights_file(path: str) -> None:
         raise MetricError(f"metric.weights_path={path!r} is not a plain state dict loadable with weights_only=True: {err}") from err
 
 
+@contextlib.contextmanager
+def strict_fp32(device: torch.device) -> Iterator[None]:
+    """Feature extraction as torch-fidelity validates it: float32 (its Inception's internal dtype), no
+    autocast from the generation, and no TF32 on CUDA (cuDNN allows it for convolutions by default, which
+    moves Inception features in the 4th digit). The previous TF32 settings are restored afterwards."""
+    with torch.autocast(device_type=device.type, enabled=False):
+        if device.type != "cuda":
+            yield
+            return
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 class FIDScorer:
     """Builds the feature extractor once; turns uint8 images into features, statistics and FID."""
 
@@ -117,7 +136,7 @@ class FIDScorer:
         if self._channels == 3 and images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         chunks = []
-        with torch.no_grad():
+        with torch.no_grad(), strict_fp32(self.device):
             for start in range(0, images.shape[0], self.batch_size):
                 batch = images[start : start + self.batch_size].to(self.device)
                 feats = self.extractor(batch)

@@ -45,6 +45,12 @@ class DiffusionModel:
         return int(self.alphas_cumprod.shape[0])
 
     @property
+    def network(self) -> Callable[..., Any]:
+        """What a network evaluation calls: the UNet, or the UNet compiled whole (``extras["forward"]``,
+        arch/compiled.py); ``unet`` itself stays the plain module (layers, costs, export use it)."""
+        return self.extras.get("forward", self.unet)
+
+    @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
@@ -81,7 +87,7 @@ class DiffusionModel:
             kwargs = dict(unet_kwargs)
             if class_labels is not None:
                 kwargs["class_labels"] = class_labels
-            out = self.unet(x_t, t_batch, **kwargs)
+            out = self.network(x_t, t_batch, **kwargs)
             out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
             return self.eps_from_output(out, x_t, t)
 

@@ -175,7 +175,7 @@ class TextToImageModel(DiffusionModel):
             dtype = context.dtype
             x_in = torch.cat([x_t, x_t]) if guided else x_t
             t_batch = torch.full((x_in.shape[0],), t, device=x_t.device, dtype=torch.long)
-            out = self.unet(x_in.to(dtype), t_batch, encoder_hidden_states=context, **unet_kwargs)
+            out = self.network(x_in.to(dtype), t_batch, encoder_hidden_states=context, **unet_kwargs)
             out = out.sample if hasattr(out, "sample") else out[0]
             if guided:
                 uncond, cond = out.float().chunk(2)

@@ -59,16 +59,17 @@ def _teacher(generator: ImageGenerator, samples: SampleSet, grid: list[int],
     states, epss = [], []
     for start in range(0, len(samples), generator.batch_size):
         part = samples.slice(start, min(start + generator.batch_size, len(samples)))
-        eps_fn = generator.eps_for(genome, part.class_labels)
-        x = part.noise.to(generator.device).float()
+        noise, labels = generator.padded(part.noise, part.class_labels)  # a compiled model keeps one shape
+        eps_fn = generator.eps_for(genome, labels)
+        x = noise.to(generator.device).float()
         xs, es = [], []
         with torch.no_grad():
             for i, t in enumerate(grid):
                 eps = eps_fn(x, t, i).float()
-                xs.append(x.cpu())
-                es.append(eps.cpu())
+                xs.append(x[:len(part)].cpu())
+                es.append(eps[:len(part)].cpu())
                 x = step(x, eps, t, grid[i + 1] if i + 1 < len(grid) else None, clip_x0)
-        xs.append(x.cpu())
+        xs.append(x[:len(part)].cpu())
         states.append(torch.stack(xs))
         epss.append(torch.stack(es))
     return torch.cat(states, 1), torch.cat(epss, 1), samples.noise.float()
