@@ -26,7 +26,7 @@ run: $(STAMP)
 ## The import contracts (pyproject.toml [tool.importlinter]), then the whole test suite, offline.
 test: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n 2 $(ARGS)
 
 ## optuna-dashboard on the study storage, bound to 127.0.0.1, with the sample grids (report.artifact_dir).
 dashboard: $(STAMP)

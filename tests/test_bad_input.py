@@ -275,9 +275,19 @@ def test_run_all_returns_the_opened_storage(tmp_path: Path, tiny_model_dir: Path
         "search": {"population": 6, "generations": 2, "batch_size": 4, "max_consecutive_failures": 3, "num_parents": 3,
                    "num_mutants": 3, "num_crossovers": 1, "init_random": 2},
         "device": "cpu", "model": {"pretrained": str(tiny_model_dir), "subfolder": None},
+        "solver": {"name": "ddim", "clip_x0": True},
         "storage": {"url": f"sqlite:///{tmp_path / 's.db'}", "heartbeat_interval": 1, "grace_period": 2, "max_retry": 3},
     })
     storage = preflight.run_all(cfg)
     assert isinstance(storage, optuna.storages.RDBStorage)
     optuna.create_study(storage=storage, study_name="kept")
     assert optuna.get_all_study_names(f"sqlite:///{tmp_path / 's.db'}") == ["kept"]
+
+
+def test_a_budget_the_peers_already_spend_is_refused(tiny_model_dir: Path, tiny_reference: Path, tmp_path: Path) -> None:
+    """The peer DP costs more than search.budget: one line naming the fix, exit 2, not a traceback after the search."""
+    proc = run_with({"search.sampler": "autodiffusion", "search.budget": 0.5, "search.peers": "[gits_dp]",
+                     "search.peer_samples": 32, "search.peer_grid": 20}, tiny_model_dir, tiny_reference, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2500:]
+    error = proc.stderr[proc.stderr.rindex("error: "):].strip()
+    assert "already spent by the peer schedules" in error and "search.peers=[]" in error and "Traceback" not in proc.stderr

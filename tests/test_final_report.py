@@ -223,11 +223,13 @@ def test_best_schedule_json_every_field(exp, report) -> None:  # type: ignore[no
     assert (doc["solver"], doc["clip_x0"]) == (exp.cfg.solver.name, exp.cfg.solver.clip_x0)
     assert doc["nfe"] == 5 and doc["fid_search"] == 3.0 and doc["trial"] == 3
     assert doc["study"] == study.study_name and doc["storage"] == exp.cfg.storage.url  # no password to hide
-    assert "set_timesteps(timesteps=[850, 600, 350, 120, 10])" in doc["diffusers_snippet"]
+    # the best genome skips layers, which no diffusers scheduler does: the snippet runs it with autodiff_opt.apply
+    assert "skips layers" in doc["diffusers_snippet"].splitlines()[0] and "generate_from_schedule" in doc["diffusers_snippet"]
+    assert doc["diffusers_scheduler"] is None
     assert [r["schedule"] for r in doc["final"]] == list(table.schedule)
     np.testing.assert_allclose([r["fid_final"] for r in doc["final"]], table.fid_final)
     expected_keys = {"timesteps", "skipped_layers", "skipped_layer_names", "model", "subfolder", "solver", "clip_x0",
-                     "nfe", "fid_search", "study", "storage", "trial", "diffusers_snippet", "final"}
+                     "nfe", "fid_search", "study", "storage", "trial", "diffusers_scheduler", "diffusers_snippet", "final"}
     assert set(doc) == expected_keys
 
 

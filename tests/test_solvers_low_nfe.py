@@ -116,8 +116,9 @@ def test_unipc_matches_diffusers_on_its_own_steps(k: int, order: int) -> None:
 def test_nfe_and_steps_for_nfe() -> None:
     assert [nfe("heun", k) for k in (1, 2, 3, 5)] == [1, 3, 5, 9]
     assert [steps_for_nfe("heun", b) for b in (1, 4, 5, 6, 10)] == [1, 2, 3, 3, 5]
+    assert [nfe("flow_heun", k) for k in (1, 2, 3, 5)] == [1, 3, 5, 9]  # the flow model's Heun costs the same
     for name in SOLVERS:
-        if name != "heun":
+        if name not in ("heun", "flow_heun"):
             assert nfe(name, 7) == 7 and steps_for_nfe(name, 6) == 6
     with pytest.raises(ValueError, match="unknown"):
         nfe("plms", 4)

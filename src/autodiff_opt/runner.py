@@ -429,6 +429,10 @@ def run_search(study: optuna.Study, exp: Experiment) -> None:
         done, total = budget.spent(study), budget.candidates
     else:
         done, total = _finished(study), budget.total
+    if done >= total and not _finished(study):
+        raise ConfigError(
+            f"search.budget={cfg.search.budget} candidate-equivalents is already spent by the peer schedules"
+            f" ({done:.1f}) before any candidate ran: raise search.budget (the default is 150) or set search.peers=[]")
     if done >= total:
         if isinstance(budget, ImageStepBudget):
             log.info("study %s already spent %.1f of %.0f candidate-equivalents: search done", study.study_name, done, total)

@@ -24,17 +24,17 @@ images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 '''
 _SCHEDULERS = {  # solver -> (diffusers scheduler, how it is set up on our steps, model input)
     "ddim": ("DPMSolverMultistepScheduler", '''scheduler = DPMSolverMultistepScheduler.from_pretrained("{model}"{sched_subfolder},
-    algorithm_type="dpmsolver++", solver_order=1, final_sigmas_type="zero", lower_order_final=False)
+    algorithm_type="dpmsolver++", solver_order=1, final_sigmas_type="zero", lower_order_final=False{clip})
 scheduler.set_timesteps(timesteps={timesteps})  # DPM-Solver++ of order 1 is DDIM (eta=0)
 x = torch.randn(16, *{shape}, generator=torch.Generator().manual_seed(0))
 ''', "x"),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", '''scheduler = DPMSolverMultistepScheduler.from_pretrained("{model}"{sched_subfolder},
-    algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero", lower_order_final=False)
+    algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero", lower_order_final=False{clip})
 scheduler.set_timesteps(timesteps={timesteps})
 x = torch.randn(16, *{shape}, generator=torch.Generator().manual_seed(0))
 ''', "x"),
     "dpmpp_3m": ("DPMSolverMultistepScheduler", '''scheduler = DPMSolverMultistepScheduler.from_pretrained("{model}"{sched_subfolder},
-    algorithm_type="dpmsolver++", solver_order=3, final_sigmas_type="zero", lower_order_final=False)
+    algorithm_type="dpmsolver++", solver_order=3, final_sigmas_type="zero", lower_order_final=False{clip})
 scheduler.set_timesteps(timesteps={timesteps})
 x = torch.randn(16, *{shape}, generator=torch.Generator().manual_seed(0))
 ''', "x"),
@@ -59,9 +59,13 @@ save_grid(images, "samples.png")
 '''
 
 
+_CLIPS = ("ddim", "dpmpp_2m", "dpmpp_3m")  # thresholding with sample_max_value=1 is clamp(x0, -1, 1) exactly
+_CLIP_ARGS = ",\n    thresholding=True, sample_max_value=1.0"  # threshold s = clamp(quantile, 1, 1) = 1: x0 clamped to [-1, 1]
+
+
 def diffusers_scheduler(solver: str, clip_x0: bool) -> str | None:
     """The diffusers scheduler that runs our solver's exact update on custom steps, or None."""
-    if clip_x0 or solver not in _SCHEDULERS:
+    if solver not in _SCHEDULERS or (clip_x0 and solver not in _CLIPS):
         return None
     return _SCHEDULERS[solver][0]
 
@@ -92,13 +96,13 @@ def diffusers_snippet(genome: Genome, model: str, solver: str, shape: tuple[int,
                       subfolder: str | None = None, clip_x0: bool = False) -> str:
     """Code that samples with the schedule: plain diffusers where a scheduler runs the same update on custom
     steps (DDIM and DPM-Solver++ 2M/3M: DPMSolverMultistepScheduler timesteps=; Euler: EulerDiscreteScheduler
-    sigmas=; Heun: HeunDiscreteScheduler timesteps=), otherwise autodiff_opt.apply (iPNDM, UniPC, x0 clipping,
-    layer skipping). The first comment line says which."""
+    sigmas=; Heun: HeunDiscreteScheduler timesteps=), otherwise autodiff_opt.apply (iPNDM, UniPC, x0 clipping
+    outside DPM-Solver++, layer skipping). The first comment line says which."""
     steps = list(genome.timesteps)
     scheduler = diffusers_scheduler(solver, clip_x0)
     if scheduler is None or genome.has_skips:
         reason = ("diffusers has no scheduler that skips layers" if genome.has_skips else
-                  "diffusers clips x0 on no scheduler that takes custom steps" if clip_x0 else
+                  f"diffusers clips x0 for {solver} on no scheduler that takes custom steps" if clip_x0 else
                   f"no diffusers scheduler runs {solver} on custom steps")
         return _APPLY.format(solver=solver, nfe=nfe(solver, len(steps)), clip=", x0 clipped" if clip_x0 else "",
                              reason=reason)
@@ -107,7 +111,8 @@ def diffusers_snippet(genome: Genome, model: str, solver: str, shape: tuple[int,
                   shape=tuple(shape), channels=shape[0], model_input=model_input,
                   subfolder=f', subfolder="{subfolder}"' if subfolder else "",
                   sched_subfolder=', subfolder="scheduler"' if subfolder == "unet" else "",
-                  labels=", class_labels=torch.randint(0, %d, (16,))" % num_classes if num_classes else "")
+                  labels=", class_labels=torch.randint(0, %d, (16,))" % num_classes if num_classes else "",
+                  clip=_CLIP_ARGS if clip_x0 else "")
     return (_HEADER + setup + _LOOP).format(**fields)
 
 
