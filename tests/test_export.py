@@ -37,22 +37,26 @@ def test_sd_snippet_names_the_steps() -> None:
     compile(code, "sd_snippet", "exec")
 
 
-@pytest.mark.parametrize("solver,scheduler", [("dpmpp_3m", "DPMSolverMultistepScheduler"),
-                                              ("euler", "EulerDiscreteScheduler"), ("heun", "HeunDiscreteScheduler")])
-def test_snippet_names_the_scheduler_and_reproduces_our_solver(tiny_model_dir: Path, solver: str, scheduler: str) -> None:
+@pytest.mark.parametrize("solver,scheduler,clip_x0", [("dpmpp_3m", "DPMSolverMultistepScheduler", False),
+                                                      ("euler", "EulerDiscreteScheduler", False),
+                                                      ("heun", "HeunDiscreteScheduler", False),
+                                                      ("ddim", "DPMSolverMultistepScheduler", True),
+                                                      ("dpmpp_2m", "DPMSolverMultistepScheduler", True)])
+def test_snippet_names_the_scheduler_and_reproduces_our_solver(tiny_model_dir: Path, solver: str, scheduler: str,
+                                                               clip_x0: bool) -> None:
     genome = Genome((901, 540, 222, 17))
-    code = diffusers_snippet(genome, str(tiny_model_dir), solver, (1, 8, 8), None)
-    assert code.splitlines()[0].endswith(f"{scheduler} runs the same update.") and diffusers_scheduler(solver, False) == scheduler
+    code = diffusers_snippet(genome, str(tiny_model_dir), solver, (1, 8, 8), None, clip_x0=clip_x0)
+    assert code.splitlines()[0].endswith(f"{scheduler} runs the same update.") and diffusers_scheduler(solver, clip_x0) == scheduler
     scope: dict[str, object] = {}
     exec(compile(code, "snippet", "exec"), scope)  # noqa: S102 - our own generated code
     model = load_model(str(tiny_model_dir))
     x_T = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ours = SOLVERS[solver](model.eps_fn(), x_T, genome.timesteps, model.alphas_cumprod, clip_x0=False)
+        ours = SOLVERS[solver](model.eps_fn(), x_T, genome.timesteps, model.alphas_cumprod, clip_x0=clip_x0)
     torch.testing.assert_close(ours, scope["x"].float(), atol=1e-3, rtol=1e-3)
 
 
-@pytest.mark.parametrize("solver,clip_x0", [("ipndm", False), ("unipc", False), ("ddim", True)])
+@pytest.mark.parametrize("solver,clip_x0", [("ipndm", False), ("unipc", False), ("euler", True)])
 def test_snippet_without_a_diffusers_scheduler_runs_apply_and_reproduces_our_solver(
         tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, solver: str, clip_x0: bool) -> None:
     genome = Genome((901, 540, 222, 17))
