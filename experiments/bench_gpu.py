@@ -125,7 +125,7 @@ def count_recompiles(name: str, device: torch.device, genome: Genome, num_masks:
         counters.clear()
         model = MODELS[name](device)
         skipper = LayerSkipper(model.unet)
-        model.extras["skipper"] = skipper
+        model.skipper = skipper
         generator = ImageGenerator(model, "ddim", True, 4, "fp32", step_wrapper=step_wrapper_for(model),
                                    compile="default", compile_backend=backend,
                                    compile_scope="layers" if variant == "gated" else "unet")

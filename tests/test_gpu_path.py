@@ -43,7 +43,7 @@ def _samples(n: int, seed: int = 0) -> SampleSet:
 def test_compiled_gives_the_eager_images(scope: str, tiny_model_dir: Path) -> None:
     eager = _generator(tiny_model_dir, batch_size=6)
     compiled = _generator(tiny_model_dir, batch_size=6, compile="default", compile_backend=BACKEND, compile_scope=scope)
-    assert ("forward" in compiled.model.extras) == (scope == "unet")
+    assert (compiled.model.compiled_forward is not None) == (scope == "unet")
     samples = _samples(10)
     for genome in (Genome(STEPS), Genome(STEPS, tuple(frozenset(m) for m in MASKS[:4]))):
         a, b = eager.generate(genome, samples), compiled.generate(genome, samples)
@@ -178,7 +178,7 @@ def test_cost_model_counts_the_eager_layers_of_a_compiled_model(tiny_model_dir: 
 
     reference = measure_layer_costs(load_model(str(tiny_model_dir)).unet)
     generator = _generator(tiny_model_dir, batch_size=2, compile="default", compile_backend=BACKEND)
-    skipper = generator.model.extras["skipper"]
+    skipper = generator.model.skipper
 
     def never(*args: object, **kwargs: object) -> None:
         raise AssertionError("the compiled forward ran under FlopCounterMode")

@@ -220,3 +220,85 @@ def test_transformer_blocks_skip_per_step_with_the_residual_passing(which: str, 
         fn = wrap(model.eps_fn(class_labels=labels), genome)
         torch.testing.assert_close(fn(x, step, 0), expected, atol=1e-6, rtol=1e-6)
         assert torch.equal(fn(x, 100, 1), model.eps_fn(class_labels=labels)(x, 100, 1))  # the second step: no skips
+
+
+class _ZeroBranch(torch.nn.Module):
+    """An attention or feed-forward branch that adds nothing, written out: what a skipped branch must equal."""
+
+    def forward(self, hidden_states, encoder_hidden_states=None, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if encoder_hidden_states is None:
+            return torch.zeros_like(hidden_states)
+        return torch.zeros_like(hidden_states), torch.zeros_like(encoder_hidden_states)
+
+
+@pytest.mark.parametrize("which", ["dit", "sd3", "flux"])
+@pytest.mark.parametrize("units", ["blocks", "sub_blocks"])
+def test_transformer_costs_are_measured_and_additive(which: str, units: str, dit_dir: Path, sd3_dir: Path,
+                                                     flux_dir: Path) -> None:
+    """Stage 2 on transformers: every unit has FLOPs, a skipped unit costs nothing, and the FLOPs of any mask
+    predicted from the per-unit savings equal a counted forward with that mask."""
+    from autodiff_opt.arch.flops import count_step_flops, measure_model_costs, model_step
+    from autodiff_opt.arch.skip import model_skipper
+
+    folder = {"dit": dit_dir, "sd3": sd3_dir, "flux": flux_dir}[which]
+    model = _load(folder, 3.0, None if which == "dit" else PROMPTS)
+    skipper = model_skipper(model, units)  # type: ignore[arg-type]
+    costs = measure_model_costs(model, skipper)
+    expected = {("dit", "blocks"): ["blocks.0", "blocks.1"], ("sd3", "blocks"): ["blocks.0", "blocks.1"],
+                ("flux", "blocks"): ["blocks.0", "single.0"],
+                ("dit", "sub_blocks"): ["blocks.0.attn1", "blocks.0.ff", "blocks.1.attn1", "blocks.1.ff"],
+                ("sd3", "sub_blocks"): ["blocks.0.attn", "blocks.0.ff", "blocks.0.ff_context", "blocks.1.attn", "blocks.1.ff"],
+                ("flux", "sub_blocks"): ["blocks.0.attn", "blocks.0.ff", "blocks.0.ff_context", "single.0.attn"]}
+    assert list(costs.names) == expected[(which, units)]
+    assert all(s > 0 for s in costs.savings) and not any(costs.skipped_flops)
+    assert sum(costs.savings) < costs.full_step
+    step = model_step(model)
+    for mask in ({0}, {len(costs.names) - 1}, set(range(0, len(costs.names), 2))):
+        with skipper.skipping(mask):
+            measured, _ = count_step_flops(step)
+        assert costs.step_flops(mask) == measured
+    if which == "dit":  # the CFG pair: one step of one image runs two rows through the network
+        unguided = _load(folder, 1.0)
+        assert measure_model_costs(unguided, model_skipper(unguided, units)).full_step * 2 == costs.full_step  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("which", ["dit", "sd3"])
+def test_skipped_branches_leave_the_residual_stream(which: str, dit_dir: Path, sd3_dir: Path) -> None:
+    import copy
+
+    from autodiff_opt.arch.skip import model_skipper
+
+    model = _load(dit_dir, 3.0) if which == "dit" else _load(sd3_dir, 3.0, PROMPTS)
+    skipper = model_skipper(model, "sub_blocks")
+    x = torch.randn(2, *model.sample_shape, generator=torch.Generator().manual_seed(0))
+    labels, step = torch.tensor([1, 2]), 500
+    ids = [0, 2] if which == "dit" else [0, 1]  # DiT: both attentions; SD3: block 0's joint attention and its ff
+    with torch.no_grad():
+        plain = model.eps_fn(class_labels=labels)(x, step, 0)
+        with skipper.skipping(ids):
+            skipped = model.eps_fn(class_labels=labels)(x, step, 0)
+        reference = copy.deepcopy(model)
+        for i in ids:
+            path = skipper.layers[i].path.rsplit(".", 1)
+            setattr(reference.unet.get_submodule(path[0]), path[1], _ZeroBranch())
+        expected = reference.eps_fn(class_labels=labels)(x, step, 0)
+        with skipper.skipping([]):
+            empty = model.eps_fn(class_labels=labels)(x, step, 0)
+    assert torch.equal(plain, empty)
+    torch.testing.assert_close(skipped, expected, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(skipped, plain)
+
+
+@pytest.mark.slow
+def test_dit_stage2_through_the_cli_skips_branches_within_the_budget(dit_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    proc = _tiny_cli_run("dit_imagenet256", dit_dir, tmp_path, **{
+        "search.baselines": "[ddim_uniform]", "search.generations": 3, "search.stage2.enabled": "true",
+        "search.stage2.start_generation": 1, "search.stage2.units": "sub_blocks", "search.stage2.max_prun": 0.5,
+        "search.stage2.ramp_steps": 1, "search.stage2.budget_flops": 3.0})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stage 2: 4 layers" in proc.stderr + proc.stdout
+    doc = json.loads((tmp_path / "run" / "best_schedule.json").read_text())
+    names = {n for step in doc["skipped_layer_names"] for n in step}
+    assert names <= {"blocks.0.attn1", "blocks.0.ff", "blocks.1.attn1", "blocks.1.ff"}

@@ -65,6 +65,10 @@ class Stage2Config:
     budget_layers: Optional[int] = None  # the authors' layer count N_max (alternative to budget_flops)
     max_extra_steps: int = 1  # how many steps beyond K the budget may buy
     multi_objective: bool = False  # minimise (FID, FLOPs) instead of a fixed budget
+    units: str = "blocks"  # transformers: whole blocks, or sub_blocks (each attention / feed-forward branch)
+    # diffusers' caches scored next to the searched masks (transformers; docs/arch.md): first_block, taylorseer,
+    # pab, faster, mag
+    caches: list = field(default_factory=list)
 
 
 @dataclass

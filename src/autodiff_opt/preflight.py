@@ -65,6 +65,8 @@ def check_search(search: Any) -> None:
     if not setup.evolutionary and stage2 is not None and stage2.get("enabled"):
         raise _config_error(f"search.stage2.enabled=true needs search.sampler=autodiffusion or autodiffusion_paper:"
                             f" {setup.sampler} searches the time steps only")
+    if stage2 is not None:
+        check_stage2(stage2)
     unknown = [p for p in (search.get("peers") or []) if p not in ("gits_dp", "ays")]
     if unknown:
         raise _config_error(f"search.peers: {unknown} unknown: use gits_dp and/or ays")
@@ -74,6 +76,20 @@ def check_search(search: Any) -> None:
     unknown = [b for b in (search.get("baselines") or []) if b not in known]
     if unknown:
         raise _config_error(f"search.baselines: {unknown} unknown: use any of {', '.join(known)} (or [] for none)")
+
+
+STAGE2_UNITS = ("blocks", "sub_blocks")
+CACHE_BASELINES = ("first_block", "taylorseer", "pab", "faster", "mag")
+
+
+def check_stage2(stage2: Any) -> None:
+    """search.stage2.units and search.stage2.caches: known names."""
+    units = stage2.get("units", "blocks")
+    if units not in STAGE2_UNITS:
+        raise _config_error(f"search.stage2.units={units}: use blocks or sub_blocks (transformer branches)")
+    unknown = [c for c in (stage2.get("caches") or []) if c not in CACHE_BASELINES]
+    if unknown:
+        raise _config_error(f"search.stage2.caches: {unknown} unknown: use any of {', '.join(CACHE_BASELINES)}")
 
 
 def check_seeds(search_seed: int, final: Any) -> None:

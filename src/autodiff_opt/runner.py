@@ -184,7 +184,9 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     image_shape = (3 if model.decode is not None else model.sample_shape[0], *model.sample_shape[1:])
     reference = reference_statistics(cfg.dataset.reference, scorer, cfg.cache_dir, cfg.dataset.max_images)
     check_reference(reference, scorer, image_shape, cfg.dataset.reference)
-    from autodiff_opt.arch.skip import step_wrapper_for
+    from autodiff_opt.arch.skip import model_skipper, step_wrapper_for
+
+    model_skipper(model, str(cfg.search.stage2.units))  # the one skipper: stage 2, compiled layers, export
 
     generator = ImageGenerator(model, cfg.solver.name, cfg.solver.clip_x0, cfg.search.batch_size, cfg.precision,
                                step_wrapper=step_wrapper_for(model), compile=str(cfg.compile),
@@ -200,14 +202,14 @@ def build_experiment(cfg: DictConfig) -> Experiment:
 
 def attach_stage2(exp: Experiment) -> None:
     """Measure per-layer FLOPs once, set the budget, and widen K to what the budget may buy."""
-    from autodiff_opt.arch import measure_layer_costs
     from autodiff_opt.arch.budget import Budget
+    from autodiff_opt.arch.flops import measure_model_costs
+    from autodiff_opt.arch.skip import model_skipper
     from autodiff_opt.search.stage2 import Stage2Policy
 
     cfg, s2 = exp.cfg, exp.cfg.search.stage2
     K = cfg.search.num_steps
-    costs = measure_layer_costs(exp.model.unet, exp.model.extras["skipper"],
-                                cache_path=Path(cfg.cache_dir).expanduser() / "layer_costs.json")
+    costs = measure_model_costs(exp.model, model_skipper(exp.model), cache_path=Path(cfg.cache_dir).expanduser() / "layer_costs.json")
     k_max = min(K + s2.max_extra_steps, exp.space.num_train_timesteps)
     if s2.budget_layers is not None:
         budget = Budget.from_layer_count(len(costs.names), int(s2.budget_layers))

@@ -1,7 +1,7 @@
 """How the denoiser runs on its device: channels_last, torch.compile (of each skippable layer, or of the
 whole UNet), CUDA graphs.
 
-``scope="unet"`` compiles the whole UNet (``model.extras["forward"]``, what ``DiffusionModel.network``
+``scope="unet"`` compiles the whole UNet (``model.compiled_forward``, what ``DiffusionModel.network``
 calls): the most fusion, for studies without layer skipping (stage 1). Masks would recompile it.
 
 ``scope="layers"`` gates the model's ``LayerSkipper`` (skipping becomes a runtime
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from autodiff_opt.arch.skip import LayerSkipper
+from autodiff_opt.arch.skip import model_skipper
 from autodiff_opt.models.base import DiffusionModel
 from autodiff_opt.utils import COMPILE_MODES
 
@@ -80,7 +80,7 @@ def _whole_unet(model: DiffusionModel, mode: str, backend: str, clone: bool) -> 
         sample = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
         return sample.clone() if clone else sample
 
-    model.extras["forward"] = forward
+    model.compiled_forward = forward
 
 
 def compile_denoiser(model: DiffusionModel, compile: str = "default", cuda_graphs: bool = True,
@@ -91,7 +91,7 @@ def compile_denoiser(model: DiffusionModel, compile: str = "default", cuda_graph
     ``channels_last`` (None: on CUDA) converts the UNet's weights and keeps every layer's 4-d inputs in
     that layout. ``backend`` is torch.compile's (tests use "aot_eager", which needs no C++ compiler).
     """
-    done = model.extras.get("compiled")
+    done = model.compiled
     if done is not None:
         if (done.compile, done.backend, done.scope) != (compile, backend, scope):
             raise RuntimeError(f"the denoiser is compiled with compile={done.compile} already; use one mode per process")
@@ -109,20 +109,18 @@ def compile_denoiser(model: DiffusionModel, compile: str = "default", cuda_graph
         model.unet.to(memory_format=torch.channels_last)
     if scope == "unet":
         _whole_unet(model, mode, backend, clone=result.cuda_graphs)
-        model.extras["compiled"] = result
+        model.compiled = result
         log.info("denoiser: the whole UNet compiled lazily (torch.compile mode=%s, backend=%s, channels_last=%s)",
                  mode, backend, layout)
         return result
-    if "skipper" not in model.extras:  # the one the step wrapper and the cost model use (models/factory.py)
-        model.extras["skipper"] = LayerSkipper(model.unet)
-    skipper = model.extras["skipper"]
+    skipper = model_skipper(model)
     skipper.gate()
     _raise_recompile_limit(2 * len(skipper.gates) + 8)
     for gate in skipper.gates.values():
         gate.layout = torch.channels_last if layout else torch.contiguous_format
         kwargs = {"mode": mode} if backend == "inductor" else {}  # modes are inductor's
         gate.run = torch.compile(gate.run, backend=backend, dynamic=False, **kwargs)
-    model.extras["compiled"] = result
+    model.compiled = result
     log.info("denoiser: %d layers compiled lazily (torch.compile mode=%s, backend=%s, channels_last=%s,"
              " CUDA graphs %s)", len(skipper.gates), mode, backend, layout, "on" if result.cuda_graphs else "off")
     return result

@@ -7,6 +7,11 @@ step are ``full_step - sum(savings[j] for j in mask)``, exactly (``check_additiv
 FLOPs are multiply-adds x 2 of matmuls, convolutions and attention, as torch counts them; the
 CPU flash-attention kernel, which torch's counter does not know, is counted like the CUDA ones so
 the numbers do not depend on the device.
+
+A UNet is counted on ``example_inputs`` (its own resolution, batch 1). A transformer denoiser (DiT,
+SD3, Flux) is counted through the model's own eps function on one latent (``model_step``), so what a
+step costs includes what the model wraps around the network: the CFG pair (two rows per image),
+Flux's packing; prompt embeddings are computed once before counting, as in a run.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import tempfile
 from collections.abc import Set
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -28,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from autodiff_opt.arch.budget import Budget
 from autodiff_opt.arch.skip import LayerSkipper
 from autodiff_opt.core.genome import Genome
+from autodiff_opt.models.base import DiffusionModel
 
 log = logging.getLogger(__name__)
 
@@ -103,17 +109,41 @@ def example_inputs(unet: nn.Module, batch_size: int = 1, encoder_seq_len: int = 
     return inputs
 
 
-def count_flops(unet: nn.Module, inputs: dict[str, Any]) -> tuple[int, dict[str, int]]:
-    """Total FLOPs of one forward and FLOPs per submodule path (``down_blocks.0.resnets.1``: n)."""
+def model_step(model: DiffusionModel, timestep: int | None = None) -> Callable[[], Any]:
+    """One network evaluation of ``model`` for one sample (class 0 / prompt 0 when conditional), through
+    its own eps function; it is run once here so that what is cached per batch (prompt embeddings) is not
+    counted."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, *model.sample_shape, generator=gen).to(model.device)
+    labels = torch.zeros(1, dtype=torch.long, device=model.device) if model.num_classes else None
+    t = model.num_train_timesteps // 2 if timestep is None else timestep
+    eps = model.eps_fn(class_labels=labels)
+
+    def step() -> Any:
+        return eps(x, t, 0)
+
+    with torch.no_grad():
+        step()
+    return step
+
+
+def count_step_flops(step: Callable[[], Any]) -> tuple[int, dict[str, int]]:
+    """Total FLOPs of ``step()`` and FLOPs per submodule path of the outermost module it runs
+    (``down_blocks.0.resnets.1``: n)."""
     counter = FlopCounterMode(display=False, custom_mapping=_custom_flop_formulas())
     with torch.no_grad(), counter:
-        unet(**inputs)
+        step()
     per_path = {
         name.split(".", 1)[1]: int(sum(ops.values()))
         for name, ops in counter.get_flop_counts().items()
         if "." in name
     }
     return int(counter.get_total_flops()), per_path
+
+
+def count_flops(unet: nn.Module, inputs: dict[str, Any]) -> tuple[int, dict[str, int]]:
+    """Total FLOPs of one forward on ``inputs`` and FLOPs per submodule path."""
+    return count_step_flops(lambda: unet(**inputs))
 
 
 @dataclass(frozen=True)
@@ -153,11 +183,14 @@ class LayerCosts:
                    tuple(data["skipped_flops"]), str(data.get("key", "")))
 
 
-def config_key(unet: nn.Module, inputs: dict[str, Any]) -> str:
+def config_key(unet: nn.Module, inputs: dict[str, Any], extra: str = "") -> str:
     """A short hash of the model class, its config and the input shapes: the cost cache's key."""
     config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
     shapes = {k: list(v.shape) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
-    text = json.dumps({"class": type(unet).__name__, "config": config, "inputs": shapes}, sort_keys=True, default=str)
+    doc = {"class": type(unet).__name__, "config": config, "inputs": shapes}
+    if extra:
+        doc["step"] = extra
+    text = json.dumps(doc, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -181,11 +214,21 @@ def measure_layer_costs(
     skipper: LayerSkipper | None = None,
     inputs: dict[str, Any] | None = None,
     cache_path: str | Path | None = None,
+    step: Callable[[], Any] | None = None,
+    step_key: str = "",
 ) -> LayerCosts:
-    """FLOPs of one full step and of every layer, from two counted forwards (or the JSON cache)."""
+    """FLOPs of one full step and of every layer, from two counted forwards (or the JSON cache).
+
+    ``step`` (a zero-argument call that runs one evaluation for one sample, ``model_step``) replaces
+    ``unet(**inputs)``; ``step_key`` then names what it runs (sample shape, guidance) in the cache key."""
     skipper = skipper or LayerSkipper(unet)
-    inputs = inputs if inputs is not None else example_inputs(unet)
-    key = config_key(unet, inputs)
+    if step is None:
+        inputs = inputs if inputs is not None else example_inputs(unet)
+        step, batch = (lambda: unet(**inputs)), int(inputs["sample"].shape[0])
+        key = config_key(unet, inputs)
+    else:
+        batch = 1
+        key = config_key(unet, {}, extra=step_key)
     names = tuple(layer.name for layer in skipper.layers)
     if cache_path is not None:
         cached = _read_cache(Path(cache_path)).get(key)
@@ -193,10 +236,9 @@ def measure_layer_costs(
             log.debug("layer costs for %s from cache %s", key, cache_path)
             return LayerCosts.from_json(cached)
     with skipper.skipping(()):
-        full_step, full = count_flops(unet, inputs)
+        full_step, full = count_step_flops(step)
     with skipper.skipping(range(skipper.num_layers)):
-        _, skipped = count_flops(unet, inputs)
-    batch = int(inputs["sample"].shape[0])
+        _, skipped = count_step_flops(step)
     per_layer = tuple(full.get(layer.path, 0) // batch for layer in skipper.layers)
     if not any(per_layer):
         raise RuntimeError("FlopCounterMode reported no FLOPs inside any layer: module names did not match")
@@ -225,3 +267,16 @@ def check_additivity(unet: nn.Module, skipper: LayerSkipper, costs: LayerCosts, 
     measured = measure_step_flops(unet, skipper, mask, inputs)
     batch = int((inputs or {"sample": torch.empty(1)})["sample"].shape[0])
     return costs.step_flops(mask), measured // batch
+
+
+def measure_model_costs(model: DiffusionModel, skipper: LayerSkipper, cache_path: str | Path | None = None) -> LayerCosts:
+    """``measure_layer_costs`` for a loaded model: a UNet on its example inputs, a transformer through
+    ``model_step`` (the CFG pair and packing included)."""
+    from autodiff_opt.arch.layers import is_transformer
+
+    if not is_transformer(model.unet):
+        return measure_layer_costs(model.unet, skipper, cache_path=cache_path)
+    guidance = getattr(model, "guidance_scale", 1.0)
+    step_key = json.dumps({"model": type(model).__name__, "sample": list(model.sample_shape), "guidance": guidance,
+                           "layers": [layer.path for layer in skipper.layers]})
+    return measure_layer_costs(model.unet, skipper, cache_path=cache_path, step=model_step(model), step_key=step_key)

@@ -6,6 +6,11 @@ or one attention module (``Attention`` in ``UNet2DModel``'s Attn blocks, ``Trans
 order in which the forward pass runs the layers: down blocks, mid block, up blocks; inside a block
 ``resnets.0, attentions.0, resnets.1, ...`` then the resampler. Stem (``conv_in``), embeddings,
 output head and plain ``Downsample2D``/``Upsample2D`` are never layers.
+
+In a transformer denoiser (DiT, SD3, Flux) a layer is one residual block (``units="blocks"``,
+``blocks.i`` then Flux's ``single.i``), or, with ``units="sub_blocks"``, each attention and
+feed-forward branch inside a block (``blocks.i.attn1``, ``blocks.i.ff``; SD3 / Flux: ``blocks.i.attn``,
+``blocks.i.ff``, ``blocks.i.ff_context``; Flux single blocks: ``single.i.attn``), in forward order.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from autodiff_opt.core.genome import Genome
 
 log = logging.getLogger(__name__)
 
-LayerKind = Literal["resnet", "attention", "block"]
+LayerKind = Literal["resnet", "attention", "block", "block_attention", "block_ff"]
+SkipUnits = Literal["blocks", "sub_blocks"]
+SKIP_UNITS: tuple[str, ...] = ("blocks", "sub_blocks")
 
 # (short name used in layer names, attribute of the UNet)
 _BLOCK_GROUPS: tuple[tuple[str, str], ...] = (("down", "down_blocks"), ("mid", "mid_block"), ("up", "up_blocks"))
@@ -78,22 +85,40 @@ def _block_members(block: nn.Module) -> Iterator[tuple[str, int, nn.Module | Non
 
 # Transformer denoisers (DiT, SD3, Flux): their residual blocks, in forward order.
 _TRANSFORMER_GROUPS: tuple[tuple[str, str], ...] = (("blocks", "transformer_blocks"), ("single", "single_transformer_blocks"))
+# Branches of a block whose output is added to the residual stream (after the block's gate), in forward order.
+_SUB_BLOCKS: tuple[tuple[str, LayerKind], ...] = (("attn1", "block_attention"), ("attn", "block_attention"),
+                                                  ("attn2", "block_attention"), ("ff", "block_ff"),
+                                                  ("ff_context", "block_ff"))
 
 
-def discover_transformer_blocks(model: nn.Module) -> tuple[Layer, ...]:
-    """``transformer_blocks.i`` (then Flux's ``single_transformer_blocks.i``) of a transformer denoiser."""
+def discover_transformer_blocks(model: nn.Module, units: SkipUnits = "blocks") -> tuple[Layer, ...]:
+    """``transformer_blocks.i`` (then Flux's ``single_transformer_blocks.i``) of a transformer denoiser,
+    or their attention and feed-forward branches (``units="sub_blocks"``)."""
+    if units not in SKIP_UNITS:
+        raise ValueError(f"units={units!r}: use one of {SKIP_UNITS}")
     layers: list[Layer] = []
     for short, attr in _TRANSFORMER_GROUPS:
-        for i, _ in enumerate(getattr(model, attr, None) or []):
-            layers.append(Layer(len(layers), f"{short}.{i}", "block", f"{attr}.{i}"))
+        for i, block in enumerate(getattr(model, attr, None) or []):
+            if units == "blocks":
+                layers.append(Layer(len(layers), f"{short}.{i}", "block", f"{attr}.{i}"))
+                continue
+            for sub, kind in _SUB_BLOCKS:
+                if isinstance(getattr(block, sub, None), nn.Module):
+                    layers.append(Layer(len(layers), f"{short}.{i}.{sub}", kind, f"{attr}.{i}.{sub}"))
     return tuple(layers)
 
 
-def discover_layers(unet: nn.Module) -> tuple[Layer, ...]:
+def is_transformer(model: nn.Module) -> bool:
+    """A DiT / SD3 / Flux style denoiser: its layers are transformer blocks."""
+    return isinstance(getattr(model, "transformer_blocks", None), nn.ModuleList)
+
+
+def discover_layers(unet: nn.Module, units: SkipUnits = "blocks") -> tuple[Layer, ...]:
     """All skippable layers of a ``UNet2DModel`` / ``UNet2DConditionModel``, ids 0..L-1 in forward order;
-    the transformer blocks of a DiT / SD3 / Flux transformer."""
-    if isinstance(getattr(unet, "transformer_blocks", None), nn.ModuleList):
-        return discover_transformer_blocks(unet)
+    the transformer blocks (or their branches, ``units="sub_blocks"``) of a DiT / SD3 / Flux transformer.
+    A UNet's layers are its residual and attention blocks whatever ``units`` says."""
+    if is_transformer(unet):
+        return discover_transformer_blocks(unet, units)
     layers: list[Layer] = []
     for short, block_path, block in _iter_blocks(unet):
         for attr, idx, module in _block_members(block):

@@ -40,7 +40,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from autodiff_opt.arch.layers import Layer, discover_layers, layer_modules
+from autodiff_opt.arch.layers import Layer, SkipUnits, discover_layers, layer_modules
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.models.base import DiffusionModel, StepWrapper
 
@@ -115,8 +115,29 @@ _BLOCK_SKIPS = {"BasicTransformerBlock": skip_dit_block, "JointTransformerBlock"
                 "FluxTransformerBlock": skip_joint_block, "FluxSingleTransformerBlock": skip_joint_block}
 
 
-def skip_function(module: nn.Module) -> SkipFn:
-    """The replacement forward ``f(module, *args, **kwargs)`` for a skippable module."""
+def skip_block_attention(attn: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """An attention branch inside a transformer block: zero output, so the block's gated residual
+    ``x + gate * attn(...)`` is ``x``; a joint attention (text stream given) returns zeros for both streams."""
+    hidden = _first_arg(args, kwargs, "hidden_states")
+    context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+    if context is None:
+        return torch.zeros_like(hidden)
+    return torch.zeros_like(hidden), torch.zeros_like(context)
+
+
+def skip_block_ff(ff: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """A feed-forward branch inside a transformer block (dim_out = dim): zero output."""
+    return torch.zeros_like(_first_arg(args, kwargs, "hidden_states"))
+
+
+_BRANCH_SKIPS = {"block_attention": skip_block_attention, "block_ff": skip_block_ff}
+
+
+def skip_function(module: nn.Module, kind: str | None = None) -> SkipFn:
+    """The replacement forward ``f(module, *args, **kwargs)`` for a skippable module (``kind``: the
+    layer's kind, which tells a transformer block's attention branch from a UNet's Attn block)."""
+    if kind in _BRANCH_SKIPS:
+        return _BRANCH_SKIPS[kind]
     if type(module).__name__ in _BLOCK_SKIPS:
         return _BLOCK_SKIPS[type(module).__name__]
     if isinstance(module, ResnetBlock2D):
@@ -208,7 +229,8 @@ class LayerSkipper:
         self.unet = unet
         self.layers: tuple[Layer, ...] = tuple(layers) if layers is not None else discover_layers(unet)
         self._modules = layer_modules(unet, self.layers)
-        self._skip_fns = {i: skip_function(m) for i, m in self._modules.items()}
+        kinds = {layer.id: layer.kind for layer in self.layers}
+        self._skip_fns = {i: skip_function(m, kinds[i]) for i, m in self._modules.items()}
         self.use_hooks = HAS_DIFFUSERS_HOOKS if use_hooks is None else use_hooks
         if self.use_hooks and not HAS_DIFFUSERS_HOOKS:
             raise RuntimeError("the installed diffusers has no diffusers.hooks; use use_hooks=False")
@@ -349,11 +371,24 @@ def per_step_skipping(unet: nn.Module, skipper: LayerSkipper | None = None
     return wrap
 
 
+def model_skipper(model: DiffusionModel, units: SkipUnits = "blocks") -> LayerSkipper:
+    """The model's one ``LayerSkipper`` (``model.skipper``), made on first use with ``units``.
+    The step wrapper, the cost model, the compiled path and the export all use this one."""
+    if model.skipper is None:
+        model.skipper = LayerSkipper(model.unet, discover_layers(model.unet, units))
+    return model.skipper
+
+
 def step_wrapper_for(model: DiffusionModel) -> StepWrapper:
     """Per-step layer skipping for genomes with masks (stage 2); genomes without masks run the plain model.
+    The skipper is the model's own (``model_skipper``), gated on the first genome with skips: one
+    permanent forward per layer, so each step switches its mask without attaching or removing hooks."""
 
-    The model's LayerSkipper is kept in ``model.extras["skipper"]``: the cost model and the export use it too.
-    """
-    if "skipper" not in model.extras:
-        model.extras["skipper"] = LayerSkipper(model.unet)
-    return per_step_skipping(model.unet, model.extras["skipper"])
+    def wrap(eps_fn: Callable[..., R], genome: Genome) -> Callable[..., R]:
+        if not genome.has_skips:
+            return eps_fn
+        skipper = model_skipper(model)
+        skipper.gate()
+        return with_step_masks(eps_fn, skipper, genome)
+
+    return wrap

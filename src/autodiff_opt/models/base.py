@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 
@@ -20,6 +20,16 @@ class EpsFn(Protocol):
 StepWrapper = Callable[[EpsFn, Genome], EpsFn]
 """Wraps a batch's eps function for one genome (per-step layer skipping, guidance, ...)."""
 
+if TYPE_CHECKING:  # arch sits above models; the type is only named here
+    from autodiff_opt.arch.compiled import CompiledDenoiser
+    from autodiff_opt.arch.skip import LayerSkipper
+
+
+class Guidance(Protocol):
+    """Something that turns a batch's eps function into a guided one (ADM's classifier guidance)."""
+
+    def wrap(self, eps: EpsFn, class_labels: torch.Tensor) -> EpsFn: ...
+
 
 @dataclass
 class DiffusionModel:
@@ -28,6 +38,12 @@ class DiffusionModel:
     ``alphas_cumprod`` (alpha_bar) is float64 on CPU, indexed by the training time step.
     ``learned_sigma`` models output 2*C channels; eps is the first C (ADM style).
     ``decode`` maps a final sample (pixels or latents) to images in [-1, 1].
+
+    Set once after loading: ``source`` (what a schedule file names to load the model again),
+    ``guidance`` (ADM's classifier), ``components`` (modules besides the denoiser that move with it: VAE,
+    text encoder). Set by arch: ``skipper`` (the one ``LayerSkipper`` of the denoiser, shared by the
+    step wrapper, the cost model and the export), ``compiled`` (how the denoiser was compiled) and
+    ``compiled_forward`` (the whole denoiser compiled, arch/compiled.py).
     """
 
     name: str
@@ -38,7 +54,12 @@ class DiffusionModel:
     num_classes: int | None = None
     learned_sigma: bool = False
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    guidance: Guidance | None = None
+    components: dict[str, torch.nn.Module] = field(default_factory=dict)
+    skipper: "LayerSkipper | None" = None
+    compiled: "CompiledDenoiser | None" = None
+    compiled_forward: Callable[..., Any] | None = None
 
     @property
     def num_train_timesteps(self) -> int:
@@ -46,9 +67,9 @@ class DiffusionModel:
 
     @property
     def network(self) -> Callable[..., Any]:
-        """What a network evaluation calls: the UNet, or the UNet compiled whole (``extras["forward"]``,
+        """What a network evaluation calls: the UNet, or the UNet compiled whole (``compiled_forward``,
         arch/compiled.py); ``unet`` itself stays the plain module (layers, costs, export use it)."""
-        return self.extras.get("forward", self.unet)
+        return self.compiled_forward or self.unet
 
     @property
     def device(self) -> torch.device:
@@ -56,9 +77,8 @@ class DiffusionModel:
 
     def to(self, device: torch.device) -> "DiffusionModel":
         self.unet.to(device)
-        for module in self.extras.values():
-            if isinstance(module, torch.nn.Module):
-                module.to(device)
+        for module in self.components.values():
+            module.to(device)
         return self
 
     def eps_from_output(self, out: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
@@ -91,9 +111,8 @@ class DiffusionModel:
             out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
             return self.eps_from_output(out, x_t, t)
 
-        guidance = self.extras.get("guidance")
-        if guidance is not None and class_labels is not None:
-            return guidance.wrap(eps, class_labels)
+        if self.guidance is not None and class_labels is not None:
+            return self.guidance.wrap(eps, class_labels)
         return eps
 
     def to_images(self, x0: torch.Tensor) -> torch.Tensor:

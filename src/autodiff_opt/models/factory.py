@@ -60,7 +60,7 @@ def build_model(model_cfg: DictConfig, device: torch.device, cache_dir: str | Pa
     schedule = OmegaConf.to_container(model_cfg.noise_schedule) if model_cfg.noise_schedule else None
     model = load_model(pretrained, name=model_cfg.name, subfolder=model_cfg.subfolder, noise_schedule=schedule,  # type: ignore[arg-type]
                        device=device, dtype=_DTYPES[model_cfg.dtype])
-    model.extras["source"] = pretrained  # what a schedule file names to load this model again
+    model.source = pretrained  # what a schedule file names to load this model again
     if model_cfg.classifier:
         attach_classifier(model, model_cfg, device)
     return model
@@ -77,7 +77,7 @@ def build_text_to_image(model_cfg: DictConfig, device: torch.device) -> Diffusio
                                guidance_scale=float(model_cfg.guidance_scale),
                                decode_batch_size=int(model_cfg.decode_batch_size), device=device,
                                dtype=_DTYPES[model_cfg.dtype])
-    model.extras["source"] = str(model_cfg.pretrained)
+    model.source = str(model_cfg.pretrained)
     return model
 
 
@@ -110,7 +110,7 @@ def build_transformer_pipeline(model_cfg: DictConfig, device: torch.device) -> D
                                       dtype=_DTYPES[model_cfg.dtype], name=model_cfg.name,
                                       source_hint=str(model_cfg.source_hint or ""),
                                       image_size=model_cfg.image_size)
-    model.extras["source"] = str(model_cfg.pretrained)
+    model.source = str(model_cfg.pretrained)
     return model
 
 
@@ -120,7 +120,7 @@ def attach_classifier(model: DiffusionModel, model_cfg: DictConfig, device: torc
 
     path = Path(str(model_cfg.classifier)).expanduser()
     classifier = load_adm_classifier(path, model_cfg.preset or "imagenet64", device=device, option="model.classifier")
-    model.extras["guidance"] = ClassifierGuidance(classifier, model.alphas_cumprod, float(model_cfg.classifier_scale))
+    model.guidance = ClassifierGuidance(classifier, model.alphas_cumprod, float(model_cfg.classifier_scale))
 
 
 def missing_files(cfg: DictConfig) -> list[str]:

@@ -256,7 +256,7 @@ def load_text_to_image(
         prediction_type=sched.get("prediction_type", "epsilon"),
         sample_shape=(int(unet.config.in_channels), int(height), int(width)),
         num_classes=len(pool), decode=VaeDecoder(vae, decode_batch_size),
-        extras={"vae": vae, "text_encoder": text_encoder},
+        components={"vae": vae, "text_encoder": text_encoder},
         prompt_encoder=PromptEncoder(tokenizer, text_encoder, pool), guidance_scale=float(guidance_scale),
     )
     log.info("loaded %s: latents %s -> images %dx%d, T=%d, %s, %d prompts, guidance %.2f", model.name,

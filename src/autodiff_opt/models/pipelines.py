@@ -160,7 +160,7 @@ def load_dit(root: Path, guidance_scale: float, decode_batch_size: int, device: 
         name=name or root.name, unet=transformer, alphas_cumprod=_alphas_cumprod(dict(pipe.scheduler.config)),
         prediction_type="epsilon", sample_shape=_sample_shape(channels, size, size), num_classes=num_classes,
         learned_sigma=int(config.out_channels) == 2 * channels, decode=VaeDecoder(vae, decode_batch_size),
-        extras={"vae": vae}, guidance_scale=float(guidance_scale), null_class=num_classes)
+        components={"vae": vae}, guidance_scale=float(guidance_scale), null_class=num_classes)
     log.info("loaded %s: DiT, latents %s, %d classes, CFG %.2f (2 evaluations a step when > 1)", model.name,
              model.sample_shape, num_classes, model.guidance_scale)
     return model
@@ -285,7 +285,7 @@ def load_prompt_flow(root: Path, kind: str, prompts: str | Path | Sequence[str] 
     model = PromptFlowModel(
         name=name or root.name, unet=transformer, alphas_cumprod=vp_alphas_cumprod(GRID_SIZE),
         prediction_type=FLOW_PREDICTION, sample_shape=_sample_shape(channels, lh, lw), num_classes=len(pool),
-        decode=VaeDecoder(vae, decode_batch_size), extras={"vae": vae}, shift=shift, dynamic_shift=dynamic,
+        decode=VaeDecoder(vae, decode_batch_size), components={"vae": vae}, shift=shift, dynamic_shift=dynamic,
         time_scale=float(sched.get("num_train_timesteps", 1000)) if kind == "sd3" else 1.0,
         pipe=pipe, kind=kind, prompts=pool, guidance_scale=float(guidance_scale),
         max_sequence_length=256 if kind == "sd3" else 512)

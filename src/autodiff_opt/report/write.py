@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 import pandas as pd
 
+from autodiff_opt.arch.skip import model_skipper
 from autodiff_opt.models.loading import resolve_pretrained
 from autodiff_opt.report.dashboard import publish_artifacts, publish_figures, publish_note
 from autodiff_opt.report.export import diffusers_scheduler, diffusers_snippet, export_schedule, flow_snippet, sd_snippet
@@ -109,25 +110,24 @@ def write_report(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | N
     cfg = exp.cfg
     solver = exp.generator.solver_of(genome)  # the solver gene, or solver.name
     info = {
-        "model": str(exp.model.extras.get("source", cfg.model.pretrained)), "subfolder": cfg.model.subfolder,
+        "model": str(exp.model.source or cfg.model.pretrained), "subfolder": cfg.model.subfolder,
         "solver": solver, "clip_x0": cfg.solver.clip_x0,
         "nfe": exp.generator.nfe(genome), "fid_search": fid_of(best), "study": study.study_name,
         "storage": _redact(str(cfg.storage.url)), "trial": best.number,
         "diffusers_scheduler": diffusers_scheduler(solver, cfg.solver.clip_x0) if not genome.has_skips else None,
         "diffusers_snippet": (sd_snippet(genome, str(cfg.model.pretrained), solver, cfg.model.guidance_scale)
                               if cfg.model.prompts else
-                              flow_snippet(genome, resolve_pretrained(str(exp.model.extras.get("source", cfg.model.pretrained))),
+                              flow_snippet(genome, resolve_pretrained(str(exp.model.source or cfg.model.pretrained)),
                                            cfg.solver.name, exp.model.sample_shape, exp.model.num_classes,
                                            bool(cfg.solver.clip_x0), cfg.model.subfolder)
                               if exp.model.prediction_type == "flow" else
-                              diffusers_snippet(genome, resolve_pretrained(str(exp.model.extras.get("source", cfg.model.pretrained))),
+                              diffusers_snippet(genome, resolve_pretrained(str(exp.model.source or cfg.model.pretrained)),
                                                 solver, exp.model.sample_shape, exp.model.num_classes,
                                                 cfg.model.subfolder, clip_x0=cfg.solver.clip_x0)),
     }
     if final is not None and not final.empty:
         info["final"] = json.loads(final.to_json(orient="records"))
-    skipper = exp.model.extras.get("skipper")
-    names = [layer.name for layer in skipper.layers] if skipper is not None else None
+    names = [layer.name for layer in model_skipper(exp.model).layers]
     export_schedule(paths["schedule"], genome, info, layer_names=names)
     _page_and_dashboard(study, exp, final, figures, paths["figures"])
     log.info("report written to %s", out_dir)
