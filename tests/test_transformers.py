@@ -302,3 +302,39 @@ def test_dit_stage2_through_the_cli_skips_branches_within_the_budget(dit_dir: Pa
     doc = json.loads((tmp_path / "run" / "best_schedule.json").read_text())
     names = {n for step in doc["skipped_layer_names"] for n in step}
     assert names <= {"blocks.0.attn1", "blocks.0.ff", "blocks.1.attn1", "blocks.1.ff"}
+
+
+@pytest.mark.slow
+def test_sd3_stage2_scores_diffusers_caches_at_their_measured_flops(sd3_dir: Path, tmp_path: Path) -> None:
+    """Stage 2 on a flow transformer with diffusers' caches as baselines: each cache row has a FID and the
+    FLOPs its trajectory ran (less than its steps at full cost when it reused anything); one that diffusers'
+    hooks cannot run on this block layout (First Block Cache on SD3's last, context-free block) fails its row."""
+    import json
+
+    from replicas import write_coco_captions
+
+    captions = write_coco_captions(tmp_path / "annotations" / "captions_val2014.json")
+    proc = _tiny_cli_run("sd3_coco", sd3_dir, tmp_path, **{
+        "model.prompts": captions, "search.baselines": "[flow_default]", "search.generations": 2,
+        "search.stage2.enabled": "true", "search.stage2.start_generation": 1, "search.stage2.max_extra_steps": 3,
+        "search.stage2.caches": "[taylorseer,pab,mag,first_block]"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {row["schedule"]: row for row in json.loads((tmp_path / "run" / "best_schedule.json").read_text())["final"]}
+    for name in ("taylorseer", "pab", "mag"):
+        row = rows[f"flow_default+{name}"]
+        assert row["kind"] == "cache" and len(row["timesteps"]) == 7 and np.isfinite(row["fid_final"])
+        assert 0 < row["cost_full_steps"] <= 7.0
+    assert rows["flow_default+taylorseer"]["cost_full_steps"] < 6.0  # it reused cached outputs at some steps
+    assert rows["flow_default+first_block"]["fid_final"] is None  # NaN, written as null
+    assert "cache baseline flow_default+first_block failed" in proc.stderr + proc.stdout
+
+
+def test_caches_need_a_transformer(tmp_path: Path) -> None:
+    from cli_helpers import run_cli
+
+    proc = run_cli(["search.stage2.enabled=true", "search.stage2.caches=[pab]", "search.generations=1",
+                    f"storage.url=sqlite:///{tmp_path / 's.db'}", "progress=false"], tmp_path, tmp_path / "run")
+    assert proc.returncode == 2
+    assert "search.stage2.caches=['pab']: diffusers' caches hook transformer blocks" in proc.stderr
+    proc = run_cli(["search.stage2.caches=[teacache]"], tmp_path, tmp_path / "run2")
+    assert proc.returncode == 2 and "search.stage2.caches: ['teacache'] unknown" in proc.stderr

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -128,14 +130,28 @@ class ImageGenerator:
         """The batch padded to ``batch_size`` when this generator pads (static shapes), else as given."""
         return pad_batch(noise, labels, self.batch_size) if self.pad else (noise, labels)
 
-    def _batch(self, genome: Genome, noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        n = int(noise.shape[0])
-        noise, labels = self.padded(noise, labels)
+    def denoise(self, genome: Genome, noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The solver's final samples (pixels or latents, not decoded) for one batch."""
         eps_fn = self.eps_for(genome, labels)
         with torch.no_grad(), autocast(self.device, self.precision):  # no_grad: guidance re-enables grad inside
             solver = get_solver(genome.solver) if genome.solver else self.solver
-            x0 = solver(eps_fn, noise.to(self.device), genome.timesteps, self.model.alphas_cumprod,
-                             clip_x0=self.clip_x0)
+            return solver(eps_fn, noise.to(self.device), genome.timesteps, self.model.alphas_cumprod,
+                          clip_x0=self.clip_x0)
+
+    @contextmanager
+    def wrapped(self, step_wrapper: StepWrapper) -> Iterator["ImageGenerator"]:
+        """Another step wrapper (a cache baseline's) inside the block."""
+        previous, self.step_wrapper = self.step_wrapper, step_wrapper
+        try:
+            yield self
+        finally:
+            self.step_wrapper = previous
+
+    def _batch(self, genome: Genome, noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        n = int(noise.shape[0])
+        noise, labels = self.padded(noise, labels)
+        x0 = self.denoise(genome, noise, labels)
+        with torch.no_grad(), autocast(self.device, self.precision):
             x0 = self.model.to_images(x0[:n])
         if not torch.isfinite(x0).all():
             bad = int((~torch.isfinite(x0)).flatten(1).any(1).sum())

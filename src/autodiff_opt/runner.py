@@ -54,6 +54,7 @@ class Experiment:
     peers: dict[str, Genome] = field(default_factory=dict)  # peer methods' schedules (filled once the study is open)
     stage2: Any = None  # Stage2Policy when search.stage2.enabled
     layer_costs: Any = None  # arch.LayerCosts when search.stage2.enabled
+    caches: dict[str, tuple[str, Genome]] = field(default_factory=dict)  # row name -> (diffusers cache, schedule)
 
     @property
     def multi_objective(self) -> bool:
@@ -74,6 +75,14 @@ class Experiment:
         return coding.params_of(genome, self.space.num_train_timesteps)
 
 
+def heuristic_steps(name: str, k: int, T: int, alphas_cumprod: Any, shift: float = 1.0,
+                    dynamic_shift: bool = False) -> list[int]:
+    """A heuristic schedule of k steps: a flow one (with the model's shift) or a VP one (on alpha_bar)."""
+    if name in FLOW_HEURISTICS:
+        return list(flow_heuristic_schedule(name, k, T, shift, dynamic_shift))
+    return list(heuristic_schedule(name, k, alphas_cumprod))
+
+
 def baseline_genomes(cfg: DictConfig, alphas_cumprod: Any, T: int, shift: float = 1.0,
                      dynamic_shift: bool = False) -> dict[str, Genome]:
     """Heuristic schedules at the search's K (flow_* ones with the flow model's shift), then the user's own
@@ -85,8 +94,7 @@ def baseline_genomes(cfg: DictConfig, alphas_cumprod: Any, T: int, shift: float 
     for name in cfg.search.baselines:
         for solver in solvers:
             k = space.steps_for(solver)
-            steps = (flow_heuristic_schedule(name, k, T, shift, dynamic_shift) if name in FLOW_HEURISTICS
-                     else heuristic_schedule(name, k, alphas_cumprod))
+            steps = heuristic_steps(name, k, T, alphas_cumprod, shift, dynamic_shift)
             out[name if solver is None else f"{name}@{solver}"] = Genome.from_steps(steps, solver=solver)
     for i, steps in enumerate(cfg.search.schedules):
         steps = [int(t) for t in steps]
@@ -221,8 +229,29 @@ def attach_stage2(exp: Experiment) -> None:
     exp.stage2 = Stage2Policy(budget, s2.max_prun, s2.ramp_steps, s2.start_generation, s2.patience,
                               min_steps=1, max_steps=k_max)
     exp.layer_costs = costs
+    exp.caches = cache_baselines(exp, k_max)
     log.info("stage 2: %d layers, budget %.2f full steps (%s), K in [1, %d]", len(costs.names),
              budget.full_steps, budget.unit, k_max)
+
+
+def cache_baselines(exp: Experiment, num_steps: int) -> dict[str, tuple[str, Genome]]:
+    """search.stage2.caches on the first heuristic baseline at ``num_steps`` (the most steps the search may
+    use): ``"flow_default+taylorseer": ("taylorseer", genome)``. Transformer denoisers only."""
+    from autodiff_opt.arch.layers import is_transformer
+
+    names = list(exp.cfg.search.stage2.caches or [])
+    if not names:
+        return {}
+    if not is_transformer(exp.model.unet):
+        raise ConfigError(f"search.stage2.caches={names}: diffusers' caches hook transformer blocks; this model's"
+                          f" denoiser is a {type(exp.model.unet).__name__}: set search.stage2.caches=[]")
+    if not exp.cfg.search.baselines:
+        raise ConfigError("search.stage2.caches needs a heuristic schedule to run on: list one in search.baselines")
+    base = str(exp.cfg.search.baselines[0])
+    T = exp.model.num_train_timesteps
+    steps = heuristic_steps(base, num_steps, T, exp.model.alphas_cumprod, getattr(exp.model, "shift", 1.0),
+                            getattr(exp.model, "dynamic_shift", False))
+    return {f"{base}+{name}": (str(name), Genome.from_steps(steps)) for name in names}
 
 
 RESUME_MAY_CHANGE = (  # settings that do not change what a candidate's FID means

@@ -68,9 +68,12 @@ def final_candidates(study: optuna.Study, exp: "Experiment") -> dict[str, Genome
 
 
 def kind_of(name: str, exp: "Experiment") -> str:
-    """searched, heuristic (the built-in schedules), user (search.schedules) or peer (another method's)."""
+    """searched, heuristic (the built-in schedules), user (search.schedules), peer (another method's) or
+    cache (a diffusers cache on a heuristic schedule)."""
     if name.startswith("searched"):
         return "searched"
+    if name in exp.caches:
+        return "cache"
     if name in exp.peers and name not in exp.baselines:
         return "peer"
     return "user" if name.startswith("user") else "heuristic"
@@ -100,6 +103,45 @@ def _fresh_fids(exp: "Experiment", genome: Genome, sample_sets: list[SampleSet],
     return fids, seconds
 
 
+def cache_rows(exp: "Experiment", sample_sets: list[SampleSet]) -> list[dict[str, Any]]:
+    """search.stage2.caches: each diffusers cache on its schedule, FID on the fresh sets and the FLOPs one
+    sample's trajectory actually ran (in full steps). A cache that fails gets NaN and a warning."""
+    from autodiff_opt.arch.caches import CacheBaseline, count_cached_flops
+
+    rows = []
+    probe = sample_sets[0].slice(0, 1)
+    for name, (cache_name, genome) in exp.caches.items():
+        cache = CacheBaseline(exp.model, cache_name, genome.num_steps)
+        log.info("final evaluation of %s %s (diffusers cache %s)", name, list(genome.timesteps), cache_name)
+
+        def trajectory() -> Any:
+            return exp.generator.denoise(genome, probe.noise, probe.class_labels)
+
+        try:
+            with exp.generator.wrapped(cache.wrap):
+                cache.calibrate(trajectory)
+                with cache.applied():
+                    cost = count_cached_flops(trajectory) / exp.layer_costs.full_step
+                    fids, seconds = _fresh_fids(exp, genome, sample_sets, name)
+        except Exception as err:  # diffusers' hooks do not fit every block layout: this row fails, not the table
+            log.warning("cache baseline %s failed on %s: %s: %s", name, type(exp.model.unet).__name__,
+                        type(err).__name__, err)
+            cost, fids, seconds = float("nan"), [float("nan")] * len(sample_sets), 0.0
+        rows.append(_row(exp, name, "cache", genome, fids, seconds, round(cost, 3), None))
+    return rows
+
+
+def _row(exp: "Experiment", name: str, kind: str, genome: Genome, fids: list[float], seconds: float,
+         cost: float, fid_search: float | None) -> dict[str, Any]:
+    return {
+        "schedule": name, "kind": kind,
+        "timesteps": list(genome.timesteps), "skipped_layers": sum(len(s) for s in genome.skips),
+        "solver": exp.generator.solver_of(genome), "nfe": exp.generator.nfe(genome), "fid_search": fid_search,
+        "cost_full_steps": cost, "fid_final": float(np.mean(fids)),
+        "fid_final_std": float(np.std(fids, ddof=1)) if len(fids) > 1 else 0.0, "seconds": round(seconds, 3),
+    }
+
+
 def final_evaluation(study: optuna.Study, exp: "Experiment") -> pd.DataFrame:
     """Scores once per study and setting; stored in the study so workers and reruns reuse it."""
     cfg = exp.cfg
@@ -120,14 +162,9 @@ def final_evaluation(study: optuna.Study, exp: "Experiment") -> pd.DataFrame:
     for name, genome in final_candidates(study, exp).items():
         log.info("final evaluation of %s %s on %d x %d fresh samples", name, list(genome.timesteps), repeats, num_samples)
         fids, seconds = _fresh_fids(exp, genome, sample_sets, name)
-        rows.append({
-            "schedule": name, "kind": kind_of(name, exp),
-            "timesteps": list(genome.timesteps), "skipped_layers": sum(len(s) for s in genome.skips),
-            "solver": exp.generator.solver_of(genome), "nfe": exp.generator.nfe(genome), "fid_search": search_fid.get(genome.key()),
-            "cost_full_steps": round(exp.stage2.budget.in_full_steps(genome), 3) if exp.stage2 else genome.num_steps,
-            "fid_final": float(np.mean(fids)), "fid_final_std": float(np.std(fids, ddof=1)) if repeats > 1 else 0.0,
-            "seconds": round(seconds, 3),
-        })
+        cost = round(exp.stage2.budget.in_full_steps(genome), 3) if exp.stage2 else genome.num_steps
+        rows.append(_row(exp, name, kind_of(name, exp), genome, fids, seconds, cost, search_fid.get(genome.key())))
+    rows += cache_rows(exp, sample_sets)
     table = pd.DataFrame(rows)
     table = add_ratios(table)
     study.set_user_attr(FINAL_ATTR, {"setting": setting, "rows": table.to_dict(orient="records")})

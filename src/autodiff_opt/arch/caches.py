@@ -1,0 +1,164 @@
+"""diffusers' training-free caches as stage-2 baselines: the same job as a searched skip mask (less
+compute per step), done by reusing what earlier steps computed.
+
+Each cache is diffusers' own hook set (``FirstBlockCacheConfig``, ``TaylorSeerCacheConfig``,
+``PyramidAttentionBroadcastConfig``, ``FasterCacheConfig``, ``MagCacheConfig``), attached with
+diffusers' ``enable_cache`` to the transformer and removed with ``disable_cache``. Flux's transformer
+has these methods (diffusers' ``CacheMixin``); DiT's and SD3's do not, although the hooks support their
+blocks, so while a cache is applied their class gets the mixin added (a subclass of the same name,
+put back afterwards). Our sampling loop plays the pipeline's part: every network evaluation
+runs inside ``cache_context("cond", step_index=i, ...)`` and the hook state is reset when a batch starts
+its trajectory (step 0). The cost of a cached run is not assumed: ``count_cached_flops`` counts what
+one sample's whole trajectory executes, so the final table puts it on the same full-step axis as the
+searched masks. Settings are diffusers' defaults, scaled to the few steps of a low-NFE schedule where
+a default counts steps (TaylorSeer's interval, PAB's timestep window), and written into the row's name.
+
+MagCache needs per-model magnitude ratios: it is calibrated here on the first batch (diffusers'
+``calibrate=True`` run, ratios read from the hook's state) and then run with them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from autodiff_opt.arch.flops import _custom_flop_formulas
+from autodiff_opt.core.genome import Genome
+from autodiff_opt.models.base import DiffusionModel, EpsFn
+
+log = logging.getLogger(__name__)
+
+CACHES = ("first_block", "taylorseer", "pab", "faster", "mag")
+
+
+def _mixin() -> Any:
+    try:
+        from diffusers.models.cache_utils import CacheMixin
+    except ImportError as err:  # pragma: no cover - depends on the installed diffusers
+        raise RuntimeError("search.stage2.caches needs diffusers with diffusers.models.cache_utils") from err
+    if not hasattr(CacheMixin, "cache_context"):  # pragma: no cover - depends on the installed diffusers
+        raise RuntimeError("search.stage2.caches needs a diffusers whose CacheMixin has cache_context: upgrade diffusers")
+    return CacheMixin
+
+
+@contextmanager
+def _cache_methods(unet: torch.nn.Module) -> Iterator[None]:
+    """``unet`` with diffusers' CacheMixin methods inside the block."""
+    mixin = _mixin()
+    if isinstance(unet, mixin):
+        yield
+        return
+    original = type(unet)
+    unet.__class__ = type(original.__name__, (original, mixin), {"__module__": original.__module__})
+    unet._cache_config = None
+    try:
+        yield
+    finally:
+        unet.__class__ = original
+        del unet._cache_config
+
+
+class CacheBaseline:
+    """One diffusers cache on ``model``'s transformer, for schedules of ``num_steps`` steps.
+
+    ``with cache.applied(): generator.generate(...)`` with ``cache.wrap`` as the step wrapper."""
+
+    def __init__(self, model: DiffusionModel, name: str, num_steps: int) -> None:
+        if name not in CACHES:
+            raise ValueError(f"cache {name!r}: use one of {CACHES}")
+        self.model, self.name, self.num_steps = model, name, int(num_steps)
+        self.timestep = 0.0  # what PAB and FasterCache read: the current step's time on a 0..1000 axis
+        self.mag_ratios: list[float] | None = None
+
+    def _timestep(self) -> float:
+        return self.timestep
+
+    def config(self, calibrate: bool = False) -> Any:
+        """The diffusers config; defaults kept, step counts scaled to a K-step schedule."""
+        from diffusers import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig,
+                               PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig)
+
+        K = self.num_steps
+        if self.name == "first_block":
+            return FirstBlockCacheConfig(threshold=0.05)
+        if self.name == "taylorseer":  # refresh every other step after a one-step warm-up at low NFE
+            return TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1, max_order=1,
+                                         taylor_factors_dtype=torch.float32)
+        if self.name == "pab":  # attention broadcast every other block inside diffusers' default window
+            return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
+                                                   spatial_attention_timestep_skip_range=(100, 800),
+                                                   current_timestep_callback=self._timestep)
+        if self.name == "faster":  # attention caching only: our CFG batch is [cond; uncond], not diffusers' order
+            return FasterCacheConfig(spatial_attention_block_skip_range=2,
+                                     spatial_attention_timestep_skip_range=(-1, 681),
+                                     current_timestep_callback=self._timestep, attention_weight_callback=lambda _: 0.5,
+                                     tensor_format="BCHW", is_guidance_distilled=True)
+        if calibrate:
+            return MagCacheConfig(calibrate=True, num_inference_steps=K + 1)
+        return MagCacheConfig(threshold=0.06, max_skip_steps=2, retention_ratio=0.2, num_inference_steps=K,
+                              mag_ratios=torch.tensor(self.mag_ratios))
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+    @contextmanager
+    def applied(self, calibrate: bool = False) -> Iterator["CacheBaseline"]:
+        """The cache's hooks on the transformer inside the block, removed after."""
+        unet = self.model.unet
+        with _cache_methods(unet):
+            unet.enable_cache(self.config(calibrate))
+            try:
+                yield self
+            finally:
+                unet.disable_cache()
+
+    def _time(self, t: int) -> float:
+        time = getattr(self.model, "time", None)
+        return 1000.0 * float(time(t)) if callable(time) else float(t)
+
+    def wrap(self, eps_fn: EpsFn, genome: Genome) -> EpsFn:
+        """A step wrapper (inside ``applied``): each evaluation in diffusers' cache context, the state
+        reset at step 0."""
+        unet = self.model.unet
+
+        def eps(x_t: torch.Tensor, t: int, step_index: int) -> torch.Tensor:
+            if step_index == 0:
+                unet._reset_stateful_cache()
+            self.timestep = self._time(t)
+            with unet.cache_context("cond"):
+                return eps_fn(x_t, t, step_index)
+
+        return eps
+
+    def calibrate(self, run: Callable[[], Any]) -> None:
+        """MagCache: one calibration run of ``run`` (no step skipped), then the ratios it measured. The
+        calibration is told one step more than the schedule has, so its state is still there to read."""
+        if self.name != "mag":
+            return
+        ratios: list[float] = []
+        with self.applied(calibrate=True):
+            run()
+            for module in self.model.unet.modules():
+                registry = getattr(module, "_diffusers_hook", None)
+                for hook in (registry.hooks.values() if registry is not None else ()):
+                    for value in vars(hook).values():
+                        for state in getattr(value, "_state_cache", {}).values():
+                            ratios = list(getattr(state, "calibration_ratios", None) or ratios)
+        if len(ratios) < self.num_steps:
+            raise RuntimeError(f"MagCache calibration measured {len(ratios)} ratios for {self.num_steps} steps")
+        self.mag_ratios = ratios[: self.num_steps]
+        log.info("MagCache calibrated on %d steps: ratios %s", self.num_steps, [round(r, 3) for r in self.mag_ratios])
+
+
+def count_cached_flops(run: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``run`` (one sample's whole trajectory) as torch counts them."""
+    counter = FlopCounterMode(display=False, custom_mapping=_custom_flop_formulas())
+    with torch.no_grad(), counter:
+        run()
+    return int(counter.get_total_flops())
