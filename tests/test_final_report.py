@@ -229,8 +229,11 @@ def test_best_schedule_json_every_field(exp, report) -> None:  # type: ignore[no
     assert [r["schedule"] for r in doc["final"]] == list(table.schedule)
     np.testing.assert_allclose([r["fid_final"] for r in doc["final"]], table.fid_final)
     expected_keys = {"timesteps", "skipped_layers", "skipped_layer_names", "model", "subfolder", "solver", "clip_x0",
-                     "nfe", "fid_search", "study", "storage", "trial", "diffusers_scheduler", "diffusers_snippet", "final"}
+                     "nfe", "fid_search", "study", "storage", "trial", "diffusers_scheduler", "diffusers_snippet", "final",
+                     "model_config"}
     assert set(doc) == expected_keys
+    assert doc["model_config"]["pretrained"] == exp.cfg.model.pretrained  # what apply rebuilds the model from
+    assert doc["model_config"]["skip_units"] == "blocks"
 
 
 def test_export_schedule_writes_what_it_returns(tmp_path: Path) -> None:

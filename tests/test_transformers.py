@@ -302,6 +302,12 @@ def test_dit_stage2_through_the_cli_skips_branches_within_the_budget(dit_dir: Pa
     doc = json.loads((tmp_path / "run" / "best_schedule.json").read_text())
     names = {n for step in doc["skipped_layer_names"] for n in step}
     assert names <= {"blocks.0.attn1", "blocks.0.ff", "blocks.1.attn1", "blocks.1.ff"}
+    assert doc["model_config"]["skip_units"] == "sub_blocks"
+    assert doc["diffusers_snippet"].startswith("# Apply the searched schedule in diffusers' own DiTPipeline")
+    from autodiff_opt.apply import generate_from_schedule  # the schedule file alone brings the pipeline back
+
+    images = generate_from_schedule(tmp_path / "run" / "best_schedule.json", num_images=3, device="cpu")
+    assert images.dtype == torch.uint8 and images.shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE)
 
 
 @pytest.mark.slow
@@ -338,3 +344,86 @@ def test_caches_need_a_transformer(tmp_path: Path) -> None:
     assert "search.stage2.caches=['pab']: diffusers' caches hook transformer blocks" in proc.stderr
     proc = run_cli(["search.stage2.caches=[teacache]"], tmp_path, tmp_path / "run2")
     assert proc.returncode == 2 and "search.stage2.caches: ['teacache'] unknown" in proc.stderr
+
+
+def _schedule_doc(steps: list[int], skipped: list[list[str]], units: str = "blocks") -> dict[str, object]:
+    return {"timesteps": steps, "skipped_layer_names": skipped, "model_config": {"skip_units": units}}
+
+
+def test_sd3_pipeline_with_skip_blocks_reproduces_our_masked_sampler(sd3_dir: Path) -> None:
+    """The export in the real pipeline: sigmas= on a scheduler that does not shift them, and the searched
+    blocks skipped per step by autodiff_opt.apply.skip_blocks, give our sampler's output on the same noise."""
+    from autodiff_opt.apply import skip_blocks
+    from autodiff_opt.arch.skip import model_skipper, step_wrapper_for
+    from autodiff_opt.core.genome import Genome
+
+    model = _load(sd3_dir, guidance=5.0, prompts=PROMPTS)
+    steps, names = [999, 700, 400, 100], [["blocks.1"], [], ["blocks.0", "blocks.1"], []]
+    layers = model_skipper(model).layers
+    genome = Genome.from_steps(steps, [[next(l.id for l in layers if l.name == n) for n in step] for step in names])
+    noise = torch.randn((2, *model.sample_shape), generator=torch.Generator().manual_seed(3))
+    pipe = _sd3_pipe(sd3_dir, exact=True)
+    kwargs = dict(prompt=PROMPTS[1:], height=IMAGE_SIZE, width=IMAGE_SIZE, sigmas=[grid_time(i, 1000) for i in steps],
+                  guidance_scale=5.0, latents=noise.clone(), output_type="latent", max_sequence_length=256)
+    with torch.no_grad():
+        eps = step_wrapper_for(model)(model.eps_fn(class_labels=torch.tensor([1, 2])), genome)
+        ours = flow_euler_sample(eps, noise, steps, model.alphas_cumprod)
+        plain = pipe(**kwargs).images
+        skips = skip_blocks(pipe.transformer, _schedule_doc(steps, names))
+        theirs = pipe(**kwargs).images
+        skips.remove()
+        again = pipe(**kwargs).images
+    torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4)
+    assert (theirs - plain).abs().max() > 1e-3 and torch.equal(again, plain)  # removed: the plain pipeline again
+    assert skips.calls == 4  # one transformer call a step, the CFG pair batched
+
+
+def test_dit_pipeline_pinned_to_the_searched_steps_with_skipped_branches(dit_dir: Path) -> None:
+    from diffusers import DiTPipeline, DPMSolverMultistepScheduler
+
+    from autodiff_opt.apply import skip_blocks
+    from autodiff_opt.arch.skip import model_skipper, step_wrapper_for
+    from autodiff_opt.core.genome import Genome
+
+    model = _load(dit_dir, guidance=4.0)
+    steps, names = [950, 610, 300, 40], [[], ["blocks.0.ff"], ["blocks.1.attn1"], []]
+    layers = model_skipper(model, "sub_blocks").layers
+    genome = Genome.from_steps(steps, [[next(l.id for l in layers if l.name == n) for n in step] for step in names])
+    labels = [3, 917]
+    noise = torch.randn((2, *model.sample_shape), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        eps = step_wrapper_for(model)(model.eps_fn(class_labels=torch.tensor(labels)), genome)
+        ours = (model.to_images(ddim_sample(eps, noise, steps, model.alphas_cumprod, clip_x0=False)) + 1) / 2
+    pipe = DiTPipeline.from_pretrained(dit_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
+                                                             solver_order=1, final_sigmas_type="zero",
+                                                             lower_order_final=False)
+    pinned = pipe.scheduler.set_timesteps
+    pipe.scheduler.set_timesteps = lambda num_inference_steps=None, device=None: pinned(timesteps=steps, device=device)
+    skip_blocks(pipe.transformer, _schedule_doc(steps, names, "sub_blocks"))
+    theirs = pipe(class_labels=labels, guidance_scale=4.0, num_inference_steps=4,
+                  generator=torch.Generator().manual_seed(5), output_type="pt").images
+    torch.testing.assert_close(ours, torch.as_tensor(theirs).float(), atol=2e-5, rtol=1e-4)
+
+
+def test_pipeline_snippet_runs_on_the_replica(sd3_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from autodiff_opt.core.genome import Genome
+    from autodiff_opt.report.export import pipeline_snippet
+
+    genome = Genome.from_steps([999, 600, 200], [[0], [], [1]])
+    code = pipeline_snippet("sd3", genome, str(sd3_dir), "flow_euler", 1.0, clip_x0=False)
+    assert "StableDiffusion3Pipeline" in code.splitlines()[0] and "skip_blocks(pipe.transformer" in code
+    assert "sigmas=[1.0, 0.601, 0.201]" in code and "guidance_scale=1.0" in code
+    (tmp_path / "best_schedule.json").write_text(json.dumps(_schedule_doc([999, 600, 200], [["blocks.0"], [], ["blocks.1"]])))
+    monkeypatch.chdir(tmp_path)
+    scope: dict[str, object] = {}
+    exec(compile(code.replace("from_pretrained(\"%s\")" % sd3_dir, "from_pretrained(\"%s\", local_files_only=True)" % sd3_dir),
+                 "snippet", "exec"), scope)  # noqa: S102 - our own generated code
+    assert len(scope["images"]) == 1  # type: ignore[arg-type]
+    plain = pipeline_snippet("sd3", Genome.from_steps([999, 600, 200]), str(sd3_dir), "flow_euler", 1.0, False)
+    assert "skip_blocks" not in plain
+    other = pipeline_snippet("sd3", genome, str(sd3_dir), "flow_heun", 1.0, False)
+    assert "autodiff_opt.apply" in other.splitlines()[0] and "runs no flow_heun" in other.splitlines()[0]

@@ -1,6 +1,9 @@
 """Apply an exported schedule (steps + per-step skipped layers) to its model in one call.
 
     python -m autodiff_opt.apply outputs/.../best_schedule.json --num-images 64 --out samples.png
+
+In a diffusers pipeline (DiT, SD3, Flux: one denoiser call per step, the CFG pair batched),
+``skip_blocks(pipe.transformer, "best_schedule.json")`` skips the schedule's blocks at each step.
 """
 
 from __future__ import annotations
@@ -13,33 +16,75 @@ from typing import Any
 
 import torch
 
-from autodiff_opt.generate import ImageGenerator, SampleSet
-from autodiff_opt.arch.skip import step_wrapper_for
-from autodiff_opt.models.loading import load_model
+from autodiff_opt.arch.layers import discover_layers, ids_from_names
+from autodiff_opt.arch.skip import LayerSkipper, step_wrapper_for
 from autodiff_opt.core.genome import Genome
+from autodiff_opt.generate import ImageGenerator, SampleSet
+from autodiff_opt.models.base import DiffusionModel
+from autodiff_opt.models.loading import load_model
 from autodiff_opt.utils import pick_device
 
 log = logging.getLogger(__name__)
 
 
-def schedule_genome(doc: dict[str, Any], model_unet: torch.nn.Module | None = None) -> Genome:
+def schedule_genome(doc: dict[str, Any], model_unet: torch.nn.Module | None = None, units: str = "blocks") -> Genome:
     """The genome of a schedule file; skipped layers by name when present (stable across processes)."""
     names = doc.get("skipped_layer_names")
     if names and model_unet is not None and any(names):
-        from autodiff_opt.arch import discover_layers, ids_from_names
-
-        layers = discover_layers(model_unet)
+        layers = discover_layers(model_unet, units)  # type: ignore[arg-type]
         return Genome.from_steps(doc["timesteps"], [sorted(ids_from_names(layers, n)) for n in names])
     return Genome.from_steps(doc["timesteps"], doc.get("skipped_layers"))
+
+
+class StepSkips:
+    """The schedule's per-step skipped layers on a denoiser that a pipeline calls once per step: call i of
+    a K-step run is step i mod K (a forward pre-hook switches the mask). ``remove()`` restores the model."""
+
+    def __init__(self, unet: torch.nn.Module, genome: Genome, skipper: LayerSkipper) -> None:
+        self.genome, self.skipper, self.calls = genome, skipper, 0
+        skipper.gate()
+        self._handle = unet.register_forward_pre_hook(self._before)
+
+    def _before(self, module: torch.nn.Module, args: Any) -> None:
+        self.skipper.set_skipped(self.genome.skips[self.calls % self.genome.num_steps])
+        self.calls += 1
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self.skipper.clear()
+
+
+def skip_blocks(unet: torch.nn.Module, schedule: str | Path | dict[str, Any]) -> StepSkips:
+    """Skip the schedule's layers (by name) per step in any pipeline that calls ``unet`` once per step."""
+    doc = json.loads(Path(schedule).read_text()) if not isinstance(schedule, dict) else schedule
+    units = doc.get("model_config", {}).get("skip_units", "blocks")
+    layers = discover_layers(unet, units)
+    names = doc.get("skipped_layer_names") or [[] for _ in doc["timesteps"]]
+    genome = Genome.from_steps(doc["timesteps"], [sorted(ids_from_names(layers, n)) for n in names])
+    return StepSkips(unet, genome, LayerSkipper(unet, layers))
+
+
+def _load(doc: dict[str, Any], device: torch.device) -> DiffusionModel:
+    """The schedule's model: rebuilt from its model settings (any kind the runs load), or a UNet folder."""
+    if doc.get("model_config"):
+        from omegaconf import OmegaConf
+
+        from autodiff_opt.models.factory import build_model
+
+        settings = {k: v for k, v in doc["model_config"].items() if k != "skip_units"}
+        return build_model(OmegaConf.create(settings), device)
+    return load_model(doc["model"], subfolder=doc.get("subfolder"), device=device)
 
 
 def generate_from_schedule(schedule: str | Path | dict[str, Any], num_images: int = 16, seed: int = 0,
                            device: str = "auto", batch_size: int = 64) -> torch.Tensor:
     """uint8 images (N, C, H, W) sampled with the schedule's steps, solver and layer skipping."""
     doc = json.loads(Path(schedule).read_text()) if not isinstance(schedule, dict) else schedule
-    model = load_model(doc["model"], subfolder=doc.get("subfolder"), device=pick_device(device))
-    genome = schedule_genome(doc, model.unet).validate(model.num_train_timesteps)
-    generator = ImageGenerator(model, doc.get("solver", "ddim"), doc.get("clip_x0", True), batch_size,
+    model = _load(doc, pick_device(device))
+    units = doc.get("model_config", {}).get("skip_units", "blocks")
+    model.skipper = LayerSkipper(model.unet, discover_layers(model.unet, units))
+    genome = schedule_genome(doc, model.unet, units).validate(model.num_train_timesteps)
+    generator = ImageGenerator(model, doc.get("solver", "ddim"), bool(doc.get("clip_x0", True)), batch_size,
                                step_wrapper=step_wrapper_for(model))
     samples = SampleSet.draw(num_images, model.sample_shape, model.num_classes, seed)
     return generator.generate(genome, samples)

@@ -125,6 +125,7 @@ class ClassGuidedModel(DiffusionModel):
 
     guidance_scale: float = 1.0
     null_class: int = 1000
+    kind: str = "dit"
 
     def eps_fn(self, class_labels: torch.Tensor | None = None, **unet_kwargs: Any) -> EpsFn:
         guided = class_labels is not None and self.guidance_scale > 1.0

@@ -151,6 +151,56 @@ def flow_snippet(genome: Genome, model: str, solver: str, shape: tuple[int, ...]
     )
 
 
+_PIPELINE_HEADER = '''# Apply the searched schedule in diffusers' own {pipeline} ({solver}, {nfe} NFE{skips}).
+import torch
+from diffusers import {pipeline}, {scheduler}
+{skip_import}
+pipe = {pipeline}.from_pretrained("{model}")
+'''
+_FLOW_PIPELINE = '''# the searched times are final: the scheduler must not shift them again (shift=1, no dynamic shifting)
+config = {{k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}}
+config.update(shift=1.0, use_dynamic_shifting=False, shift_terminal=None, use_karras_sigmas=False,
+              use_exponential_sigmas=False, use_beta_sigmas=False, invert_sigmas=False, stochastic_sampling=False)
+pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+{skip_line}images = pipe(["a photo of a cat"], sigmas={times}, num_inference_steps={k},{guidance_arg}
+              generator=torch.Generator().manual_seed(0)).images
+'''
+_DIT_PIPELINE = '''pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
+    solver_order={order}, final_sigmas_type="zero", lower_order_final=False)
+# DiTPipeline asks its scheduler for num_inference_steps evenly spaced steps: pin it to the searched ones
+pinned = pipe.scheduler.set_timesteps
+pipe.scheduler.set_timesteps = lambda num_inference_steps=None, device=None: pinned(timesteps={timesteps}, device=device)
+{skip_line}images = pipe(class_labels=[207, 360, 387, 974], num_inference_steps={k}, guidance_scale={guidance},
+              generator=torch.Generator().manual_seed(0)).images
+'''
+PIPELINE_CLASSES = {"dit": "DiTPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+
+
+def pipeline_snippet(kind: str, genome: Genome, model: str, solver: str, guidance: float, clip_x0: bool) -> str:
+    """Code that runs the schedule in the model's own diffusers pipeline: SD3 / Flux with ``sigmas=`` on a
+    scheduler that does not shift them again, DiT with DPM-Solver++ pinned to the steps; skipped blocks
+    through ``autodiff_opt.apply.skip_blocks``. Other solvers (or x0 clipping) go through autodiff_opt.apply."""
+    from autodiff_opt.solvers.flow import GRID_SIZE, grid_time
+
+    exact = solver == "flow_euler" if kind != "dit" else solver in SD_ORDERS
+    if not exact or clip_x0:
+        reason = (f"{PIPELINE_CLASSES[kind]} runs no {solver} on custom steps" if not exact else
+                  "the pipeline does not clip x0")
+        return _APPLY.format(solver=solver, nfe=nfe(solver, genome.num_steps), clip=", x0 clipped" if clip_x0 else "",
+                             reason=reason)
+    skip = genome.has_skips
+    fields = dict(pipeline=PIPELINE_CLASSES[kind], solver=solver, nfe=nfe(solver, genome.num_steps), model=model,
+                  skips=", with skipped blocks" if skip else "",
+                  scheduler="DPMSolverMultistepScheduler" if kind == "dit" else "FlowMatchEulerDiscreteScheduler",
+                  skip_import="from autodiff_opt.apply import skip_blocks\n" if skip else "",
+                  skip_line='skip_blocks(pipe.transformer, "best_schedule.json")  # the searched blocks off, per step\n'
+                  if skip else "", k=genome.num_steps, guidance=guidance, timesteps=list(genome.timesteps),
+                  guidance_arg=f" guidance_scale={guidance},",
+                  times=[grid_time(i, GRID_SIZE) for i in genome.timesteps], order=SD_ORDERS.get(solver, 1))
+    body = _DIT_PIPELINE if kind == "dit" else _FLOW_PIPELINE
+    return (_PIPELINE_HEADER + body).format(**fields)
+
+
 def export_schedule(path: str | Path, genome: Genome, info: dict[str, Any], layer_names: list[str] | None = None) -> dict[str, Any]:
     """Write the schedule JSON: steps, per-step skipped layers (ids and names), and how it was found."""
     doc: dict[str, Any] = {

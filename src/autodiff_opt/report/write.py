@@ -10,11 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 import pandas as pd
+from omegaconf import OmegaConf
 
 from autodiff_opt.arch.skip import model_skipper
 from autodiff_opt.models.loading import resolve_pretrained
 from autodiff_opt.report.dashboard import publish_artifacts, publish_figures, publish_note
-from autodiff_opt.report.export import diffusers_scheduler, diffusers_snippet, export_schedule, flow_snippet, sd_snippet
+from autodiff_opt.report.export import (PIPELINE_CLASSES, diffusers_scheduler, diffusers_snippet, export_schedule,
+                                       flow_snippet, pipeline_snippet, sd_snippet)
 from autodiff_opt.report.figures import final_figure, history_figure, pareto_figure, schedules_figure
 from autodiff_opt.report.headline import Headline, headline
 from autodiff_opt.report.page import Grid, render_page
@@ -115,15 +117,8 @@ def write_report(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | N
         "nfe": exp.generator.nfe(genome), "fid_search": fid_of(best), "study": study.study_name,
         "storage": _redact(str(cfg.storage.url)), "trial": best.number,
         "diffusers_scheduler": diffusers_scheduler(solver, cfg.solver.clip_x0) if not genome.has_skips else None,
-        "diffusers_snippet": (sd_snippet(genome, str(cfg.model.pretrained), solver, cfg.model.guidance_scale)
-                              if cfg.model.prompts else
-                              flow_snippet(genome, resolve_pretrained(str(exp.model.source or cfg.model.pretrained)),
-                                           cfg.solver.name, exp.model.sample_shape, exp.model.num_classes,
-                                           bool(cfg.solver.clip_x0), cfg.model.subfolder)
-                              if exp.model.prediction_type == "flow" else
-                              diffusers_snippet(genome, resolve_pretrained(str(exp.model.source or cfg.model.pretrained)),
-                                                solver, exp.model.sample_shape, exp.model.num_classes,
-                                                cfg.model.subfolder, clip_x0=cfg.solver.clip_x0)),
+        "diffusers_snippet": snippet_for(exp, genome, solver),
+        "model_config": {**OmegaConf.to_container(cfg.model, resolve=True), "skip_units": str(cfg.search.stage2.units)},
     }
     if final is not None and not final.empty:
         info["final"] = json.loads(final.to_json(orient="records"))
@@ -132,6 +127,22 @@ def write_report(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | N
     _page_and_dashboard(study, exp, final, figures, paths["figures"])
     log.info("report written to %s", out_dir)
     return paths
+
+
+def snippet_for(exp: "Experiment", genome: Genome, solver: str) -> str:
+    """The export's code: the model's own pipeline (DiT, SD3, Flux, Stable Diffusion) or a plain UNet loop."""
+    cfg, model = exp.cfg, exp.model
+    source = resolve_pretrained(str(model.source or cfg.model.pretrained))
+    kind = getattr(model, "kind", None)
+    if kind in PIPELINE_CLASSES:
+        return pipeline_snippet(kind, genome, source, solver, float(cfg.model.guidance_scale), bool(cfg.solver.clip_x0))
+    if cfg.model.prompts:
+        return sd_snippet(genome, str(cfg.model.pretrained), solver, cfg.model.guidance_scale)
+    if model.prediction_type == "flow":
+        return flow_snippet(genome, source, cfg.solver.name, model.sample_shape, model.num_classes,
+                            bool(cfg.solver.clip_x0), cfg.model.subfolder)
+    return diffusers_snippet(genome, source, solver, model.sample_shape, model.num_classes, cfg.model.subfolder,
+                             clip_x0=cfg.solver.clip_x0)
 
 
 def _page_and_dashboard(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | None,
