@@ -9,20 +9,39 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Callable
 
 import torch
 
 from autodiff_opt.generate import ImageGenerator, SampleSet
-from autodiff_opt.metrics.fid import FIDScorer, fid_from_stats
+from autodiff_opt.metrics.fid import FIDScorer, FIDStats, fid_from_stats
 from autodiff_opt.metrics.reference import reference_statistics
 from autodiff_opt.models.loading import load_model
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.solvers import heuristic_schedule
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+
+
+def time_candidate(generator: ImageGenerator, scorer: FIDScorer, genome: Genome, samples: SampleSet,
+                   reference: FIDStats, formula: Callable[[FIDStats, FIDStats], float] = fid_from_stats
+                   ) -> dict[str, float]:
+    """Seconds of one candidate's parts: generation, features with their statistics, the FID formula."""
+    device = generator.device
+    sync(device)
+    t0 = time.perf_counter()
+    images = generator.generate(genome, samples)
+    sync(device)
+    t1 = time.perf_counter()
+    stats = scorer.statistics(images)
+    sync(device)
+    t2 = time.perf_counter()
+    formula(stats, reference)
+    sync(device)
+    return {"generate": t1 - t0, "features": t2 - t1, "fid": time.perf_counter() - t2}
 
 
 def bench(device: torch.device, args: argparse.Namespace) -> dict[str, float]:
@@ -35,16 +54,7 @@ def bench(device: torch.device, args: argparse.Namespace) -> dict[str, float]:
     generator.generate(genome, SampleSet.draw(min(64, args.samples), model.sample_shape, model.num_classes, 1))  # warm-up
     times: dict[str, list[float]] = {"generate": [], "features": [], "fid": []}
     for _ in range(args.repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        images = generator.generate(genome, samples)
-        _sync(device)
-        t1 = time.perf_counter()
-        stats = scorer.statistics(images)
-        t2 = time.perf_counter()
-        fid_from_stats(stats, reference)
-        t3 = time.perf_counter()
-        for key, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+        for key, dt in time_candidate(generator, scorer, genome, samples, reference).items():
             times[key].append(dt)
     med = {k: statistics.median(v) for k, v in times.items()}
     total = sum(med.values())
@@ -73,7 +83,7 @@ def bench_fid_formula(dim: int, n: int, repeats: int, device: torch.device) -> d
         fid_from_stats(a, ref)
         t1 = time.perf_counter()
         value = fast_fid(a, ref, device)
-        _sync(device)
+        sync(device)
         fast.append(time.perf_counter() - t1)
         slow.append(t1 - t0)
     return {"torch_fidelity_s": statistics.median(slow), "fast_s": statistics.median(fast), "first_s": first,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +27,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_eval import sync, time_candidate  # noqa: E402  (one candidate timed as bench_eval times it)
 
 from autodiff_opt.arch.flops import count_flops, example_inputs
 from autodiff_opt.generate import ImageGenerator, SampleSet
@@ -37,11 +41,6 @@ from autodiff_opt.solvers import heuristic_schedule
 from autodiff_opt.utils import PRECISIONS, pick_device
 
 MODES = ("eager", "compiled", "graphs", "whole", "whole-graphs")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def adm64(device: torch.device) -> DiffusionModel:
@@ -70,10 +69,10 @@ def peak_matmul(dtype: torch.dtype, device: torch.device, n: int, repeats: int =
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(repeats + 1):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         a @ b
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
@@ -95,14 +94,14 @@ def time_mode(name: str, mode: str, device: torch.device, genome: Genome, args: 
     model = MODELS[name](device)
     generator = make_generator(model, mode, args)
     samples = SampleSet.draw(args.batch * args.batches, model.sample_shape, model.num_classes, 0)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     generator.generate(genome, samples.slice(0, args.batch))  # compiles (lazily) on the first call
-    _sync(device)
+    sync(device)
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
     generator.generate(genome, samples)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - t0
     image_steps = len(samples) * genome.num_steps
     return {"model": name, "mode": mode, "batch": args.batch, "image_steps_per_s": image_steps / seconds,
@@ -164,30 +163,17 @@ def scorer_for(name: str, device: torch.device, args: argparse.Namespace, folder
 
 
 def candidate_split(generator: ImageGenerator, scorer: FIDScorer, genome: Genome, n: int) -> dict[str, float]:
-    """Seconds of one n-sample candidate: generation, features, FID formula (reference root cached)."""
+    """Seconds of one n-sample candidate: generation, features and their statistics, FID formula (the
+    reference's square root cached, as in a study)."""
     model, device = generator.model, generator.device
     samples = SampleSet.draw(n, model.sample_shape, model.num_classes, 1)
-    _sync(device)
-    t0 = time.perf_counter()
-    images = generator.generate(genome, samples)
-    _sync(device)
-    t1 = time.perf_counter()
-    feats = scorer.features(images)
-    _sync(device)
-    t2 = time.perf_counter()
-    dim = feats.shape[1]
-    rng = np.random.default_rng(0)
-    ref_feats = rng.normal(size=(dim + 64, dim))
+    dim = scorer.feature_dim(model.sample_shape)
+    ref_feats = np.random.default_rng(0).normal(size=(dim + 64, dim))
     reference = FIDStats(ref_feats.mean(0), np.cov(ref_feats, rowvar=False), dim + 64)
-    stats = FIDStats(feats.mean(0), np.cov(feats, rowvar=False) if n > 1 else np.eye(dim), n)
-    fast_fid(stats, reference, device)  # the first call computes the reference's square root, once per study
-    _sync(device)
-    t3 = time.perf_counter()
-    fast_fid(stats, reference, device)
-    _sync(device)
-    t4 = time.perf_counter()
-    return {"samples": n, "generation_s": t1 - t0, "features_s": t2 - t1, "fid_formula_s": t4 - t3,
-            "total_s": (t1 - t0) + (t2 - t1) + (t4 - t3), "feature_dim": dim}
+    fast_fid(reference, reference, device)  # the first call computes the reference's square root, once per study
+    t = time_candidate(generator, scorer, genome, samples, reference, lambda a, ref: fast_fid(a, ref, device))
+    return {"samples": n, "generation_s": t["generate"], "features_s": t["features"], "fid_formula_s": t["fid"],
+            "total_s": sum(t.values()), "feature_dim": dim}
 
 
 def main() -> None:

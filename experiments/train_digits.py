@@ -19,6 +19,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -145,41 +146,58 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.copy_(b)
 
 
+def train_unet(batch_loss: Callable[[UNet2DModel], torch.Tensor], channels: tuple[int, ...], norm_groups: int,
+               lr: float, steps: int, warmup: int, ema_decay: float, device: torch.device,
+               name: str) -> tuple[UNet2DModel, float]:
+    """The training loop of the digits DDPM and the digits flow: ``steps`` AdamW steps on ``batch_loss(model)``
+    (one random batch per call), gradient norm clipped to 1, warm-up + cosine lr, EMA weights with a warm-up
+    decay. Returns the EMA model (on CPU, eval mode) and the smoothed loss."""
+    model = unet_for_digits(channels, norm_groups).to(device)
+    ema = unet_for_digits(channels, norm_groups).to(device)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warmup))
+    logger.info("UNet2DModel: %d parameters", sum(p.numel() for p in model.parameters()))
+    running = float("nan")
+    bar = tqdm(range(steps), desc=name, unit="step", mininterval=2.0)
+    for step in bar:
+        loss = batch_loss(model)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        lr_sched.step()
+        ema_update(ema, model, min(ema_decay, (1.0 + step) / (10.0 + step)))
+        running = loss.item() if math.isnan(running) else 0.99 * running + 0.01 * loss.item()
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{running:.4f}")
+        if step % 1000 == 0:
+            logger.info("%s step %d: smoothed loss %.4f", name, step, running)
+    logger.info("%s final smoothed loss %.4f", name, running)
+    return ema.cpu().eval(), running
+
+
 def train_ddpm(cfg: TrainConfig) -> tuple[UNet2DModel, DDPMScheduler, float]:
     """Epsilon-prediction DDPM on the training split with AdamW, warm-up + cosine lr, and EMA weights."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     torch.manual_seed(cfg.seed + 1)
     x0_all = uint8_to_model(load_digits_images("train")[0][: cfg.train_subset]).to(cfg.device)
-    model = unet_for_digits(cfg.channels, cfg.norm_groups).to(cfg.device)
-    ema = unet_for_digits(cfg.channels, cfg.norm_groups).to(cfg.device)
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
     scheduler = noise_scheduler(cfg.beta_schedule)
     alpha_bar = scheduler.alphas_cumprod.to(cfg.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.ddpm_lr, weight_decay=1e-4)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.ddpm_steps, cfg.ddpm_warmup))
-    logger.info("UNet2DModel: %d parameters", sum(p.numel() for p in model.parameters()))
-    running = float("nan")
-    bar = tqdm(range(cfg.ddpm_steps), desc="digits-ddpm", unit="step", mininterval=2.0)
-    for step in bar:
+
+    def batch_loss(model: UNet2DModel) -> torch.Tensor:
         idx = torch.randint(0, len(x0_all), (cfg.ddpm_batch_size,), generator=gen).to(cfg.device)
         x0 = x0_all[idx]
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(idx),), generator=gen).to(cfg.device)
         eps = torch.randn(x0.shape, generator=gen).to(cfg.device)
         ab = alpha_bar[t].view(-1, 1, 1, 1)
         x_t = ab.sqrt() * x0 + (1.0 - ab).sqrt() * eps
-        loss = F.mse_loss(model(x_t, t).sample, eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        lr_sched.step()
-        ema_update(ema, model, min(cfg.ema_decay, (1.0 + step) / (10.0 + step)))
-        running = loss.item() if math.isnan(running) else 0.99 * running + 0.01 * loss.item()
-        if step % 100 == 0:
-            bar.set_postfix(loss=f"{running:.4f}")
-    logger.info("digits-ddpm final smoothed loss %.4f", running)
-    return ema.cpu().eval(), scheduler, running
+        return F.mse_loss(model(x_t, t).sample, eps)
+
+    unet, running = train_unet(batch_loss, cfg.channels, cfg.norm_groups, cfg.ddpm_lr, cfg.ddpm_steps, cfg.ddpm_warmup,
+                               cfg.ema_decay, cfg.device, "digits-ddpm")
+    return unet, scheduler, running
 
 
 def save_ddpm(unet: UNet2DModel, scheduler: DDPMScheduler, out_dir: Path) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -28,10 +27,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_digits import cosine_lr, ema_update, unet_for_digits  # noqa: E402  (same network and recipe)
+from train_digits import train_unet  # noqa: E402  (same network and recipe)
 
 from autodiff_opt.data.digits import load_digits_images, uint8_to_model  # noqa: E402
 
@@ -52,34 +50,15 @@ def train_flow(args: argparse.Namespace, device: torch.device) -> tuple[UNet2DMo
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     x0_all = uint8_to_model(load_digits_images("train")[0][: args.train_subset]).to(device)
-    channels = tuple(args.channels)
-    model = unet_for_digits(channels, args.norm_groups).to(device)
-    ema = unet_for_digits(channels, args.norm_groups).to(device)
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, args.steps, args.warmup))
-    logger.info("UNet2DModel: %d parameters", sum(p.numel() for p in model.parameters()))
-    running = float("nan")
-    bar = tqdm(range(args.steps), desc="digits-flow", unit="step", mininterval=5.0)
-    for step in bar:
+
+    def batch_loss(model: UNet2DModel) -> torch.Tensor:
         idx = torch.randint(0, len(x0_all), (args.batch_size,), generator=gen).to(device)
         t = torch.rand(len(idx), generator=gen).to(device)
         noise = torch.randn(x0_all[idx].shape, generator=gen).to(device)
-        loss = flow_loss(model, x0_all[idx], t, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        lr_sched.step()
-        ema_update(ema, model, min(args.ema_decay, (1.0 + step) / (10.0 + step)))
-        running = loss.item() if math.isnan(running) else 0.99 * running + 0.01 * loss.item()
-        if step % 100 == 0:
-            bar.set_postfix(loss=f"{running:.4f}")
-        if step % 1000 == 0:
-            logger.info("step %d: smoothed loss %.4f", step, running)
-    logger.info("digits-flow final smoothed loss %.4f", running)
-    return ema.cpu().eval(), running
+        return flow_loss(model, x0_all[idx], t, noise)
+
+    return train_unet(batch_loss, tuple(args.channels), args.norm_groups, args.lr, args.steps, args.warmup,
+                      args.ema_decay, device, "digits-flow")
 
 
 def save_flow(unet: UNet2DModel, out_dir: Path, shift: float) -> None:

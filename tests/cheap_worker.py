@@ -19,30 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-
-def _light_arch_package() -> None:
-    """Load autodiff_opt.arch without its __init__ (which imports torch and diffusers for the layer code).
-
-    The sampler only needs arch.operators and arch.budget (numpy); skipping the package __init__ makes a
-    worker start in about 1 s instead of 5-10 s on a loaded 2-core machine. The sampler's code is unchanged.
-    """
-    import importlib.util
-    import types
-
-    if "autodiff_opt.arch" in sys.modules:
-        return
-    spec = importlib.util.find_spec("autodiff_opt")
-    if spec is None or not spec.submodule_search_locations:
-        return
-    package = types.ModuleType("autodiff_opt.arch")
-    package.__path__ = [str(Path(list(spec.submodule_search_locations)[0]) / "arch")]
-    package.__package__ = "autodiff_opt.arch"
-    sys.modules["autodiff_opt.arch"] = package
-
-
-if __name__ == "__main__":  # imported by a test, the real package stays (apply and stage-2 tests need it)
-    _light_arch_package()
-
+# The sampler imports neither torch nor autodiff_opt.arch, so a worker starts in about 1 s.
 import optuna  # noqa: E402
 
 from autodiff_opt.search.concurrency import (  # noqa: E402

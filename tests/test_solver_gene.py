@@ -11,6 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from autodiff_opt.core.genome import Genome
+from autodiff_opt.search.operators import JointSpace, OperatorSet
 from autodiff_opt.search.sampler import genome_of
 from autodiff_opt.search.solver_gene import child_solver, fit_to_solver
 from autodiff_opt.search.space import SearchSpace
@@ -43,12 +44,14 @@ def test_fit_to_solver_keeps_masks_with_their_steps() -> None:
 
 def test_child_solver_follows_the_operator() -> None:
     a, b = Genome((9, 5), solver="ddim"), Genome((8, 4), solver="dpmpp_3m")
-    draws = [child_solver("crossover", [a, b], SOLVERS, 0.25, np.random.default_rng(i)) for i in range(200)]
+    ops = OperatorSet.build(JointSpace.without_skipping(1000, 3, 6), anchor=a)
+    draws = [child_solver(ops.crossover, [a, b], SOLVERS, 0.25, np.random.default_rng(i)) for i in range(200)]
     assert set(draws) == {"ddim", "dpmpp_3m"}
-    assert {child_solver("local", [a], SOLVERS, 0.25, np.random.default_rng(i)) for i in range(50)} == {"ddim"}
-    mutants = [child_solver("mutation", [a], SOLVERS, 0.25, np.random.default_rng(i)) for i in range(400)]
+    assert {child_solver(ops.local, [a], SOLVERS, 0.25, np.random.default_rng(i)) for i in range(50)} == {"ddim"}
+    mutants = [child_solver(ops.mutation, [a], SOLVERS, 0.25, np.random.default_rng(i)) for i in range(400)]
     assert 0.15 < np.mean([m != "ddim" for m in mutants]) < 0.35 and set(mutants) == set(SOLVERS)
-    assert {child_solver("random", [], SOLVERS, 0.25, np.random.default_rng(i)) for i in range(100)} == set(SOLVERS)
+    for op in (ops.random, ops.anchor):
+        assert {child_solver(op, [], SOLVERS, 0.25, np.random.default_rng(i)) for i in range(100)} == set(SOLVERS)
 
 
 def test_genome_key_carries_the_solver_only_when_it_is_a_gene() -> None:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from autodiff_opt import stats
-from autodiff_opt.metrics.fid import FIDScorer, FIDStats
+from autodiff_opt.metrics.fid import FIDScorer, FIDStats, MetricError
+from autodiff_opt.metrics import reference
 from autodiff_opt.metrics.reference import check_reference, reference_statistics
 from cli_helpers import cli_env
 from randconv_extractor import TEST_EXTRACTOR
@@ -101,7 +102,7 @@ def test_same_settings_reuse_the_output(images: np.ndarray, tmp_path: Path, monk
     def fail(*args: object) -> None:
         raise AssertionError("recomputed")
 
-    monkeypatch.setattr(stats, "accumulate", fail)
+    monkeypatch.setattr(reference, "accumulate", fail)
     assert _stats("--source", str(archive), "--out", str(out), *RANDCONV) == 0
     with pytest.raises(AssertionError, match="recomputed"):
         _stats("--source", str(archive), "--out", str(out), "--max-images", "20", *RANDCONV)
@@ -109,7 +110,7 @@ def test_same_settings_reuse_the_output(images: np.ndarray, tmp_path: Path, monk
 
 def test_streamed_statistics_equal_numpy_cov(scorer: FIDScorer, images: np.ndarray) -> None:
     batches = [torch.from_numpy(images[i : i + 7]).permute(0, 3, 1, 2).contiguous() for i in range(0, 40, 7)]
-    got = stats.accumulate(scorer, iter(batches))
+    got = reference.accumulate(scorer, iter(batches))
     feats = scorer.features(torch.cat(batches))
     assert np.allclose(got.mu, feats.mean(0)) and np.allclose(got.sigma, np.cov(feats, rowvar=False), atol=1e-12)
 
@@ -209,3 +210,56 @@ def test_a_module_that_cannot_be_imported_is_one_line_and_exit_2(tmp_path: Path,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: --import no_such_module_xyz:"), err
     assert "No module named 'no_such_module_xyz'" in err[0] and not (tmp_path / "o.npz").exists()
+
+
+# --- one pipeline: the CLI and a run's cache write the same file ------------------------------------------
+@pytest.mark.parametrize("kind", ["folder", "npz"])
+def test_cli_and_run_path_write_the_same_file(kind: str, images: np.ndarray, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    source = write_png_folder(tmp_path / "pngs", images) if kind == "folder" else write_image_npz(tmp_path / "i.npz", images)
+    out = tmp_path / "cli.npz"
+    assert _stats("--source", str(source), "--out", str(out), *RANDCONV) == 0
+    run_scorer = FIDScorer(TEST_EXTRACTOR, batch_size=16)  # the CLI's --batch-size 16: the same batches
+    got = reference_statistics(str(source), run_scorer, tmp_path / "cache")
+    (cached,) = (tmp_path / "cache").glob("ref-*.npz")
+    with np.load(out) as cli, np.load(cached) as run:
+        assert sorted(cli.files) == sorted(run.files)
+        for key in cli.files:
+            assert np.array_equal(cli[key], run[key]), key
+    assert np.array_equal(got.mu, FIDStats.load(out).mu) and got.num_images == 40
+
+    def fail(*args: object) -> None:
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(reference, "accumulate", fail)  # each reuses the other's file
+    shutil.copy(cached, tmp_path / "from_run.npz")
+    assert _stats("--source", str(source), "--out", str(tmp_path / "from_run.npz"), *RANDCONV) == 0
+    shutil.copy(out, cached)
+    assert np.array_equal(reference_statistics(str(source), run_scorer, tmp_path / "cache").sigma, got.sigma)
+
+
+def test_a_cache_of_the_older_format_is_recomputed_with_a_log_line(images: np.ndarray, scorer: FIDScorer, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    archive = write_image_npz(tmp_path / "i.npz", images)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    FIDStats(np.full(32, 5.0), np.eye(32), 3).save(cache / f"ref-{TEST_EXTRACTOR}-0123456789abcdef.npz")  # mu, sigma, n only
+    with caplog.at_level("INFO", logger="autodiff_opt.metrics.reference"):
+        got = reference_statistics(str(archive), scorer, cache)
+    assert "older version's format (no provenance), not used; recomputing" in caplog.text
+    assert got.num_images == 40 and not np.allclose(got.mu, 5.0)
+    assert len(list(cache.glob("ref-*.npz"))) == 2
+
+
+def test_run_path_computes_from_a_batch_s_images_for_another_extractor(adm_batch: Path, images: np.ndarray,
+                                                                      scorer: FIDScorer, tmp_path: Path) -> None:
+    got = reference_statistics(str(adm_batch), scorer, tmp_path / "cache")  # its stored mu/sigma are pool_3
+    expected = scorer.statistics(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+    assert got.dim == 32 and np.allclose(got.mu, expected.mu) and np.allclose(got.sigma, expected.sigma, atol=1e-12)
+    other = tmp_path / "other.npz"  # statistics that record another extractor, without images: refused
+    np.savez(other, mu=np.zeros(32), sigma=np.eye(32), feature_extractor=np.asarray("digits-cnn"),
+             feature_layer=np.asarray("32"))
+    with pytest.raises(MetricError, match="holds only stored statistics of digits-cnn"):
+        reference_statistics(str(other), scorer, tmp_path / "cache")

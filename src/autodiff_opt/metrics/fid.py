@@ -49,6 +49,22 @@ def ensure_registered() -> None:
     register_digits_cnn()
 
 
+def extractor_class(feature_extractor: str) -> type:
+    """The torch-fidelity feature extractor registered under this name (the project's own included)."""
+    import torch_fidelity.registry as registry
+
+    ensure_registered()
+    if feature_extractor not in registry.FEATURE_EXTRACTORS_REGISTRY:
+        known = sorted(registry.FEATURE_EXTRACTORS_REGISTRY)
+        raise MetricError(f"metric.feature_extractor={feature_extractor!r} is not registered: use one of {known}")
+    return registry.FEATURE_EXTRACTORS_REGISTRY[feature_extractor]
+
+
+def default_feature_layer(feature_extractor: str) -> str:
+    """The layer the extractor uses for FID."""
+    return str(extractor_class(feature_extractor).get_default_feature_layer_for_metric("fid"))
+
+
 def _check_weights_file(path: str) -> None:
     """Refuse a weights file that is not a plain tensor state dict (torch-fidelity unpickles it unsafely)."""
     if not Path(path).is_file():
@@ -93,14 +109,9 @@ class FIDScorer:
         batch_size: int = 256,
         allow_download: bool = False,
     ) -> None:
-        import torch_fidelity.registry as registry
         from torch_fidelity.utils import create_feature_extractor
 
-        ensure_registered()
-        if feature_extractor not in registry.FEATURE_EXTRACTORS_REGISTRY:
-            known = sorted(registry.FEATURE_EXTRACTORS_REGISTRY)
-            raise MetricError(f"metric.feature_extractor={feature_extractor!r} is not registered: use one of {known}")
-        cls = registry.FEATURE_EXTRACTORS_REGISTRY[feature_extractor]
+        cls = extractor_class(feature_extractor)
         self.name = feature_extractor
         self.layer = feature_layer or cls.get_default_feature_layer_for_metric("fid")
         self.device = torch.device(device)

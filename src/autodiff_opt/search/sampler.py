@@ -16,7 +16,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import optuna
@@ -25,9 +25,9 @@ from optuna.samplers import BaseSampler, RandomSampler
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from autodiff_opt.arch import operators as joint_ops
-from autodiff_opt.search import operators, solver_gene
+from autodiff_opt.search import solver_gene
 from autodiff_opt.search.attrs import set_trial_attrs
+from autodiff_opt.search.operators import JointSpace, Operator, OperatorSet
 from autodiff_opt.search.concurrency import next_slot
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.stage2 import Stage2Policy
@@ -46,11 +46,16 @@ from autodiff_opt.search.space import (
 )
 from autodiff_opt.core.keys import PARENT_CACHE_PREFIX
 
-if TYPE_CHECKING:
-    from autodiff_opt.arch.operators import JointSpace
-
 log = logging.getLogger(__name__)
 
+
+class Offspring(NamedTuple):
+    """A new candidate and its lineage, as the trial records them."""
+
+    genome: Genome
+    operator: str  # the operator's name
+    parents: list[int]  # trial numbers
+    stage: int
 
 
 @dataclass(frozen=True)
@@ -155,15 +160,14 @@ class AutoDiffusionSampler(BaseSampler):
         fixed = trial.system_attrs.get("fixed_params")
         if fixed is not None:
             genome = genome_from_params(fixed, self.space, trial.user_attrs.get("skips"))
-            operator, parents = "enqueued", []
+            child = Offspring(genome, "enqueued", [], 2 if genome.has_skips else 1)
         else:
             seen = {t.system_attrs[GENOME_ATTR] for t in trials if GENOME_ATTR in t.system_attrs}
-            genome, operator, parents = self._make(study, trials, generation, slot, seen, rng)
-        stage = 2 if "+skip" in operator or genome.has_skips else 1
-        attrs = {GENOME_ATTR: genome.key(), GENERATION_ATTR: generation, SLOT_ATTR: slot,
-                 OPERATOR_ATTR: operator.replace("+skip", ""), PARENTS_ATTR: parents, STAGE_ATTR: stage}
+            child = self._make(study, trials, generation, slot, seen, rng)
+        attrs = {GENOME_ATTR: child.genome.key(), GENERATION_ATTR: generation, SLOT_ATTR: slot,
+                 OPERATOR_ATTR: child.operator, PARENTS_ATTR: child.parents, STAGE_ATTR: child.stage}
         set_trial_attrs(study._storage, trial._trial_id, system=attrs)
-        self._remember(trial._trial_id, genome)
+        self._remember(trial._trial_id, child.genome)
 
     def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
         self._chosen.pop(trial._trial_id, None)
@@ -197,88 +201,65 @@ class AutoDiffusionSampler(BaseSampler):
         study._storage.set_study_system_attr(study._study_id, key, [t.number for t in top])
         return top
 
-    def _joint_space(self, study: Study, trials: Sequence[FrozenTrial], generation: int) -> "JointSpace | None":
-        """The stage-2 space of this generation, or None while the search is in stage 1."""
-        if self.stage2 is None:
-            return None
-        start = self.stage2.start(study, trials, generation)
-        if start is None or generation < start:
-            return None
-        return self.stage2.space(self.space.num_train_timesteps, generation - start)
+    def _operators(self, study: Study, trials: Sequence[FrozenTrial], generation: int) -> tuple[int, OperatorSet]:
+        """This generation's stage and operators: stage 2's space (budget, ramped cap) once it started,
+        else stage 1's, the same space without skipping."""
+        T = self.space.num_train_timesteps
+        start = self.stage2.start(study, trials, generation) if self.stage2 else None
+        if self.stage2 and start is not None and generation >= start:
+            stage, space = 2, self.stage2.space(T, generation - start)
+        else:  # K is fixed in stage 1 (the solver gene's range with search.solvers)
+            lo, hi = (self.space.min_steps, self.space.max_steps) if self.space.solvers else (self.space.num_steps,) * 2
+            stage, space = 1, JointSpace.without_skipping(T, lo, hi)
+        p_mask = self.stage2.mask_mutation_prob if self.stage2 else 0.25
+        evo = self.evolution
+        return stage, OperatorSet.build(space, evo.mutation_prob, p_mask, self.anchor, evo.init_mutation_prob)
 
     def _make(self, study: Study, trials: Sequence[FrozenTrial], generation: int, slot: int,
-              seen: set[str], rng: np.random.Generator) -> tuple[Genome, str, list[int]]:
-        evo, T = self.evolution, self.space.num_train_timesteps
+              seen: set[str], rng: np.random.Generator) -> Offspring:
+        evo = self.evolution
         parents = self.parents(study, trials, generation) if generation > 0 else []
-        operator = self._operator(generation, slot, len(parents))
-        joint = self._joint_space(study, trials, generation)
+        stage, ops = self._operators(study, trials, generation)
+        op = self._operator(ops, generation, slot, len(parents))
         for _ in range(evo.max_attempts):
-            genome, used = self._apply_joint(operator, parents, joint, rng) if joint else self._apply(operator, parents, rng)
+            genome, used = self._breed(op, parents, rng)
             if genome is not None and genome.key() not in seen:
-                return genome, operator + ("+skip" if joint else ""), used
-        fallback = "mutation" if parents else "random"
-        log.debug("operator %s gave only seen genomes in %d attempts: %s instead", operator, evo.max_attempts, fallback)
+                return Offspring(genome, op.name, used, stage)
+        fallback: Operator = ops.mutation if parents else ops.random
+        log.debug("operator %s gave only seen genomes in %d attempts: %s instead", op.name, evo.max_attempts, fallback.name)
         while True:
-            genome, used = self._apply_joint(fallback, parents, joint, rng) if joint else self._apply(fallback, parents, rng)
+            genome, used = self._breed(fallback, parents, rng)
             if genome is not None and genome.key() not in seen:
-                return genome, fallback + ("+skip" if joint else ""), used
-            fallback = "random"
+                return Offspring(genome, fallback.name, used, stage)
+            fallback = ops.random
 
-    def _operator(self, generation: int, slot: int, num_parents: int) -> str:
+    def _operator(self, ops: OperatorSet, generation: int, slot: int, num_parents: int) -> Operator:
         evo = self.evolution
         if generation == 0:
             mutant_slots = evo.population - evo.init_random
-            return "anchor_mutation" if self.anchor is not None and slot < mutant_slots else "random"
+            return ops.anchor if ops.anchor is not None and slot < mutant_slots else ops.random
         if num_parents >= 1 and slot < evo.num_mutants:
-            return "mutation"
+            return ops.mutation
         if num_parents >= 2 and slot < evo.num_mutants + evo.num_crossovers:
-            return "crossover"
-        return "random"
+            return ops.crossover
+        return ops.random
 
-    def _apply(self, operator: str, parents: Sequence[FrozenTrial], rng: np.random.Generator) -> tuple[Genome, list[int]]:
-        child, used = self._apply_steps(operator, parents, rng)
-        return self._solver_gene(child, operator, parents, used, rng), used
+    def _breed(self, op: Operator, parents: Sequence[FrozenTrial], rng: np.random.Generator) -> tuple[Genome | None, list[int]]:
+        """One child of ``op`` and the trial numbers of its parents, drawn uniformly from ``parents``.
 
-    def _solver_gene(self, child: Genome, operator: str, parents: Sequence[FrozenTrial], used: Sequence[int],
-                     rng: np.random.Generator) -> Genome:
-        """With search.solvers: the child's solver from its parents, and its steps fitted to that solver."""
-        if not self.space.solvers:
-            return child
-        by_number = {t.number: t for t in parents}
-        genomes = [genome_of(by_number[n]) or self._params_genome(by_number[n]) for n in used if n in by_number]
-        solver = solver_gene.child_solver(operator, genomes, self.space.solvers, self.evolution.mutation_prob, rng)
-        return solver_gene.fit_to_solver(child, solver, self.space.steps_for(solver), self.space.num_train_timesteps, rng)
-
-    def _apply_steps(self, operator: str, parents: Sequence[FrozenTrial], rng: np.random.Generator) -> tuple[Genome, list[int]]:
-        evo, T = self.evolution, self.space.num_train_timesteps
-        if operator == "anchor_mutation":
-            assert self.anchor is not None
-            return operators.mutate(self.anchor, evo.init_mutation_prob, T, rng), []
-        if operator == "mutation":
-            parent = parents[int(rng.integers(len(parents)))]
-            return operators.mutate(genome_of(parent) or self._params_genome(parent), evo.mutation_prob, T, rng), [parent.number]
-        if operator == "crossover":
-            i, j = rng.choice(len(parents), size=2, replace=False)
-            a, b = parents[int(i)], parents[int(j)]
-            child = operators.crossover(genome_of(a) or self._params_genome(a), genome_of(b) or self._params_genome(b), T, rng)
-            return child, [a.number, b.number]
-        return operators.random_genome(self.space.num_steps, T, rng), []
-
-    def _apply_joint(self, operator: str, parents: Sequence[FrozenTrial], joint: "JointSpace",
-                     rng: np.random.Generator) -> tuple[Genome | None, list[int]]:
-        """Stage-2 operators: masks mutate too, steps keep their masks, children fit the budget."""
-        p_mask = self.stage2.mask_mutation_prob if self.stage2 else 0.25
-        if operator == "mutation":
-            parent = parents[int(rng.integers(len(parents)))]
-            child = joint_ops.mutate(genome_of(parent) or self._params_genome(parent), joint, rng,
-                                     p_step=self.evolution.mutation_prob, p_mask=p_mask)
-            return child, [parent.number]
-        if operator == "crossover":
-            i, j = rng.choice(len(parents), size=2, replace=False)
-            a, b = parents[int(i)], parents[int(j)]
-            return joint_ops.crossover(genome_of(a) or self._params_genome(a), genome_of(b) or self._params_genome(b),
-                                       joint, rng), [a.number, b.number]
-        return joint_ops.random_genome(joint, rng), []
+        With search.solvers the child's solver comes from its parents (search/solver_gene.py) and its
+        steps are fitted to that solver.
+        """
+        if op.arity == 2:
+            chosen = [parents[int(i)] for i in rng.choice(len(parents), size=2, replace=False)]
+        else:
+            chosen = [parents[int(rng.integers(len(parents)))]] if op.arity == 1 else []
+        genomes = [genome_of(t) or self._params_genome(t) for t in chosen]
+        child: Genome | None = op(*genomes, rng)  # type: ignore[operator]  # the arity says which call
+        if child is not None and self.space.solvers:
+            solver = solver_gene.child_solver(op, genomes, self.space.solvers, self.evolution.mutation_prob, rng)
+            child = solver_gene.fit_to_solver(child, solver, self.space.steps_for(solver), self.space.num_train_timesteps, rng)
+        return child, [t.number for t in chosen]
 
     def _params_genome(self, trial: FrozenTrial) -> Genome:
         return genome_from_params(trial.params, self.space)

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from autodiff_opt.core.genome import Genome
+from autodiff_opt.search.operators import Crossover, LocalMove, Mutation, Operator
 
 
 def fit_to_solver(genome: Genome, solver: str, num_steps: int, num_train_timesteps: int,
@@ -37,15 +38,15 @@ def fit_to_solver(genome: Genome, solver: str, num_steps: int, num_train_timeste
     return Genome.from_steps(steps, masks, solver)
 
 
-def child_solver(operator: str, parents: Sequence[Genome], solvers: Sequence[str], switch_prob: float,
+def child_solver(op: Operator, parents: Sequence[Genome], solvers: Sequence[str], switch_prob: float,
                  rng: np.random.Generator) -> str:
     """The solver a child of this operator inherits (see the module docstring)."""
     inherited = [p.solver if p.solver in solvers else solvers[0] for p in parents]
-    if operator == "crossover" and len(inherited) >= 2:
+    if isinstance(op, Crossover) and len(inherited) >= 2:
         return inherited[int(rng.integers(2))]
-    if operator in ("mutation", "local") and inherited:
+    if isinstance(op, Mutation) and inherited:
         others = [s for s in solvers if s != inherited[0]]
-        if operator == "mutation" and others and rng.random() < switch_prob:
+        if not isinstance(op, LocalMove) and others and rng.random() < switch_prob:
             return others[int(rng.integers(len(others)))]
         return inherited[0]
     return solvers[int(rng.integers(len(solvers)))]

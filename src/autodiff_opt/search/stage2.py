@@ -9,17 +9,23 @@ resumed run agrees on it. In stage-2 generation j (from 0) the most layers a ste
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from autodiff_opt.arch.budget import Budget
-from autodiff_opt.arch.operators import JointSpace, ramp_max_skip_frac
-from autodiff_opt.search.space import GENERATION_ATTR
 from autodiff_opt.core.keys import STAGE2_START_ATTR
+from autodiff_opt.search.operators import JointSpace
+from autodiff_opt.search.space import GENERATION_ATTR
 
+if TYPE_CHECKING:
+    from autodiff_opt.arch.budget import Budget
+
+
+def ramp_max_skip_frac(stage2_generation: int, max_prun: float = 0.1, increments: int = 5) -> float:
+    """The authors' ramp: in stage 2's generation g (from 0) the cap is ``max_prun * min(g+1, n) / n``."""
+    return max_prun * min(stage2_generation + 1, increments) / increments
 
 
 @dataclass(frozen=True)

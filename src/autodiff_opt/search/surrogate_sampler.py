@@ -1,7 +1,7 @@
 """The default sampler: AutoDiffusion's two-stage evolution with offspring pre-selected by a surrogate.
 
-Per candidate, the operators of the evolution (local Gaussian moves, the authors' mutation, crossover,
-random genomes; in stage 2 their joint versions over steps and masks) make a pool of unseen offspring
+Per candidate, the operators of the evolution (search/operators.py: local Gaussian moves, the authors'
+mutation, crossover, random genomes, over steps and, in stage 2, masks) make a pool of unseen offspring
 of the current best candidates, and a Gaussian process fitted on every finished candidate picks the
 one with the largest expected improvement. Only that one is evaluated. Generations, slots, stage 2's
 start and ramp, and every decision's record stay as in ``AutoDiffusionSampler``: all in the storage.
@@ -22,17 +22,15 @@ from optuna.study import Study
 from threadpoolctl import threadpool_limits
 from optuna.trial import FrozenTrial, TrialState
 
-from autodiff_opt.arch import operators as joint_ops
-from autodiff_opt.search import operators
 from autodiff_opt.core.genome import Genome
-from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig, genome_of
+from autodiff_opt.search.operators import Initialization, Operator, OperatorSet
+from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig, Offspring, genome_of
 from autodiff_opt.search.stage2 import Stage2Policy
 from autodiff_opt.search.space import SearchSpace
 from autodiff_opt.search.surrogate import GaussianProcess, embed
 
 log = logging.getLogger(__name__)
 
-LOCAL_SCALES = (0.01, 0.03, 0.08)  # std of a local move, as a fraction of T
 KERNEL_EVERY = 10  # observations between two picks of the GP's kernel setting
 
 
@@ -77,30 +75,28 @@ class SurrogateEvolutionSampler(AutoDiffusionSampler):
         self._kernels: dict[tuple[int, int, int | None, int], tuple[float, float]] = {}  # a cache, not state
 
     def _make(self, study: Study, trials: Sequence[FrozenTrial], generation: int, slot: int,
-              seen: set[str], rng: np.random.Generator) -> tuple[Genome, str, list[int]]:
+              seen: set[str], rng: np.random.Generator) -> Offspring:
         with threadpool_limits(1):  # matrices of a few hundred rows: BLAS threads only add contention
             return self._choose(study, trials, generation, slot, seen, rng)
 
     def _choose(self, study: Study, trials: Sequence[FrozenTrial], generation: int, slot: int,
-                seen: set[str], rng: np.random.Generator) -> tuple[Genome, str, list[int]]:
+                seen: set[str], rng: np.random.Generator) -> Offspring:
         if len(study.directions) > 1:  # Pareto search: the authors' operators (one surrogate per objective is not built)
             return super()._make(study, trials, generation, slot, seen, rng)
-        joint = self._joint_space(study, trials, generation)
+        stage, ops = self._operators(study, trials, generation)
         data = observations(trials)
         if len(data) < self.surrogate.min_observations:
-            return self._unseen_random(joint, seen, rng)
-        parents = self._best_trials(trials)
-        pool = self._pool(parents, joint, seen, rng)
+            return self._unseen(ops.random, stage, seen, rng)
+        pool = self._pool(ops, self._best_trials(trials), seen, rng)
         if not pool:
-            return self._unseen_random(joint, seen, rng)
+            return self._unseen(ops.random, stage, seen, rng)
         fit = sorted(data, key=lambda gv: gv[1])[: self.surrogate.max_observations]
         k_max, layers = self._embedding_shape()
         x = np.stack([embed(g, self.space.num_train_timesteps, k_max, layers) for g, _ in fit])
         model = GaussianProcess.fit(x, [v for _, v in fit], self._kernel(data, k_max, layers))
         cand = np.stack([embed(g, self.space.num_train_timesteps, k_max, layers) for g, _, _ in pool])
-        pick = int(np.argmax(model.expected_improvement(cand)))
-        genome, operator, used = pool[pick]
-        return genome, operator + ("+skip" if joint else ""), used
+        genome, operator, used = pool[int(np.argmax(model.expected_improvement(cand)))]
+        return Offspring(genome, operator, used, stage)
 
     def _kernel(self, data: list[tuple[Genome, float]], k_max: int, layers: int | None) -> tuple[float, float]:
         """The kernel setting, picked by likelihood on the first multiple of KERNEL_EVERY observations.
@@ -127,45 +123,22 @@ class SurrogateEvolutionSampler(AutoDiffusionSampler):
                 and genome_of(t) is not None]
         return sorted(done, key=lambda t: (t.values[0], t.number))[: self.evolution.num_parents]
 
-    def _pool(self, parents: list[FrozenTrial], joint: joint_ops.JointSpace | None, seen: set[str],
+    def _pool(self, ops: OperatorSet, parents: list[FrozenTrial], seen: set[str],
               rng: np.random.Generator) -> list[tuple[Genome, str, list[int]]]:
         """Unseen offspring: a quarter of each kind (local, mutation, crossover, random)."""
-        T, n = self.space.num_train_timesteps, self.surrogate.pool_size
+        kinds: list[Operator] = [ops.local, ops.mutation, ops.crossover, ops.random]
+        if len(parents) < 2:
+            kinds = [ops.local, ops.mutation, ops.random] if parents else [ops.random]
         pool: dict[str, tuple[Genome, str, list[int]]] = {}
-        kinds = ["local", "mutation", "crossover", "random"] if len(parents) >= 2 else ["local", "mutation", "random"]
-        for i in range(n):
-            kind = kinds[i % len(kinds)]
-            child, used = self._offspring(kind, parents, joint, T, rng)
-            if child is None:
-                continue
-            key = child.key()
-            if key not in seen and key not in pool and (joint is None or joint.is_valid(child)):
-                pool[key] = (child, kind, used)
+        for i in range(self.surrogate.pool_size):
+            op = kinds[i % len(kinds)]
+            child, used = self._breed(op, parents, rng)
+            if child is not None and (key := child.key()) not in seen and key not in pool:
+                pool[key] = (child, op.name, used)
         return list(pool.values())
 
-    def _offspring(self, kind: str, parents: list[FrozenTrial], joint: joint_ops.JointSpace | None, T: int,
-                   rng: np.random.Generator) -> tuple[Genome | None, list[int]]:
-        if kind == "random" or not parents:
-            return (joint_ops.random_genome(joint, rng) if joint else
-                    self._solver_gene(operators.random_genome(self.space.num_steps, T, rng), "random", [], [], rng)), []
-        if kind == "local":
-            parent = parents[int(rng.integers(len(parents)))]
-            child = operators.perturb(genome_of(parent), float(rng.choice(LOCAL_SCALES)), T, rng)
-            child = self._solver_gene(child, "local", parents, [parent.number], rng)
-            if joint is not None:
-                if rng.random() < 0.5:
-                    child = joint_ops.mutate(child, joint, rng, p_step=0.0, p_mask=self.stage2.mask_mutation_prob) or child
-                child = joint_ops.repair(child, joint, rng)
-            return child, [parent.number]
-        if joint is not None:
-            return self._apply_joint(kind, parents, joint, rng)
-        return self._apply(kind, parents, rng)
-
-    def _unseen_random(self, joint: joint_ops.JointSpace | None, seen: set[str],
-                       rng: np.random.Generator) -> tuple[Genome, str, list[int]]:
-        T = self.space.num_train_timesteps
+    def _unseen(self, op: Initialization, stage: int, seen: set[str], rng: np.random.Generator) -> Offspring:
         while True:
-            genome = joint_ops.random_genome(joint, rng) if joint else self._solver_gene(
-                operators.random_genome(self.space.num_steps, T, rng), "random", [], [], rng)
+            genome, _ = self._breed(op, [], rng)
             if genome is not None and genome.key() not in seen:
-                return genome, "random" + ("+skip" if joint else ""), []
+                return Offspring(genome, op.name, [], stage)
