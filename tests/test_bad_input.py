@@ -268,16 +268,10 @@ def test_check_storage(pg_url: str, tmp_path: Path) -> None:
         preflight.check_storage("journal:/proc/no/such/dir/study.log")
 
 
-def test_run_all_returns_the_opened_storage(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from omegaconf import OmegaConf
+def test_run_all_returns_the_opened_storage(tmp_path: Path, tiny_model_dir: Path, tiny_reference: Path) -> None:
+    from cli_helpers import compose_cfg, tiny_overrides
 
-    cfg = OmegaConf.create({
-        "search": {"population": 6, "generations": 2, "batch_size": 4, "max_consecutive_failures": 3, "num_parents": 3,
-                   "num_mutants": 3, "num_crossovers": 1, "init_random": 2},
-        "device": "cpu", "model": {"pretrained": str(tiny_model_dir), "subfolder": None},
-        "solver": {"name": "ddim", "clip_x0": True},
-        "storage": {"url": f"sqlite:///{tmp_path / 's.db'}", "heartbeat_interval": 1, "grace_period": 2, "max_retry": 3},
-    })
+    cfg = compose_cfg(tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "s.db"), tmp_path)
     storage = preflight.run_all(cfg)
     assert isinstance(storage, optuna.storages.RDBStorage)
     optuna.create_study(storage=storage, study_name="kept")

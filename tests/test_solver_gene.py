@@ -68,20 +68,20 @@ def test_genome_key_carries_the_solver_only_when_it_is_a_gene() -> None:
 ])
 def test_bad_solver_lists_are_refused_before_work(override: str, message: str, tiny_model_dir: Path,
                                                   tiny_reference: Path, tmp_path: Path) -> None:
-    from autodiff_opt.runner import ConfigError, check_inputs
+    from autodiff_opt.preflight import ConfigError, validate
 
     cfg = compose_cfg([*tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "s.db"), *override.split()], tmp_path)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        check_inputs(cfg)
+        validate(cfg)
 
 
 def test_builtin_sampler_with_solvers_is_refused(tiny_model_dir: Path, tiny_reference: Path, tmp_path: Path) -> None:
-    from autodiff_opt.runner import ConfigError, check_inputs
+    from autodiff_opt.preflight import ConfigError, validate
 
     over = [o for o in tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "s.db") if not o.startswith("search.sampler=")]
     cfg = compose_cfg([*over, "search.sampler=tpe", "search.solvers=[ddim,heun]"], tmp_path)
     with pytest.raises(ConfigError, match="needs search.sampler=autodiffusion"):
-        check_inputs(cfg)
+        validate(cfg)
 
 
 @pytest.mark.slow

@@ -1,9 +1,9 @@
-"""Checks of bad input that the run does not make yet, or makes only after expensive work.
+"""The one validation pass over the composed config, before any model is loaded.
 
-Each raises one of the errors in `autodiff_opt.errors.USER_ERRORS` (one line on stderr, exit 2) with
-the setting and the fix in its message. To be called at the start of `runner.build_experiment` /
-`runner.run`, before the model is loaded and before reference statistics are computed (see
-docs/errors.md for where each one goes). Nothing here loads a model or touches the data.
+Each check raises one of the errors in `autodiff_opt.core.errors.USER_ERRORS` (one line on stderr,
+exit 2) with the setting and the fix in its message. `validate(cfg)` runs them all, cheapest first
+(settings, then files and their headers); `run_all(cfg)` adds the storage and returns it opened.
+Nothing here loads a model or touches the data (docs/errors.md).
 """
 
 from __future__ import annotations
@@ -294,16 +294,71 @@ def open_storage(storage_cfg: Any):  # -> optuna.storages.BaseStorage
                         storage_cfg.grace_period, storage_cfg.max_retry)
 
 
-def run_all(cfg: Any):  # -> optuna.storages.BaseStorage
-    """Every check above that needs no plugin, cheapest first (settings, then file headers), then the storage opened: call before anything
-    is loaded, and use the storage it returns (check_storage alone creates no study, table or file)."""
+def check_config(cfg: Any) -> None:
+    """Checks that need no model: fail before any work."""
+    if cfg.search.num_steps < 1:
+        raise _config_error(f"search.num_steps={cfg.search.num_steps}: K must be at least 1")
+    if cfg.search.num_samples < 2:
+        raise _config_error(f"search.num_samples={cfg.search.num_samples}: FID needs at least 2 samples (use thousands)")
+    for i, steps in enumerate(cfg.search.schedules):
+        if len(steps) != cfg.search.num_steps and not cfg.search.solvers:
+            raise _config_error(f"search.schedules[{i}] has {len(steps)} steps but search.num_steps={cfg.search.num_steps}")
+    check_solver_gene(cfg)
+
+
+def check_solver_gene(cfg: Any) -> None:
+    """search.solvers: known names, no repeats, and a sampler that carries the gene."""
+    from autodiff_opt.solvers import SOLVERS
+
+    solvers = list(cfg.search.solvers)
+    unknown = [s for s in solvers if s not in SOLVERS]
+    if unknown:
+        raise _config_error(f"search.solvers={solvers}: {unknown} unknown; use names from {sorted(SOLVERS)}")
+    if len(set(solvers)) != len(solvers):
+        raise _config_error(f"search.solvers={solvers} lists a solver twice: list each once")
+    from autodiff_opt.search.samplers import EVOLUTIONARY, resolve
+
+    if solvers and resolve(cfg.search).sampler not in EVOLUTIONARY:
+        raise _config_error(f"search.solvers needs search.sampler=autodiffusion or autodiffusion_paper"
+                          f" (got {cfg.search.sampler}): the built-in samplers see steps only")
+    if solvers and cfg.search.stage2.enabled:
+        raise _config_error("search.solvers with search.stage2.enabled=true is not supported: leave one of them off")
+    if solvers:
+        from autodiff_opt.solvers import steps_for_nfe
+
+        lengths = {steps_for_nfe(s, cfg.search.num_steps) for s in solvers}
+        for i, steps in enumerate(cfg.search.schedules):
+            if len(steps) not in lengths:
+                raise _config_error(f"search.schedules[{i}] has {len(steps)} steps but the solvers of search.solvers"
+                                  f" take {sorted(lengths)} at NFE search.num_steps={cfg.search.num_steps}")
+
+
+def check_files(cfg: Any) -> None:
+    """Every configured input file that is absent, all named at once."""
+    from autodiff_opt.models.factory import missing_files
+
+    missing = missing_files(cfg)
+    if missing:
+        raise _config_error("input files are missing, nothing was started:\n  " + "\n  ".join(missing))
+
+
+def validate(cfg: Any) -> None:
+    """Every check above that needs no plugin and no storage, cheapest first: settings, then files."""
+    check_config(cfg)
     check_search(cfg.search)
     check_seeds(cfg.search.get("seed", 0), cfg.get("final"))
     check_device(str(cfg.device))
     check_runtime(cfg)
     check_model_folder(str(cfg.model.pretrained), cfg.model.subfolder)
     check_checkpoints(cfg.model)
+    check_files(cfg)
     check_solver_fits_model(str(cfg.solver.name), str(cfg.model.pretrained), cfg.model.subfolder,
                             list(cfg.search.get("peers") or []))
+
+
+def run_all(cfg: Any):  # -> optuna.storages.BaseStorage
+    """``validate``, then the storage checked and opened: call before anything is loaded, and use the
+    storage it returns (check_storage alone creates no study, table or file)."""
+    validate(cfg)
     check_storage(str(cfg.storage.url))
     return open_storage(cfg.storage)

@@ -116,43 +116,6 @@ def with_solvers(genomes: dict[str, Genome], space: SearchSpace) -> dict[str, Ge
             if g.solver is None and g.num_steps == space.steps_for(s)}
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Checks that need no model: fail before any work."""
-    if cfg.search.num_steps < 1:
-        raise ConfigError(f"search.num_steps={cfg.search.num_steps}: K must be at least 1")
-    if cfg.search.num_samples < 2:
-        raise ConfigError(f"search.num_samples={cfg.search.num_samples}: FID needs at least 2 samples (use thousands)")
-    for i, steps in enumerate(cfg.search.schedules):
-        if len(steps) != cfg.search.num_steps and not cfg.search.solvers:
-            raise ConfigError(f"search.schedules[{i}] has {len(steps)} steps but search.num_steps={cfg.search.num_steps}")
-    check_solver_gene(cfg)
-
-
-def check_solver_gene(cfg: DictConfig) -> None:
-    """search.solvers: known names, no repeats, and a sampler that carries the gene."""
-    from autodiff_opt.solvers import SOLVERS
-
-    solvers = list(cfg.search.solvers)
-    unknown = [s for s in solvers if s not in SOLVERS]
-    if unknown:
-        raise ConfigError(f"search.solvers={solvers}: {unknown} unknown; use names from {sorted(SOLVERS)}")
-    if len(set(solvers)) != len(solvers):
-        raise ConfigError(f"search.solvers={solvers} lists a solver twice: list each once")
-    if solvers and resolve(cfg.search).sampler not in EVOLUTIONARY:
-        raise ConfigError(f"search.solvers needs search.sampler=autodiffusion or autodiffusion_paper"
-                          f" (got {cfg.search.sampler}): the built-in samplers see steps only")
-    if solvers and cfg.search.stage2.enabled:
-        raise ConfigError("search.solvers with search.stage2.enabled=true is not supported: leave one of them off")
-    if solvers:
-        from autodiff_opt.solvers import steps_for_nfe
-
-        lengths = {steps_for_nfe(s, cfg.search.num_steps) for s in solvers}
-        for i, steps in enumerate(cfg.search.schedules):
-            if len(steps) not in lengths:
-                raise ConfigError(f"search.schedules[{i}] has {len(steps)} steps but the solvers of search.solvers"
-                                  f" take {sorted(lengths)} at NFE search.num_steps={cfg.search.num_steps}")
-
-
 def import_plugins(modules: list[str]) -> None:
     """Import user modules named in `imports` (they may register feature extractors with torch-fidelity)."""
     import importlib
@@ -162,16 +125,6 @@ def import_plugins(modules: list[str]) -> None:
             importlib.import_module(name)
         except ImportError as err:
             raise ConfigError(f"imports: cannot import {name!r} ({err}): check the name and PYTHONPATH") from err
-
-
-def check_inputs(cfg: DictConfig) -> None:
-    """Everything that needs no model, cheapest first: settings, then files."""
-    from autodiff_opt.models.factory import missing_files
-
-    check_config(cfg)
-    missing = missing_files(cfg)
-    if missing:
-        raise ConfigError("input files are missing, nothing was started:\n  " + "\n  ".join(missing))
 
 
 def build_experiment(cfg: DictConfig) -> Experiment:
@@ -202,55 +155,52 @@ def build_experiment(cfg: DictConfig) -> Experiment:
                                compile_scope="layers" if cfg.search.stage2.enabled else "unet")
     samples = SampleSet.draw(cfg.search.num_samples, model.sample_shape, model.num_classes, cfg.search.seed)
     space = SearchSpace(cfg.search.num_steps, T, solvers=tuple(cfg.search.solvers))
-    exp = Experiment(cfg, model, scorer, reference, space, generator, samples, baselines, setup=resolve(cfg.search))
-    if cfg.search.stage2.enabled:
-        attach_stage2(exp)
-    return exp
+    stage2: dict[str, Any] = stage2_setup(cfg, model) if cfg.search.stage2.enabled else {}
+    return Experiment(cfg, model, scorer, reference, stage2.pop("space", space), generator, samples, baselines,
+                      setup=resolve(cfg.search), **stage2)
 
 
-def attach_stage2(exp: Experiment) -> None:
-    """Measure per-layer FLOPs once, set the budget, and widen K to what the budget may buy."""
+def stage2_setup(cfg: DictConfig, model: DiffusionModel) -> dict[str, Any]:
+    """Stage 2's part of the experiment, built once: per-layer FLOPs measured, the budget, K widened to
+    what the budget may buy, the cache baselines (``Experiment`` fields space, stage2, layer_costs, caches)."""
     from autodiff_opt.arch.budget import Budget
     from autodiff_opt.arch.flops import measure_model_costs
     from autodiff_opt.arch.skip import model_skipper
     from autodiff_opt.search.stage2 import Stage2Policy
 
-    cfg, s2 = exp.cfg, exp.cfg.search.stage2
-    K = cfg.search.num_steps
-    costs = measure_model_costs(exp.model, model_skipper(exp.model), cache_path=Path(cfg.cache_dir).expanduser() / "layer_costs.json")
-    k_max = min(K + s2.max_extra_steps, exp.space.num_train_timesteps)
+    s2, K, T = cfg.search.stage2, cfg.search.num_steps, model.num_train_timesteps
+    costs = measure_model_costs(model, model_skipper(model), cache_path=Path(cfg.cache_dir).expanduser() / "layer_costs.json")
+    k_max = min(K + s2.max_extra_steps, T)
     if s2.budget_layers is not None:
         budget = Budget.from_layer_count(len(costs.names), int(s2.budget_layers))
     elif s2.multi_objective:  # cost is an objective: the budget only bounds it at k_max full steps
         budget = costs.budget(float(k_max))
     else:
         budget = costs.budget(float(s2.budget_flops or K))
-    exp.space = SearchSpace(K, exp.space.num_train_timesteps, k_min=1, k_max=k_max)
-    exp.stage2 = Stage2Policy(budget, s2.max_prun, s2.ramp_steps, s2.start_generation, s2.patience,
-                              min_steps=1, max_steps=k_max)
-    exp.layer_costs = costs
-    exp.caches = cache_baselines(exp, k_max)
     log.info("stage 2: %d layers, budget %.2f full steps (%s), K in [1, %d]", len(costs.names),
              budget.full_steps, budget.unit, k_max)
+    return {"space": SearchSpace(K, T, k_min=1, k_max=k_max), "layer_costs": costs,
+            "stage2": Stage2Policy(budget, s2.max_prun, s2.ramp_steps, s2.start_generation, s2.patience,
+                                   min_steps=1, max_steps=k_max),
+            "caches": cache_baselines(cfg, model, k_max)}
 
 
-def cache_baselines(exp: Experiment, num_steps: int) -> dict[str, tuple[str, Genome]]:
+def cache_baselines(cfg: DictConfig, model: DiffusionModel, num_steps: int) -> dict[str, tuple[str, Genome]]:
     """search.stage2.caches on the first heuristic baseline at ``num_steps`` (the most steps the search may
     use): ``"flow_default+taylorseer": ("taylorseer", genome)``. Transformer denoisers only."""
     from autodiff_opt.arch.layers import is_transformer
 
-    names = list(exp.cfg.search.stage2.caches or [])
+    names = list(cfg.search.stage2.caches or [])
     if not names:
         return {}
-    if not is_transformer(exp.model.unet):
+    if not is_transformer(model.unet):
         raise ConfigError(f"search.stage2.caches={names}: diffusers' caches hook transformer blocks; this model's"
-                          f" denoiser is a {type(exp.model.unet).__name__}: set search.stage2.caches=[]")
-    if not exp.cfg.search.baselines:
+                          f" denoiser is a {type(model.unet).__name__}: set search.stage2.caches=[]")
+    if not cfg.search.baselines:
         raise ConfigError("search.stage2.caches needs a heuristic schedule to run on: list one in search.baselines")
-    base = str(exp.cfg.search.baselines[0])
-    T = exp.model.num_train_timesteps
-    steps = heuristic_steps(base, num_steps, T, exp.model.alphas_cumprod, getattr(exp.model, "shift", 1.0),
-                            getattr(exp.model, "dynamic_shift", False))
+    base = str(cfg.search.baselines[0])
+    steps = heuristic_steps(base, num_steps, model.num_train_timesteps, model.alphas_cumprod,
+                            getattr(model, "shift", 1.0), getattr(model, "dynamic_shift", False))
     return {f"{base}+{name}": (str(name), Genome.from_steps(steps)) for name in names}
 
 
@@ -492,8 +442,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
 
     from autodiff_opt.preflight import run_all
 
-    check_inputs(cfg)
-    storage = run_all(cfg)  # search sizes, device, model folder; the storage is opened (checked) before any model
+    storage = run_all(cfg)  # the one validation pass, then the storage opened (checked), before any model
     exp = build_experiment(cfg)
     study = open_study(storage, cfg.storage.study_name, study_signature(cfg, exp.space), make_sampler(exp),
                        num_objectives=2 if exp.multi_objective else 1,
