@@ -120,10 +120,10 @@ def main() -> None:
 
     server = None
     if not args.pg_url:
-        import pg
+        import pg  # tests/pg.py
 
         server = pg.start_server(durable=True)  # fsync on: the figures of a real server
-        args.pg_url = server.url()
+        args.pg_url = pg.url(server)
     tmp = Path(tempfile.mkdtemp(prefix="bench-storage-"))
     print(f"# bench_storage  python {platform.python_version()}, optuna {optuna.__version__}, {os.cpu_count()} CPUs,"
           f" load {os.getloadavg()[0]:.1f}")
@@ -162,7 +162,7 @@ def main() -> None:
                           f" | {r['overshoot']} | {r['generations_exact']} |", flush=True)
     finally:
         if server is not None:
-            server.stop()
+            pg.stop_server(server)
 
 
 if __name__ == "__main__":

@@ -368,27 +368,39 @@ def test_audit_counts_duplicates_overshoot_and_retries() -> None:
     assert not a.generations_complete(3, 1) and a.generations_complete(4, 1)
 
 
-# --- the throwaway server's own failure mode ------------------------------------------------------------------
-def test_missing_postgres_binaries_are_an_error_that_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+# --- the throwaway server (tests/pg.py) ---------------------------------------------------------------------
+def test_missing_postgres_binaries_are_an_error_that_says_how_to_install(monkeypatch: pytest.MonkeyPatch,
+                                                                         pytester: pytest.Pytester) -> None:
     import pg
 
-    monkeypatch.setattr(pg.shutil, "which", lambda name: None)
-    monkeypatch.setattr(pg.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(pg, "which", lambda name: None)
+    monkeypatch.setattr(pg, "glob", lambda pattern: [])
     with pytest.raises(pg.PostgresUnavailable, match="apt-get install -y postgresql"):
-        pg.find_bin_dir()
+        pg.find_pg_ctl()
     with pytest.raises(pg.PostgresUnavailable):
         pg.start_server()
+    # a test that needs the server fails at its setup with that message (in process: the patches hold)
+    pytester.makeconftest("from pg import pg_proc, pg_server, pg_url  # noqa: F401")
+    pytester.makepyfile("def test_needs_a_server(pg_url):\n    pass\n")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:xdist")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*were not found: install them with `apt-get install -y postgresql`*"])
 
 
-def test_the_throwaway_server_listens_on_loopback_only(pg_server) -> None:  # noqa: ANN001
+def test_the_throwaway_server_listens_on_loopback_only_and_asks_for_a_password(pg_server) -> None:  # noqa: ANN001
     import psycopg
 
-    con = psycopg.connect(host="127.0.0.1", port=pg_server.port, user="postgres", dbname="postgres", connect_timeout=10)
+    con = psycopg.connect(host="127.0.0.1", port=pg_server.port, user="postgres", password=pg_server.password,
+                          dbname="postgres", connect_timeout=10)
     try:
         with con.cursor() as cur:
             cur.execute("SHOW listen_addresses")
             assert cur.fetchone()[0] == "127.0.0.1"
             cur.execute("SHOW unix_socket_directories")
-            assert cur.fetchone()[0] == str(pg_server.root)
+            assert cur.fetchone()[0] == pg_server.unixsocketdir
+            cur.execute("SELECT current_setting('fsync')")
+            assert cur.fetchone()[0] == "off"  # a test server: nothing to keep after a crash
     finally:
         con.close()
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        psycopg.connect(host="127.0.0.1", port=pg_server.port, user="postgres", dbname="postgres", connect_timeout=10)
