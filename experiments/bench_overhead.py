@@ -32,6 +32,7 @@ def measure(exp: Any, sampler_name: str, storage: str, candidates: int, tmp: Pat
     from autodiff_opt.preflight import open_storage
     from autodiff_opt import runner
     from autodiff_opt.search.fidelity import make_pruner
+    from autodiff_opt.search.progress import Progress
     from autodiff_opt.search.samplers import resolve
     from autodiff_opt.search.study import open_study
 
@@ -47,7 +48,7 @@ def measure(exp: Any, sampler_name: str, storage: str, candidates: int, tmp: Pat
     runner.seed_study(study, exp)
     objective = runner.make_objective(exp)
     budget = runner._stop_rule(study, exp)
-    progress = runner._Progress(budget, 0.0, 10, False)
+    progress = Progress(budget, 0.0, 10, False)
     statements = _count_statements(store)
     t0 = time.perf_counter()
     study.optimize(objective, callbacks=[progress], catch=(Exception,), gc_after_trial=False)

@@ -10,7 +10,7 @@
     objective that sleeps `--sleep` s) on PostgreSQL: candidates per minute and the ratio to ideal
     scaling (N workers x 60/sleep). Workers start together after their imports (a file barrier).
 (c) Races across workers: genomes evaluated twice, slots taken twice, candidates past the last
-    generation, for the bare sampler and for StudyLockedSampler, with that sleep and with 0.01 s.
+    generation, for the sampler without and with its study lock, with that sleep and with 0.01 s.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "src")]
 import cheap_worker as cw  # noqa: E402  (loads the sampler without torch)
 import optuna  # noqa: E402
 
-from autodiff_opt.search.concurrency import audit  # noqa: E402
+from audit import audit  # noqa: E402  (tests/audit.py)
 from autodiff_opt.search.space import suggest_genome  # noqa: E402
 from autodiff_opt.search.study import make_storage  # noqa: E402
 
@@ -120,10 +120,10 @@ def main() -> None:
 
     server = None
     if not args.pg_url:
-        import pg
+        import pg  # tests/pg.py
 
         server = pg.start_server(durable=True)  # fsync on: the figures of a real server
-        args.pg_url = server.url()
+        args.pg_url = pg.url(server)
     tmp = Path(tempfile.mkdtemp(prefix="bench-storage-"))
     print(f"# bench_storage  python {platform.python_version()}, optuna {optuna.__version__}, {os.cpu_count()} CPUs,"
           f" load {os.getloadavg()[0]:.1f}")
@@ -142,7 +142,7 @@ def main() -> None:
         if "b" not in skip:
             pop, gens = args.scaling_population, args.scaling_generations
             print(f"\n## (b) throughput on PostgreSQL, objective sleeps {args.sleep}s, {pop}x{gens} candidates,"
-                  " StudyLockedSampler")
+                  " the sampler with its study lock")
             print("| workers | candidates | seconds | candidates/min | ratio to ideal | lock wait s (all workers) |")
             print("|---|---|---|---|---|---|")
             for n in [int(x) for x in args.workers.split(",")]:
@@ -162,7 +162,7 @@ def main() -> None:
                           f" | {r['overshoot']} | {r['generations_exact']} |", flush=True)
     finally:
         if server is not None:
-            server.stop()
+            pg.stop_server(server)
 
 
 if __name__ == "__main__":

@@ -22,15 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 # The sampler imports neither torch nor autodiff_opt.arch, so a worker starts in about 1 s.
 import optuna  # noqa: E402
 
-from autodiff_opt.search.concurrency import (  # noqa: E402
-    SearchBudget,
-    StudyLockedSampler,
-    journal_storage,
-)
 from autodiff_opt.core.genome import Genome  # noqa: E402
+from autodiff_opt.search.progress import SearchBudget  # noqa: E402
 from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig  # noqa: E402
 from autodiff_opt.search.space import SearchSpace, genome_params, suggest_genome  # noqa: E402
-from autodiff_opt.search.study import make_storage  # noqa: E402
+from autodiff_opt.search.study import journal_storage, make_storage  # noqa: E402
 
 SPACE = SearchSpace(num_steps=4, num_train_timesteps=1000)
 TARGET = (900, 600, 300, 50)
@@ -58,8 +54,9 @@ class RendezvousSampler(AutoDiffusionSampler):
     """The real sampler, paused after choosing its slot until `parties` workers have chosen one (at most
     `pause` s): the interleaving in which workers race for one slot, made certain for a test."""
 
-    def __init__(self, population: int, rendezvous: Path, name: str, parties: int, pause: float) -> None:
-        super().__init__(SPACE, evolution(population), anchor=ANCHOR, seed=0)
+    def __init__(self, population: int, rendezvous: Path, name: str, parties: int, pause: float,
+                 lock_timeout: float | None) -> None:
+        super().__init__(SPACE, evolution(population), anchor=ANCHOR, seed=0, lock_timeout=lock_timeout)
         self.rendezvous, self.name, self.parties, self.pause = rendezvous, name, parties, pause
 
     def _next_slot(self, trials):  # type: ignore[no-untyped-def]
@@ -73,12 +70,12 @@ class RendezvousSampler(AutoDiffusionSampler):
 
 
 def make_sampler(population: int, lock: bool, seed: int = 0, rendezvous: str | None = None, name: str = "",
-                 pause: float = 4.0) -> optuna.samplers.BaseSampler:
+                 pause: float = 4.0) -> AutoDiffusionSampler:
+    """The real sampler; `lock=False` decides without the study lock (the race it prevents)."""
+    timeout = 120.0 if lock else None
     if rendezvous:
-        sampler: AutoDiffusionSampler = RendezvousSampler(population, Path(rendezvous), name, 2, pause)
-    else:
-        sampler = AutoDiffusionSampler(SPACE, evolution(population), anchor=ANCHOR, seed=seed)
-    return StudyLockedSampler(sampler) if lock else sampler
+        return RendezvousSampler(population, Path(rendezvous), name, 2, pause, timeout)
+    return AutoDiffusionSampler(SPACE, evolution(population), anchor=ANCHOR, seed=seed, lock_timeout=timeout)
 
 
 def create(storage: optuna.storages.BaseStorage, name: str, population: int) -> optuna.Study:
@@ -98,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--population", type=int, default=8)
     p.add_argument("--generations", type=int, default=4)
     p.add_argument("--sleep", type=float, default=0.1, help="seconds per candidate")
-    p.add_argument("--lock", action=argparse.BooleanOptionalAction, default=True, help="StudyLockedSampler")
+    p.add_argument("--lock", action=argparse.BooleanOptionalAction, default=True, help="the sampler's study lock")
     p.add_argument("--heartbeat", type=int, default=1, help="heartbeat interval in s (0: none)")
     p.add_argument("--grace", type=int, default=4, help="s without a beat before a trial is stale (> storage latency)")
     p.add_argument("--stop", choices=("budget", "complete"), default="budget",
@@ -153,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     study.optimize(objective, n_trials=args.max_trials, callbacks=[stop], catch=(Exception,), gc_after_trial=False)
     print(json.dumps({"worker": args.worker, "trials": done["n"], "seconds": round(time.perf_counter() - t0, 3),
-                      "lock_wait": round(getattr(sampler, "lock_wait_seconds", 0.0), 4)}), flush=True)
+                      "lock_wait": round(sampler.lock_wait_seconds, 4)}), flush=True)
     return 0
 
 

@@ -12,7 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from randconv_extractor import TEST_EXTRACTOR  # noqa: E402,F401  (registers it with torch-fidelity)
-from pg import pg_server, pg_url  # noqa: E402,F401  (a throwaway PostgreSQL server: tests/pg.py)
+from pg import pg_proc, pg_server, pg_url  # noqa: E402,F401  (a throwaway PostgreSQL server: tests/pg.py)
+
+pytest_plugins = ["pytester"]  # tests/test_concurrency.py runs a session that needs a missing server
 
 
 def make_tiny_unet(num_classes: int | None = None, out_channels: int = 1, seed: int = 0) -> torch.nn.Module:

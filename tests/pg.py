@@ -1,49 +1,55 @@
-"""A throwaway PostgreSQL server for tests and benchmarks, from the Debian `postgresql` binaries.
+"""A throwaway PostgreSQL server for tests and benchmarks: pytest-postgresql's process fixture.
 
-`start_server()` runs initdb and pg_ctl in a fresh temporary directory (trust authentication, listening
-on 127.0.0.1 on a free port and on a unix socket in that directory only) and returns a handle whose
-`stop()` shuts the server down and deletes the directory. initdb and pg_ctl refuse to run as root, so
-as root they run as the `postgres` system user (created by the Debian package) via runuser/su.
+`pg_proc` is pytest-postgresql's `postgresql_proc`: initdb and pg_ctl in the session's temporary
+directory, a free port, one server per test session (per xdist worker), listening on 127.0.0.1 only,
+fsync off. Its executable is tests/pg_ctl, which as root (CI) runs pg_ctl in a user namespace, since
+PostgreSQL refuses root. Such a server can still open what root owns, so it asks for a password (random
+per session) instead of trusting every local connection.
 
 Missing binaries are an error, never a skip: CI (.ci/run) installs the package, so a missing server
 means a broken machine, and the PostgreSQL tests must say so.
 
-Fixtures (imported into conftest.py): `pg_server` (one server per test session) and `pg_url` (a fresh
-database per test, as an SQLAlchemy URL).
+Fixtures (imported into conftest.py): `pg_server` (the running server, pytest-postgresql's
+PostgreSQLExecutor) and `pg_url` (a fresh database per test, as an SQLAlchemy URL). `start_server()`
+starts the same server outside pytest (experiments/bench_storage.py).
 """
 
 from __future__ import annotations
 
-import glob
 import os
-import pwd
+import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
-from dataclasses import dataclass
+from glob import glob
 from pathlib import Path
+from shutil import which
 
 import pytest
+from pytest_postgresql import factories
+from pytest_postgresql.executors import PostgreSQLExecutor
+from pytest_postgresql.janitor import DatabaseJanitor
 
 INSTALL_HINT = "install them with `apt-get install -y postgresql` (.ci/run does this on CI)"
-SERVER_USER = "postgres"  # the system user the Debian package creates; also our database superuser
+PG_CTL = Path(__file__).with_name("pg_ctl")  # what pytest-postgresql runs; it runs $AUTODIFF_PG_CTL
+USER, HOST, PASSWORD = "postgres", "127.0.0.1", secrets.token_hex(16)
+FAST = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
 
 
 class PostgresUnavailable(RuntimeError):
-    """The server binaries are missing or the server would not start; the message says why."""
+    """The server binaries are missing or cannot run here; the message says why."""
 
 
-def find_bin_dir() -> Path:
-    """The directory holding initdb, pg_ctl and postgres: PATH first, then the newest /usr/lib/postgresql/*/bin."""
-    on_path = shutil.which("initdb")
-    candidates = [Path(os.path.realpath(on_path)).parent] if on_path else []
-    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: _version_key(Path(p).parent.name))
-    candidates += [Path(p) for p in reversed(versions)]
-    for folder in candidates:
-        if all((folder / exe).is_file() for exe in ("initdb", "pg_ctl", "postgres")):
-            return folder
+def find_pg_ctl() -> Path:
+    """pg_ctl from PATH, else from the newest /usr/lib/postgresql/*/bin (Debian's layout)."""
+    on_path = which("pg_ctl")
+    candidates = [Path(os.path.realpath(on_path))] if on_path else []
+    versions = sorted(glob("/usr/lib/postgresql/*/bin"), key=lambda p: _version_key(Path(p).parent.name))
+    candidates += [Path(p) / "pg_ctl" for p in reversed(versions)]
+    for pg_ctl in candidates:
+        if all((pg_ctl.parent / exe).is_file() for exe in ("initdb", "pg_ctl", "postgres")):
+            return pg_ctl
     raise PostgresUnavailable(f"PostgreSQL server binaries (initdb, pg_ctl, postgres) were not found: {INSTALL_HINT}")
 
 
@@ -51,120 +57,81 @@ def _version_key(name: str) -> tuple[int, ...]:
     return tuple(int(p) for p in name.split(".") if p.isdigit()) or (0,)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _as_server_user(cmd: list[str]) -> list[str]:
-    """Root cannot run initdb/pg_ctl: run them as the `postgres` system user."""
-    if os.geteuid() != 0:
-        return cmd
-    try:
-        pwd.getpwnam(SERVER_USER)
-    except KeyError as err:
-        raise PostgresUnavailable(f"running as root, but there is no {SERVER_USER!r} system user to run the server as:"
-                                  f" {INSTALL_HINT}") from err
-    if shutil.which("runuser"):
-        return ["runuser", "-u", SERVER_USER, "--", *cmd]
-    return ["su", SERVER_USER, "-s", "/bin/sh", "-c", " ".join(f"'{c}'" for c in cmd)]
-
-
-def _run(cmd: list[str], timeout: float) -> None:
-    proc = subprocess.run(_as_server_user(cmd), capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise PostgresUnavailable(f"{' '.join(cmd[:2])} failed ({proc.returncode}): {(proc.stderr or proc.stdout)[-1500:]}")
-
-
-@dataclass
-class PostgresServer:
-    root: Path
-    bin_dir: Path
-    port: int
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def log_file(self) -> Path:
-        return self.root / "server.log"
-
-    def url(self, database: str = "postgres") -> str:
-        return f"postgresql://{SERVER_USER}@127.0.0.1:{self.port}/{database}"
-
-    def create_database(self, name: str | None = None) -> str:
-        """A new empty database; returns its URL."""
-        import psycopg
-
-        name = name or f"t_{uuid.uuid4().hex[:12]}"
-        con = psycopg.connect(host="127.0.0.1", port=self.port, user=SERVER_USER, dbname="postgres", connect_timeout=10,
-                              autocommit=True)
-        try:
-            with con.cursor() as cur:
-                cur.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            con.close()
-        return self.url(name)
-
-    def stop(self) -> None:
-        """Fast shutdown (immediate if that hangs), then delete the directory."""
-        pg_ctl = str(self.bin_dir / "pg_ctl")
-        for mode in ("fast", "immediate"):
-            try:
-                _run([pg_ctl, "stop", "-D", str(self.data_dir), "-m", mode, "-w", "-t", "20"], timeout=40)
-                break
-            except (PostgresUnavailable, subprocess.TimeoutExpired):
-                continue
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-def start_server(durable: bool = False, max_connections: int = 100, attempts: int = 3) -> PostgresServer:
-    """initdb + pg_ctl start in a new temporary directory. `durable=False` turns fsync off (tests only)."""
-    bin_dir = find_bin_dir()
-    root = Path(tempfile.mkdtemp(prefix="autodiff-pg-"))
+def prepare() -> Path:
+    """Find pg_ctl and hand it to tests/pg_ctl (AUTODIFF_PG_CTL); as root, check that user namespaces work."""
+    pg_ctl = find_pg_ctl()
     if os.geteuid() == 0:
-        entry = pwd.getpwnam(SERVER_USER)
-        os.chown(root, entry.pw_uid, entry.pw_gid)
-    root.chmod(0o700)
-    server = PostgresServer(root, bin_dir, 0)
-    try:
-        _run([str(bin_dir / "initdb"), "-D", str(server.data_dir), "-U", SERVER_USER, "--auth=trust",
-              "-E", "UTF8", "--locale=C", "--no-sync"], timeout=120)
-        settings = [f"listen_addresses=127.0.0.1", f"unix_socket_directories={root}", f"max_connections={max_connections}"]
-        if not durable:
-            settings += ["fsync=off", "synchronous_commit=off", "full_page_writes=off"]
-        last_error: Exception | None = None
-        for _ in range(attempts):  # a free port can be taken between free_port() and the server's bind
-            server.port = free_port()
-            options = " ".join(f"-c {s}" for s in settings) + f" -p {server.port}"
-            try:
-                _run([str(bin_dir / "pg_ctl"), "start", "-D", str(server.data_dir), "-l", str(server.log_file),
-                      "-w", "-t", "60", "-o", options], timeout=90)
-                return server
-            except (PostgresUnavailable, subprocess.TimeoutExpired) as err:
-                last_error = err
-        log_tail = server.log_file.read_text()[-1500:] if server.log_file.is_file() else ""
-        raise PostgresUnavailable(f"the PostgreSQL server did not start: {last_error}\n{log_tail}")
-    except BaseException:
-        server.stop()
-        raise
+        try:
+            probe = subprocess.run(["unshare", "--user", "--map-user=65534", "--map-group=65534", "--", "true"],
+                                   capture_output=True, text=True, timeout=30)
+            refused = probe.returncode != 0 and (probe.stderr.strip() or f"exit {probe.returncode}")
+        except OSError as err:
+            refused = str(err)
+        if refused:
+            raise PostgresUnavailable(
+                "the tests run as root, which PostgreSQL refuses; tests/pg_ctl runs it in a user namespace"
+                f" (unshare --user), which this machine refuses ({refused}): run the tests as another user")
+    os.environ["AUTODIFF_PG_CTL"] = str(pg_ctl)  # read by tests/pg_ctl until the server is stopped
+    return pg_ctl
+
+
+pg_proc = factories.postgresql_proc(executable=str(PG_CTL), host=HOST, port=None, user=USER, password=PASSWORD,
+                                    postgres_options=f"-c listen_addresses={HOST} {FAST}")
+
+
+def url(server: PostgreSQLExecutor, database: str = "postgres") -> str:
+    return f"postgresql://{server.user}:{server.password}@{server.host}:{server.port}/{database}"
+
+
+def create_database(server: PostgreSQLExecutor, name: str | None = None) -> str:
+    """A new empty database; returns its URL."""
+    name = name or f"t_{uuid.uuid4().hex[:12]}"
+    DatabaseJanitor(user=server.user, host=server.host, port=server.port, dbname=name, password=server.password).init()
+    return url(server, name)
 
 
 @pytest.fixture(scope="session")
-def pg_server() -> "PostgresServer":
+def pg_server(request: pytest.FixtureRequest) -> PostgreSQLExecutor:
     """One throwaway server for the test session; fails (not skips) when PostgreSQL is not installed."""
     try:
-        server = start_server()
+        prepare()
     except PostgresUnavailable as err:
         pytest.fail(str(err), pytrace=False)
-    yield server
-    server.stop()
+    return request.getfixturevalue("pg_proc")
 
 
 @pytest.fixture
-def pg_url(pg_server: PostgresServer) -> str:
+def pg_url(pg_server: PostgreSQLExecutor) -> str:
     """A fresh database on the session's server, as an SQLAlchemy URL."""
-    return pg_server.create_database()
+    return create_database(pg_server)
 
+
+def start_server(durable: bool = False) -> PostgreSQLExecutor:
+    """The same server outside pytest, in a new temporary directory; `durable=True` keeps fsync on.
+    Stop it with stop_server()."""
+    prepare()
+    import port_for
+
+    root = Path(tempfile.mkdtemp(prefix="autodiff-pg-"))
+    durability = "-c fsync=on -c synchronous_commit=on -c full_page_writes=on" if durable else FAST  # after pg_ctl's -F
+    server = PostgreSQLExecutor(executable=str(PG_CTL), host=HOST, port=port_for.select_random(),
+                                datadir=str(root / "data"), unixsocketdir=str(root), logfile=str(root / "server.log"),
+                                startparams="-w", dbname="postgres", user=USER, password=PASSWORD,
+                                postgres_options=f"-c listen_addresses={HOST} {durability}")
+    try:
+        server.start()
+        with DatabaseJanitor(user=USER, host=HOST, port=server.port, dbname="postgres", password=PASSWORD).cursor():
+            pass  # connects, retrying while the server is still starting up (as the fixture's janitor does)
+    except BaseException:
+        stop_server(server)
+        raise
+    return server
+
+
+def stop_server(server: PostgreSQLExecutor) -> None:
+    """Stop a server of start_server() and delete its directory."""
+    try:
+        if server.running():
+            server.stop()
+    finally:
+        shutil.rmtree(Path(server.datadir).parent, ignore_errors=True)

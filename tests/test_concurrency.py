@@ -1,5 +1,9 @@
 """The pieces many workers rely on, one at a time: URLs, the study lock, journal heartbeats, the end of a
-search, orphan recovery, the slot rule, audits. (The processes themselves: tests/test_workers.py.)"""
+search, orphan recovery, the slot rule, audits. (The processes themselves: tests/test_workers.py.)
+
+Where they live: search/study.py (storages, journal heartbeats), search/lock.py (the lock),
+search/sampler.py (the locked decision, the slot rule), search/recovery.py (owners, dead and orphaned
+trials), search/progress.py (the end of a search), tests/audit.py (the audit)."""
 
 from __future__ import annotations
 
@@ -17,25 +21,15 @@ from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState, create_trial
 
 import cheap_worker as cw
-from autodiff_opt.search.concurrency import (
-    HEARTBEAT_ATTR,
-    OWNER_ATTR,
-    HeartbeatJournalStorage,
-    SearchBudget,
-    StudyLockedSampler,
-    audit,
-    budget_status,
-    fail_dead_local_trials,
-    fail_orphaned_trials,
-    journal_storage,
-    next_slot,
-    process_start,
-    study_lock,
-    this_host,
-)
-from autodiff_opt.search.sampler import count_by_generation
+from audit import audit
+from autodiff_opt.core.keys import HEARTBEAT_ATTR, OWNER_ATTR
+from autodiff_opt.search.lock import study_lock
+from autodiff_opt.search.progress import SearchBudget, budget_status
+from autodiff_opt.search.recovery import fail_dead_local_trials, fail_orphaned_trials, process_start, this_host
+from autodiff_opt.search.sampler import count_by_generation, next_slot
+from autodiff_opt.search.samplers import builtin_sampler
 from autodiff_opt.search.space import GENERATION_ATTR, GENOME_ATTR, SLOT_ATTR
-from autodiff_opt.search.study import make_storage
+from autodiff_opt.search.study import HeartbeatJournalStorage, journal_storage, make_storage
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -100,9 +94,8 @@ def test_study_lock_is_exclusive(kind: str, tmp_path: Path, request: pytest.Fixt
         assert start >= end - 1e-3, spans  # one holder at a time
 
 
-def test_locked_sampler_keeps_the_sampler_and_its_generations(tmp_path: Path) -> None:
-    sampler = StudyLockedSampler(cw.make_sampler(8, lock=False))
-    assert sampler.evolution.population == 8 and sampler.space is cw.SPACE  # attributes of the wrapped sampler
+def test_the_sampler_decides_under_the_lock_and_keeps_its_generations(tmp_path: Path) -> None:
+    sampler = cw.make_sampler(8, lock=True)
     storage = make_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=1, grace_period=2)
     study = optuna.create_study(storage=storage, sampler=sampler)
     study.optimize(lambda t: cw.distance(cw.suggest_genome(t, cw.SPACE)), n_trials=24)
@@ -111,9 +104,9 @@ def test_locked_sampler_keeps_the_sampler_and_its_generations(tmp_path: Path) ->
     assert 0 < sampler.lock_wait_seconds < 30
 
 
-def test_locked_sampler_waits_for_another_holder_and_counts_the_wait() -> None:
+def test_the_sampler_waits_for_another_holder_and_counts_the_wait() -> None:
     storage = optuna.storages.InMemoryStorage()
-    sampler = StudyLockedSampler(cw.make_sampler(8, lock=False))
+    sampler = cw.make_sampler(8, lock=True)
     study = optuna.create_study(storage=storage, sampler=sampler)
     held, released_at = threading.Event(), []
 
@@ -133,6 +126,30 @@ def test_locked_sampler_waits_for_another_holder_and_counts_the_wait() -> None:
     assert asked_at >= released_at[0] and GENOME_ATTR in study.trials[trial.number].system_attrs
     # it waited from after `before` until after the release: the wait it counts lies within the ask
     assert 0 < sampler.lock_wait_seconds <= asked_at - before + 0.01
+
+
+def test_optunas_samplers_take_no_study_lock() -> None:
+    """Their before_trial writes nothing a lock could guard: an ask passes while another worker holds it."""
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, sampler=builtin_sampler("tpe", 0))
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with study_lock(optuna.load_study(study_name=study.study_name, storage=storage), timeout=30):
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(30)
+        t0 = time.monotonic()
+        trial = study.ask()
+        assert time.monotonic() - t0 < 10  # not the 30 s the holder keeps the lock
+        assert OWNER_ATTR in study.trials[trial.number].system_attrs  # but the trial is claimed
+    finally:
+        release.set()
+        holder.join(30)
 
 
 # --- heartbeats for journal files ----------------------------------------------------------------------
@@ -235,9 +252,11 @@ def test_a_restart_fails_its_hosts_dead_trials_at_once_and_keeps_the_others(tmp_
         zombie.wait()
 
 
-def test_the_locked_sampler_records_each_trials_owner(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["autodiffusion", "tpe", "cmaes", "gp", "random"])
+def test_every_sampler_records_each_trials_owner(name: str, tmp_path: Path) -> None:
     storage = make_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=1, grace_period=2)
-    study = optuna.create_study(storage=storage, sampler=StudyLockedSampler(cw.make_sampler(4, lock=False)))
+    sampler = cw.make_sampler(4, lock=True) if name == "autodiffusion" else builtin_sampler(name, 0)
+    study = optuna.create_study(storage=storage, sampler=sampler)
     study.optimize(lambda t: cw.distance(cw.suggest_genome(t, cw.SPACE)), n_trials=3)
     for trial in study.trials:
         host, pid, started, since = trial.system_attrs[OWNER_ATTR]
@@ -308,7 +327,7 @@ def test_search_budget_waits_for_running_trials_then_stops(caplog: pytest.LogCap
     finisher.join(10)
 
     stuck = _study_with(_complete(3, 2)[:-1] + [frozen(TrialState.RUNNING, 1, 2, "r")])
-    with caplog.at_level(logging.WARNING, logger="autodiff_opt.search.concurrency"):
+    with caplog.at_level(logging.WARNING, logger="autodiff_opt.search.progress"):
         assert SearchBudget(3, 2, poll=0.02, drain_timeout=0.2).should_stop(stuck)
     assert "still running elsewhere" in caplog.text
 
@@ -331,7 +350,7 @@ def test_search_budget_stops_when_the_sampler_moved_past_a_gap(caplog: pytest.Lo
     study = _study_with(trials + [frozen(TrialState.COMPLETE, 2, 0, "beyond")])
     status = budget_status(study.trials, 3, 2)
     assert (status.complete, status.assigned, status.beyond, status.running) == (5, 5, 1, 0)
-    with caplog.at_level(logging.WARNING, logger="autodiff_opt.search.concurrency"):
+    with caplog.at_level(logging.WARNING, logger="autodiff_opt.search.progress"):
         assert SearchBudget(3, 2, poll=0.01, drain_timeout=5).should_stop(study)
     assert "nothing left running" in caplog.text
 
@@ -349,27 +368,39 @@ def test_audit_counts_duplicates_overshoot_and_retries() -> None:
     assert not a.generations_complete(3, 1) and a.generations_complete(4, 1)
 
 
-# --- the throwaway server's own failure mode ------------------------------------------------------------------
-def test_missing_postgres_binaries_are_an_error_that_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+# --- the throwaway server (tests/pg.py) ---------------------------------------------------------------------
+def test_missing_postgres_binaries_are_an_error_that_says_how_to_install(monkeypatch: pytest.MonkeyPatch,
+                                                                         pytester: pytest.Pytester) -> None:
     import pg
 
-    monkeypatch.setattr(pg.shutil, "which", lambda name: None)
-    monkeypatch.setattr(pg.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(pg, "which", lambda name: None)
+    monkeypatch.setattr(pg, "glob", lambda pattern: [])
     with pytest.raises(pg.PostgresUnavailable, match="apt-get install -y postgresql"):
-        pg.find_bin_dir()
+        pg.find_pg_ctl()
     with pytest.raises(pg.PostgresUnavailable):
         pg.start_server()
+    # a test that needs the server fails at its setup with that message (in process: the patches hold)
+    pytester.makeconftest("from pg import pg_proc, pg_server, pg_url  # noqa: F401")
+    pytester.makepyfile("def test_needs_a_server(pg_url):\n    pass\n")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:xdist")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*were not found: install them with `apt-get install -y postgresql`*"])
 
 
-def test_the_throwaway_server_listens_on_loopback_only(pg_server) -> None:  # noqa: ANN001
+def test_the_throwaway_server_listens_on_loopback_only_and_asks_for_a_password(pg_server) -> None:  # noqa: ANN001
     import psycopg
 
-    con = psycopg.connect(host="127.0.0.1", port=pg_server.port, user="postgres", dbname="postgres", connect_timeout=10)
+    con = psycopg.connect(host="127.0.0.1", port=pg_server.port, user="postgres", password=pg_server.password,
+                          dbname="postgres", connect_timeout=10)
     try:
         with con.cursor() as cur:
             cur.execute("SHOW listen_addresses")
             assert cur.fetchone()[0] == "127.0.0.1"
             cur.execute("SHOW unix_socket_directories")
-            assert cur.fetchone()[0] == str(pg_server.root)
+            assert cur.fetchone()[0] == pg_server.unixsocketdir
+            cur.execute("SELECT current_setting('fsync')")
+            assert cur.fetchone()[0] == "off"  # a test server: nothing to keep after a crash
     finally:
         con.close()
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        psycopg.connect(host="127.0.0.1", port=pg_server.port, user="postgres", dbname="postgres", connect_timeout=10)

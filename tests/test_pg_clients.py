@@ -18,7 +18,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from pg import free_port
+from port_for import select_random
 from cli_helpers import run_cli, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -63,7 +63,7 @@ def test_optuna_cli_and_dashboard_read_a_study_the_cli_made(pg_url: str, tiny_mo
     # the value is named by the study's metric name
     assert {t["number"]: t["value"]["FID"] for t in json.loads(trials.stdout) if t["state"] == "COMPLETE"} == values
 
-    port = free_port()
+    port = select_random()
     server = subprocess.Popen([_exe("optuna-dashboard"), "--host", "127.0.0.1", "--port", str(port), pg_url],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

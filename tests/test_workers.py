@@ -4,7 +4,7 @@ The cheap workers (tests/cheap_worker.py) run the real AutoDiffusionSampler with
 objective that sleeps, so generations fill in seconds. What is checked, per storage:
   * every trial accounted for: only COMPLETE trials (and the killed one, FAIL) remain;
   * each generation 0..G-1 has exactly `population` COMPLETE trials, none beyond G;
-  * no genome evaluated twice and no slot taken twice (StudyLockedSampler: zero, not "few");
+  * no genome evaluated twice and no slot taken twice (the sampler's study lock: zero, not "few");
   * a SIGKILLed worker's trial is failed by heartbeat and retried with the same genome, generation, slot.
 The bare sampler's race (two workers taking one slot) is reproduced deterministically with threads,
 and shown gone under the study lock.
@@ -28,7 +28,8 @@ import torch
 from optuna.trial import TrialState
 
 import cheap_worker as cw
-from autodiff_opt.search.concurrency import audit, fail_orphaned_trials
+from audit import audit
+from autodiff_opt.search.recovery import fail_orphaned_trials
 from autodiff_opt.search.space import GENERATION_ATTR, GENOME_ATTR, SLOT_ATTR
 from cli_helpers import TESTS_DIR, cli_env, tiny_overrides
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +12,8 @@ import optuna
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
-from tqdm.auto import tqdm
 
-from autodiff_opt.core.errors import ConfigError, SearchAborted
+from autodiff_opt.core.errors import ConfigError
 from autodiff_opt.core.keys import PEERS_ATTR, SEEDED_ATTR
 from autodiff_opt.generate import ImageGenerator, SampleSet
 from autodiff_opt.metrics.fid import FIDScorer, FIDStats
@@ -29,7 +27,9 @@ from autodiff_opt.search.objective import Objective
 from autodiff_opt.search.sampler import AutoDiffusionSampler
 from autodiff_opt.search.samplers import EVOLUTION_KEYS, EVOLUTIONARY, SearchSetup, builtin_sampler, resolve
 from autodiff_opt.search.space import SearchSpace, best_fid_trial, fid_of, genome_params
-from autodiff_opt.search.concurrency import SearchBudget, StudyLockedSampler, fail_dead_local_trials, study_lock
+from autodiff_opt.search.lock import study_lock
+from autodiff_opt.search.progress import Progress, SearchBudget
+from autodiff_opt.search.recovery import fail_dead_local_trials
 from autodiff_opt.search.study import _redact, open_study
 from autodiff_opt.solvers import FLOW_HEURISTICS, flow_heuristic_schedule, heuristic_schedule
 from autodiff_opt.utils import pick_device
@@ -316,56 +316,6 @@ def _finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
-class _Progress:
-    """Progress over candidates (a bar on a terminal, a log line per `every` candidates in a file), and a
-    guard that stops a study whose candidates all fail."""
-
-    def __init__(self, budget: SearchBudget | ImageStepBudget, done: float, max_failures: int, enabled: bool,
-                 every: int = 10) -> None:
-        self.total = budget.candidates if isinstance(budget, ImageStepBudget) else budget.total
-        self.tty = sys.stderr.isatty()
-        self.bar = tqdm(total=round(self.total, 1), initial=round(done, 1), desc="candidates", unit="cand",
-                        disable=not (enabled and self.tty))
-        self.log_lines = enabled and not self.tty
-        self.budget, self.max_failures, self.failures = budget, max_failures, 0
-        self.best, self.done, self.every = float("inf"), done, every
-        self.next_line, self.t0, self.done0 = (done // every + 1) * every, time.perf_counter(), done
-
-    def _advance(self, trial: optuna.trial.FrozenTrial) -> None:
-        if isinstance(self.budget, ImageStepBudget):  # pruned candidates count the part they cost
-            step = trial.user_attrs.get("image_steps", 0) / self.budget.unit
-        else:
-            step = 1.0 if trial.state == TrialState.COMPLETE else 0.0
-        step = max(0.0, min(step, self.total - self.done))
-        self.done += step
-        self.bar.update(round(step, 3))
-        if self.log_lines and self.done >= self.next_line:
-            self.next_line = (self.done // self.every + 1) * self.every
-            elapsed = time.perf_counter() - self.t0
-            rate = (self.done - self.done0) / elapsed if elapsed > 0 else 0.0
-            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-            log.info("search: %.1f/%.0f candidates, best FID %.4g, %.2f candidates/s, ETA %.0fs",
-                     self.done, self.total, self.best, rate, eta)
-
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if trial.state == TrialState.COMPLETE:
-            self.failures = 0
-            self.best = min(self.best, fid_of(trial) if fid_of(trial) is not None else self.best)
-        self._advance(trial)
-        if trial.state == TrialState.COMPLETE:
-            self.bar.set_postfix(best=f"{self.best:.3f}", gen=trial.system_attrs.get("autodiff:generation"), refresh=False)
-        elif trial.state == TrialState.FAIL:
-            self.failures += 1
-            if self.failures >= self.max_failures:
-                study.stop()
-                raise SearchAborted(
-                    f"{self.failures} candidates failed in a row (last: {trial.user_attrs.get('fail_reason')}):"
-                    " the setup is broken, not the candidates; finished trials are kept in the study"
-                )
-        if self.budget.should_stop(study):  # generations 0..G-1 complete (waits for other workers' last trials)
-            study.stop()
-
-
 def make_objective(exp: Experiment) -> Objective:
     setup, T, K = exp.search_setup, exp.space.num_train_timesteps, exp.space.num_steps
     cost_fn = exp.layer_costs.genome_flops if exp.layer_costs is not None else None
@@ -377,7 +327,7 @@ def make_objective(exp: Experiment) -> Objective:
 
 
 def make_sampler(exp: Experiment, seed: int | None = None) -> optuna.samplers.BaseSampler:
-    """The configured sampler (seeded by search.seed unless given); it decides under the study lock."""
+    """The configured sampler (seeded by search.seed unless given); ours decide under the study lock."""
     from autodiff_opt.search.surrogate_sampler import SurrogateConfig, SurrogateEvolutionSampler
 
     setup = exp.search_setup
@@ -385,14 +335,14 @@ def make_sampler(exp: Experiment, seed: int | None = None) -> optuna.samplers.Ba
     anchor = exp.baselines.get("ddim_uniform") or exp.baselines.get("flow_uniform") or next(
         (g for name, g in exp.baselines.items() if name.startswith("ddim_uniform@")), None)
     if setup.sampler == "autodiffusion_paper":
-        inner: optuna.samplers.BaseSampler = AutoDiffusionSampler(exp.space, setup.evolution, anchor=anchor,
-                                                                  seed=seed, stage2=exp.stage2)
+        sampler: optuna.samplers.BaseSampler = AutoDiffusionSampler(exp.space, setup.evolution, anchor=anchor,
+                                                                    seed=seed, stage2=exp.stage2)
     elif setup.sampler == "autodiffusion":
-        inner = SurrogateEvolutionSampler(exp.space, setup.evolution, anchor=anchor, seed=seed,
-                                          stage2=exp.stage2, surrogate=SurrogateConfig(pool_size=setup.pool_size))
+        sampler = SurrogateEvolutionSampler(exp.space, setup.evolution, anchor=anchor, seed=seed,
+                                            stage2=exp.stage2, surrogate=SurrogateConfig(pool_size=setup.pool_size))
     else:
-        inner = builtin_sampler(setup.sampler, seed)
-    return StudyLockedSampler(inner)
+        sampler = builtin_sampler(setup.sampler, seed)
+    return sampler
 
 
 def _stop_rule(study: optuna.Study, exp: Experiment) -> SearchBudget | ImageStepBudget:
@@ -420,8 +370,8 @@ def run_search(study: optuna.Study, exp: Experiment) -> None:
         else:
             log.info("study %s already has %d/%d candidates: search done", study.study_name, done, total)
         return
-    progress = _Progress(budget, done, cfg.search.max_consecutive_failures, cfg.progress,
-                         every=exp.search_setup.evolution.population)
+    progress = Progress(budget, done, cfg.search.max_consecutive_failures, cfg.progress,
+                        every=exp.search_setup.evolution.population)
     if _finished(study):
         progress.best = fid_of(best_fid_trial(study)) or float("inf")
     if cfg.progress:  # the bar says it all; Optuna's per-trial lines stay in DEBUG

@@ -309,7 +309,7 @@ def recover_orphans(url: str, storage, study_name: str) -> None:
         return  # RDB storages: the final run fails stale trials by heartbeat and retries them
     import optuna
 
-    from autodiff_opt.search.concurrency import fail_orphaned_trials
+    from autodiff_opt.search.recovery import fail_orphaned_trials
 
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)

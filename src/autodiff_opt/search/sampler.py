@@ -8,11 +8,17 @@ memory, so a killed run resumes and several workers can share one study.
 Slots of generation 0: enqueued seeds (heuristic schedules) first, then mutants of the anchor
 (uniform) schedule, the last ``init_random`` slots random. Slots of later generations: ``num_mutants``
 mutants, ``num_crossovers`` crossovers, the rest random. Already-seen genomes are rejected.
+
+Many workers: the decision in ``before_trial`` (read the trials, choose, write) runs under the study
+lock (``search/lock.py``: without it two workers that interleave take one slot or draw one genome);
+before it, the trial is claimed (``search/recovery.py``: a beat and the owner record). Slots follow
+``next_slot``: the oldest generation's gap first, so a late failure's slot is refilled.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,8 +33,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autodiff_opt.search import solver_gene
 from autodiff_opt.search.attrs import set_trial_attrs
+from autodiff_opt.search.lock import study_lock
 from autodiff_opt.search.operators import JointSpace, Operator, OperatorSet
-from autodiff_opt.search.concurrency import next_slot
+from autodiff_opt.search.recovery import beat, claim_trial
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.stage2 import Stage2Policy
 from autodiff_opt.search.space import (
@@ -92,6 +99,30 @@ def _parsed(key: str) -> Genome:
     return Genome.from_json(key)
 
 
+def next_slot(trials: Sequence[FrozenTrial], population: int) -> tuple[int, int]:
+    """The lowest free slot of the oldest generation that has one; a new generation when all are full.
+
+    Looking only at the newest generation is the same thing with one worker, but with N workers a
+    candidate of generation g can fail after generation g+1 has begun: its slot would never be refilled
+    and generation g would end one short. Here the oldest gap is refilled first (with generation g's
+    cached parents, so the candidate is one generation g would have had).
+    """
+    counts: Counter[int] = Counter()
+    used: dict[int, set[int]] = {}
+    for t in trials:
+        generation = t.system_attrs.get(GENERATION_ATTR)
+        if t.state == TrialState.FAIL or generation is None:
+            continue
+        counts[generation] += 1
+        used.setdefault(generation, set()).add(t.system_attrs.get(SLOT_ATTR))
+    newest = max(counts) if counts else 0
+    for generation in range(newest + 1):
+        if counts[generation] < population:
+            taken = used.get(generation, set())
+            return generation, next(s for s in range(population + len(taken) + 1) if s not in taken)
+    return newest + 1, 0
+
+
 def genome_of(trial: FrozenTrial) -> Genome | None:
     """The trial's genome: its one home is the system attribute the sampler (or objective) wrote."""
     stored = trial.system_attrs.get(GENOME_ATTR)
@@ -110,7 +141,10 @@ class AutoDiffusionSampler(BaseSampler):
         anchor: Genome | None = None,
         seed: int | None = None,
         stage2: "Stage2Policy | None" = None,
+        *,
+        lock_timeout: float | None = 120.0,
     ) -> None:
+        """`lock_timeout`: seconds to wait for the study lock; None decides without it (only to show the race)."""
         self.space = space
         self.evolution = evolution or EvolutionConfig()
         self.anchor = anchor
@@ -118,6 +152,8 @@ class AutoDiffusionSampler(BaseSampler):
         self.stage2 = stage2
         self._fallback = RandomSampler(seed=self._seed)
         self._chosen: dict[int, Genome] = {}  # trial id -> the genome this process wrote (storage stays the truth)
+        self.lock_timeout = lock_timeout
+        self.lock_wait_seconds = 0.0  # time spent waiting for the study lock in this process (for benchmarks)
 
     def chosen_genome(self, trial_id: int) -> Genome | None:
         """The genome before_trial stored for a running trial of this process (saves a storage read)."""
@@ -149,11 +185,24 @@ class AutoDiffusionSampler(BaseSampler):
         return self._fallback.sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
-        if GENOME_ATTR in trial.system_attrs:  # a retry of a stale trial: same genome, same slot
+        claim_trial(study, trial)  # a beat and the owner record, before anything here can wait
+        if GENOME_ATTR in trial.system_attrs:  # a retry of a stale trial: same genome, same slot, no lock
             self._remember(trial._trial_id, genome_of(trial))
             return
         if any(d != StudyDirection.MINIMIZE for d in study.directions):
             raise ValueError("AutoDiffusionSampler minimises FID (and cost): create the study with direction='minimize'")
+        if self.lock_timeout is None:
+            self._decide(study, trial)
+            return
+        t0 = time.perf_counter()
+        with study_lock(study, self.lock_timeout):
+            self.lock_wait_seconds += time.perf_counter() - t0
+            self._decide(study, trial)
+        if time.perf_counter() - t0 > 1.0:  # a long wait or choice: beat again before Optuna's heartbeat thread starts
+            beat(study, trial)
+
+    def _decide(self, study: Study, trial: FrozenTrial) -> None:
+        """Read the trials, choose generation, slot and genome, write them: the section the lock guards."""
         trials = study.get_trials(deepcopy=False)
         generation, slot = self._next_slot(trials)
         rng = np.random.default_rng([self._seed, trial.number])

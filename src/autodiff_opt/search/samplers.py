@@ -4,7 +4,10 @@
   on sample prefixes (multi-fidelity); ``SurrogateEvolutionSampler``.
 - ``autodiffusion_paper``: the authors' evolution as published (population 50, ...); no pruning.
 - ``tpe``, ``cmaes``, ``gp``, ``random``: Optuna's own samplers on the stick-breaking fractions of
-  ``coding.py`` (stage 1 only: they have no notion of a per-step skip mask).
+  ``coding.py`` (stage 1 only: they have no notion of a per-step skip mask). They run as shipped, with
+  one addition: each trial's owner is recorded as it is taken up (``recovery.OwnerRecording``), so a
+  restart fails a dead worker's trial at once. They take no study lock: their ``before_trial`` writes
+  nothing (TPE's constant liar handles trials running elsewhere), so there is no section to guard.
 
 A setting left null takes the sampler's default here, so the defaults live in one place.
 """
@@ -17,6 +20,7 @@ from typing import Any
 
 import optuna
 
+from autodiff_opt.search.recovery import OwnerRecording
 from autodiff_opt.search.sampler import EvolutionConfig
 
 EVOLUTIONARY = ("autodiffusion", "autodiffusion_paper")
@@ -87,18 +91,34 @@ def resolve(search: Any) -> SearchSetup:
     return SearchSetup(name, evolution, generations, budget, prune, fractions, int(_get(search, "pool_size", 256)))
 
 
+class TPESampler(OwnerRecording, optuna.samplers.TPESampler):
+    """Optuna's TPE sampler, recording each trial's owner."""
+
+
+class CmaEsSampler(OwnerRecording, optuna.samplers.CmaEsSampler):
+    """Optuna's CMA-ES sampler, recording each trial's owner."""
+
+
+class GPSampler(OwnerRecording, optuna.samplers.GPSampler):
+    """Optuna's GP sampler, recording each trial's owner."""
+
+
+class RandomSampler(OwnerRecording, optuna.samplers.RandomSampler):
+    """Optuna's random sampler, recording each trial's owner."""
+
+
 def builtin_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     """Optuna's sampler as a user would set it up for a small continuous space."""
     if name == "tpe":
-        return optuna.samplers.TPESampler(multivariate=True, seed=seed, constant_liar=True)
+        return TPESampler(multivariate=True, seed=seed, constant_liar=True)
     if name == "cmaes":
         try:
             import cmaes  # noqa: F401  (Optuna imports it lazily; fail here with the fix)
         except ImportError as err:
             raise SamplerChoiceError("search.sampler=cmaes needs the cmaes package: pip install cmaes") from err
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+        return CmaEsSampler(seed=seed, warn_independent_sampling=False)
     if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
+        return GPSampler(seed=seed)
     if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
+        return RandomSampler(seed=seed)
     raise SamplerChoiceError(f"{name!r} is not one of Optuna's built-in samplers here: {BUILTIN}")
