@@ -154,3 +154,20 @@ def test_sampler_refuses_maximize() -> None:
     study = optuna.create_study(sampler=AutoDiffusionSampler(SPACE, SMALL, seed=0), direction="maximize")
     with pytest.raises(ValueError, match="minimi"):
         study.optimize(objective, n_trials=1)
+
+
+def test_enqueued_trials_take_the_genome_stored_with_them() -> None:
+    """The seeding stores each baseline's genome with its trial (masks and all); a trial a user enqueued with
+    plain params gets the genome of those params."""
+    from autodiff_opt.core.keys import ENQUEUED_GENOME_ATTR
+    from autodiff_opt.search.space import GENOME_ATTR
+
+    study = make_study()
+    seeded = Genome.from_steps([900, 600, 300, 50], [[1], [], [0, 2], []])
+    plain = Genome((800, 500, 200, 10))
+    study.enqueue_trial(genome_params(seeded, SPACE), user_attrs={ENQUEUED_GENOME_ATTR: seeded.key()})
+    study.enqueue_trial(genome_params(plain, SPACE))
+    first, second = study.ask(), study.ask()
+    stored = [Genome.from_json(t.storage.get_trial_system_attrs(t._trial_id)[GENOME_ATTR]) for t in (first, second)]
+    assert stored == [seeded, plain] and stored[0].has_skips
+    assert [study._storage.get_trial_system_attrs(t._trial_id)[OPERATOR_ATTR] for t in (first, second)] == ["enqueued"] * 2

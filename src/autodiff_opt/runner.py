@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from autodiff_opt.core.errors import ConfigError
-from autodiff_opt.core.keys import PEERS_ATTR, SEEDED_ATTR
+from autodiff_opt.core.keys import BASELINE_ATTR, ENQUEUED_GENOME_ATTR, PEERS_ATTR, SEEDED_ATTR
 from autodiff_opt.generate import ImageGenerator, SampleSet
 from autodiff_opt.metrics.fid import FIDScorer, FIDStats
 from autodiff_opt.metrics.reference import check_reference, reference_statistics
@@ -275,7 +275,8 @@ def seed_study(study: optuna.Study, exp: Experiment) -> None:
     if study._storage.get_study_system_attrs(study._study_id).get(SEEDED_ATTR):
         return
     for name, genome in exp.all_baselines().items():
-        study.enqueue_trial(exp.params_of(genome), user_attrs={"baseline": name}, skip_if_exists=True)
+        study.enqueue_trial(exp.params_of(genome), skip_if_exists=True,
+                            user_attrs={BASELINE_ATTR: name, ENQUEUED_GENOME_ATTR: genome.key()})
     study._storage.set_study_system_attr(study._study_id, SEEDED_ATTR, True)
 
 

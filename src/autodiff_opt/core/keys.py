@@ -17,6 +17,7 @@ RETRY_OF_ATTR = "failed_trial"  # set by Optuna's RetryHeartbeatStaleTrialCallba
 IMAGE_STEPS_ATTR = "image_steps"  # samples generated x network evaluations: the budget's unit
 FAIL_REASON_ATTR = "fail_reason"
 BASELINE_ATTR = "baseline"  # the heuristic or peer schedule an enqueued trial is
+ENQUEUED_GENOME_ATTR = "enqueued_genome"  # an enqueued trial's genome (Genome.key() JSON), what the sampler stores
 
 # Study attributes:
 SIGNATURE_ATTR = "autodiff:signature"

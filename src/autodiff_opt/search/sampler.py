@@ -51,7 +51,7 @@ from autodiff_opt.search.space import (
     pareto_ranks,
     step_param,
 )
-from autodiff_opt.core.keys import PARENT_CACHE_PREFIX
+from autodiff_opt.core.keys import ENQUEUED_GENOME_ATTR, PARENT_CACHE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,16 @@ def generation_of(trial: FrozenTrial) -> int | None:
 @lru_cache(maxsize=65536)
 def _parsed(key: str) -> Genome:
     return Genome.from_json(key)
+
+
+def enqueued_genome(trial: FrozenTrial, space: SearchSpace) -> Genome | None:
+    """The genome of an enqueued trial: the one the seeding stored with it, else (a trial a user enqueued
+    with ``study.enqueue_trial(params)``) read from the params Optuna fixed for it."""
+    stored = trial.user_attrs.get(ENQUEUED_GENOME_ATTR)
+    if stored is not None:
+        return Genome.from_json(stored)
+    fixed = trial.system_attrs.get("fixed_params")  # Optuna's own record of enqueue_trial's params
+    return genome_from_params(fixed, space, trial.user_attrs.get("skips")) if fixed is not None else None
 
 
 def next_slot(trials: Sequence[FrozenTrial], population: int) -> tuple[int, int]:
@@ -206,9 +216,8 @@ class AutoDiffusionSampler(BaseSampler):
         trials = study.get_trials(deepcopy=False)
         generation, slot = self._next_slot(trials)
         rng = np.random.default_rng([self._seed, trial.number])
-        fixed = trial.system_attrs.get("fixed_params")
-        if fixed is not None:
-            genome = genome_from_params(fixed, self.space, trial.user_attrs.get("skips"))
+        genome = enqueued_genome(trial, self.space)
+        if genome is not None:
             child = Offspring(genome, "enqueued", [], 2 if genome.has_skips else 1)
         else:
             seen = {t.system_attrs[GENOME_ATTR] for t in trials if GENOME_ATTR in t.system_attrs}
