@@ -335,15 +335,19 @@ def test_sd3_stage2_scores_diffusers_caches_at_their_measured_flops(sd3_dir: Pat
     assert "cache baseline flow_default+first_block failed" in proc.stderr + proc.stdout
 
 
-def test_caches_need_a_transformer(tmp_path: Path) -> None:
+def test_caches_need_a_transformer_and_known_names(tmp_path: Path) -> None:
     from cli_helpers import run_cli
 
     proc = run_cli(["search.stage2.enabled=true", "search.stage2.caches=[pab]", "search.generations=1",
                     f"storage.url=sqlite:///{tmp_path / 's.db'}", "progress=false"], tmp_path, tmp_path / "run")
     assert proc.returncode == 2
     assert "search.stage2.caches=['pab']: diffusers' caches hook transformer blocks" in proc.stderr
-    proc = run_cli(["search.stage2.caches=[teacache]"], tmp_path, tmp_path / "run2")
-    assert proc.returncode == 2 and "search.stage2.caches: ['teacache'] unknown" in proc.stderr
+    from autodiff_opt.preflight import ConfigError, check_stage2
+
+    with pytest.raises(ConfigError, match=r"search.stage2.caches: \['teacache'\] unknown"):
+        check_stage2({"units": "blocks", "caches": ["teacache"]})
+    with pytest.raises(ConfigError, match="search.stage2.units=layers: use blocks or sub_blocks"):
+        check_stage2({"units": "layers", "caches": []})
 
 
 def _schedule_doc(steps: list[int], skipped: list[list[str]], units: str = "blocks") -> dict[str, object]:
