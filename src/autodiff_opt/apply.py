@@ -12,11 +12,11 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from autodiff_opt.arch.layers import discover_layers, ids_from_names
+from autodiff_opt.arch.layers import Layer, discover_layers, ids_from_names
 from autodiff_opt.arch.skip import LayerSkipper, step_wrapper_for
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.generate import ImageGenerator, SampleSet
@@ -27,13 +27,30 @@ from autodiff_opt.utils import pick_device
 log = logging.getLogger(__name__)
 
 
-def schedule_genome(doc: dict[str, Any], model_unet: torch.nn.Module | None = None, units: str = "blocks") -> Genome:
-    """The genome of a schedule file; skipped layers by name when present (stable across processes)."""
+def read_schedule(schedule: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """A schedule file's contents (or the dict itself)."""
+    return schedule if isinstance(schedule, dict) else json.loads(Path(schedule).read_text())
+
+
+def skip_units(doc: dict[str, Any]) -> str:
+    """The units the schedule's layer names refer to (transformers: blocks or sub_blocks)."""
+    return str(doc.get("model_config", {}).get("skip_units", "blocks"))
+
+
+def _genome_on(doc: dict[str, Any], layers: Sequence[Layer]) -> Genome:
+    """The schedule's genome with its skipped layers given by name mapped to ``layers``' ids (stable across
+    processes); the stored ids when the file names none."""
     names = doc.get("skipped_layer_names")
-    if names and model_unet is not None and any(names):
-        layers = discover_layers(model_unet, units)  # type: ignore[arg-type]
+    if names and any(names):
         return Genome.from_steps(doc["timesteps"], [sorted(ids_from_names(layers, n)) for n in names])
     return Genome.from_steps(doc["timesteps"], doc.get("skipped_layers"))
+
+
+def schedule_genome(doc: dict[str, Any], model_unet: torch.nn.Module | None = None, units: str = "blocks") -> Genome:
+    """The genome of a schedule file; skipped layers by name when a model is given, else the stored ids."""
+    if model_unet is None:
+        return Genome.from_steps(doc["timesteps"], doc.get("skipped_layers"))
+    return _genome_on(doc, discover_layers(model_unet, units))  # type: ignore[arg-type]
 
 
 class StepSkips:
@@ -56,12 +73,9 @@ class StepSkips:
 
 def skip_blocks(unet: torch.nn.Module, schedule: str | Path | dict[str, Any]) -> StepSkips:
     """Skip the schedule's layers (by name) per step in any pipeline that calls ``unet`` once per step."""
-    doc = json.loads(Path(schedule).read_text()) if not isinstance(schedule, dict) else schedule
-    units = doc.get("model_config", {}).get("skip_units", "blocks")
-    layers = discover_layers(unet, units)
-    names = doc.get("skipped_layer_names") or [[] for _ in doc["timesteps"]]
-    genome = Genome.from_steps(doc["timesteps"], [sorted(ids_from_names(layers, n)) for n in names])
-    return StepSkips(unet, genome, LayerSkipper(unet, layers))
+    doc = read_schedule(schedule)
+    layers = discover_layers(unet, skip_units(doc))  # type: ignore[arg-type]
+    return StepSkips(unet, _genome_on(doc, layers), LayerSkipper(unet, layers))
 
 
 def _load(doc: dict[str, Any], device: torch.device) -> DiffusionModel:
@@ -79,11 +93,10 @@ def _load(doc: dict[str, Any], device: torch.device) -> DiffusionModel:
 def generate_from_schedule(schedule: str | Path | dict[str, Any], num_images: int = 16, seed: int = 0,
                            device: str = "auto", batch_size: int = 64) -> torch.Tensor:
     """uint8 images (N, C, H, W) sampled with the schedule's steps, solver and layer skipping."""
-    doc = json.loads(Path(schedule).read_text()) if not isinstance(schedule, dict) else schedule
+    doc = read_schedule(schedule)
     model = _load(doc, pick_device(device))
-    units = doc.get("model_config", {}).get("skip_units", "blocks")
-    model.skipper = LayerSkipper(model.unet, discover_layers(model.unet, units))
-    genome = schedule_genome(doc, model.unet, units).validate(model.num_train_timesteps)
+    model.skipper = LayerSkipper(model.unet, discover_layers(model.unet, skip_units(doc)))  # type: ignore[arg-type]
+    genome = _genome_on(doc, model.skipper.layers).validate(model.num_train_timesteps)
     generator = ImageGenerator(model, doc.get("solver", "ddim"), bool(doc.get("clip_x0", True)), batch_size,
                                step_wrapper=step_wrapper_for(model))
     samples = SampleSet.draw(num_images, model.sample_shape, model.num_classes, seed)
