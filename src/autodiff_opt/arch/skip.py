@@ -63,6 +63,11 @@ def _first_arg(args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> torc
     return args[0] if args else kwargs[name]
 
 
+def _text_stream(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """A transformer block's or joint attention's second input, ``encoder_hidden_states`` (None: none)."""
+    return args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+
+
 def skip_resnet(block: ResnetBlock2D, *args: Any, **kwargs: Any) -> torch.Tensor:
     """``ResnetBlock2D`` output with the residual branch zero: resample, ``conv_shortcut``, scale."""
     x = _first_arg(args, kwargs, "input_tensor")
@@ -105,7 +110,7 @@ def skip_joint_block(block: nn.Module, *args: Any, **kwargs: Any) -> tuple[torch
     """SD3's ``JointTransformerBlock`` and Flux's double and single blocks: (text stream, image stream)
     pass through unchanged (the last SD3 block, ``context_pre_only``, returns no text stream)."""
     hidden = _first_arg(args, kwargs, "hidden_states").clone()
-    context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+    context = _text_stream(args, kwargs)
     if getattr(block, "context_pre_only", False) or context is None:
         return None, hidden
     return context.clone(), hidden
@@ -119,7 +124,7 @@ def skip_block_attention(attn: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """An attention branch inside a transformer block: zero output, so the block's gated residual
     ``x + gate * attn(...)`` is ``x``; a joint attention (text stream given) returns zeros for both streams."""
     hidden = _first_arg(args, kwargs, "hidden_states")
-    context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+    context = _text_stream(args, kwargs)
     if context is None:
         return torch.zeros_like(hidden)
     return torch.zeros_like(hidden), torch.zeros_like(context)
