@@ -8,10 +8,10 @@ has these methods (diffusers' ``CacheMixin``); DiT's and SD3's do not, although 
 blocks, so while a cache is applied their class gets the mixin added (a subclass of the same name,
 put back afterwards). Our sampling loop plays the pipeline's part: every network evaluation
 runs inside ``cache_context("cond", step_index=i, ...)`` and the hook state is reset when a batch starts
-its trajectory (step 0). The cost of a cached run is not assumed: ``count_cached_flops`` counts what
-one sample's whole trajectory executes, so the final table puts it on the same full-step axis as the
-searched masks. Settings are diffusers' defaults, scaled to the few steps of a low-NFE schedule where
-a default counts steps (TaylorSeer's interval, PAB's timestep window), and written into the row's name.
+its trajectory (step 0). The cost of a cached run is not assumed: ``arch.flops.count_step_flops``
+counts what one sample's whole trajectory executes, so the final table puts it on the same full-step
+axis as the searched masks. Settings are diffusers' defaults, scaled to the few steps of a low-NFE
+schedule where a default counts steps (TaylorSeer's refresh interval and warm-up).
 
 MagCache needs per-model magnitude ratios: it is calibrated here on the first batch (diffusers'
 ``calibrate=True`` run, ratios read from the hook's state) and then run with them.
@@ -25,9 +25,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from autodiff_opt.arch.flops import _custom_flop_formulas
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.models.base import DiffusionModel, EpsFn
 
@@ -103,10 +101,6 @@ class CacheBaseline:
         return MagCacheConfig(threshold=0.06, max_skip_steps=2, retention_ratio=0.2, num_inference_steps=K,
                               mag_ratios=torch.tensor(self.mag_ratios))
 
-    @property
-    def label(self) -> str:
-        return self.name
-
     @contextmanager
     def applied(self, calibrate: bool = False) -> Iterator["CacheBaseline"]:
         """The cache's hooks on the transformer inside the block, removed after."""
@@ -141,24 +135,21 @@ class CacheBaseline:
         calibration is told one step more than the schedule has, so its state is still there to read."""
         if self.name != "mag":
             return
-        ratios: list[float] = []
         with self.applied(calibrate=True):
             run()
-            for module in self.model.unet.modules():
-                registry = getattr(module, "_diffusers_hook", None)
-                for hook in (registry.hooks.values() if registry is not None else ()):
-                    for value in vars(hook).values():
-                        for state in getattr(value, "_state_cache", {}).values():
-                            ratios = list(getattr(state, "calibration_ratios", None) or ratios)
+            measured = [list(state.calibration_ratios) for state in _hook_states(self.model.unet)
+                        if getattr(state, "calibration_ratios", None)]
+        ratios = measured[-1] if measured else []
         if len(ratios) < self.num_steps:
             raise RuntimeError(f"MagCache calibration measured {len(ratios)} ratios for {self.num_steps} steps")
         self.mag_ratios = ratios[: self.num_steps]
         log.info("MagCache calibrated on %d steps: ratios %s", self.num_steps, [round(r, 3) for r in self.mag_ratios])
 
 
-def count_cached_flops(run: Callable[[], Any]) -> int:
-    """FLOPs of one call of ``run`` (one sample's whole trajectory) as torch counts them."""
-    counter = FlopCounterMode(display=False, custom_mapping=_custom_flop_formulas())
-    with torch.no_grad(), counter:
-        run()
-    return int(counter.get_total_flops())
+def _hook_states(unet: torch.nn.Module) -> Iterator[Any]:
+    """Every per-context state that diffusers' stateful hooks under ``unet`` hold (their StateManagers)."""
+    for module in unet.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for hook in registry.hooks.values() if registry is not None else ():
+            for value in vars(hook).values():
+                yield from getattr(value, "_state_cache", {}).values()

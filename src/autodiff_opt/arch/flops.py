@@ -111,8 +111,8 @@ def example_inputs(unet: nn.Module, batch_size: int = 1, encoder_seq_len: int = 
 
 def model_step(model: DiffusionModel, timestep: int | None = None) -> Callable[[], Any]:
     """One network evaluation of ``model`` for one sample (class 0 / prompt 0 when conditional), through
-    its own eps function; it is run once here so that what is cached per batch (prompt embeddings) is not
-    counted."""
+    its own eps function. Its first call also makes what a batch caches (prompt embeddings):
+    ``measure_layer_costs`` makes that call before it counts."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, *model.sample_shape, generator=gen).to(model.device)
     labels = torch.zeros(1, dtype=torch.long, device=model.device) if model.num_classes else None
@@ -122,8 +122,6 @@ def model_step(model: DiffusionModel, timestep: int | None = None) -> Callable[[
     def step() -> Any:
         return eps(x, t, 0)
 
-    with torch.no_grad():
-        step()
     return step
 
 
@@ -222,6 +220,7 @@ def measure_layer_costs(
     ``step`` (a zero-argument call that runs one evaluation for one sample, ``model_step``) replaces
     ``unet(**inputs)``; ``step_key`` then names what it runs (sample shape, guidance) in the cache key."""
     skipper = skipper or LayerSkipper(unet)
+    warm_up = step is not None  # a model's step caches per batch (prompt embeddings) on its first call
     if step is None:
         inputs = inputs if inputs is not None else example_inputs(unet)
         step, batch = (lambda: unet(**inputs)), int(inputs["sample"].shape[0])
@@ -235,6 +234,9 @@ def measure_layer_costs(
         if cached is not None and tuple(cached["names"]) == names:
             log.debug("layer costs for %s from cache %s", key, cache_path)
             return LayerCosts.from_json(cached)
+    if warm_up:
+        with torch.no_grad():
+            step()
     with skipper.skipping(()):
         full_step, full = count_step_flops(step)
     with skipper.skipping(range(skipper.num_layers)):

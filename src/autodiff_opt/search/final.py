@@ -106,7 +106,8 @@ def _fresh_fids(exp: "Experiment", genome: Genome, sample_sets: list[SampleSet],
 def cache_rows(exp: "Experiment", sample_sets: list[SampleSet]) -> list[dict[str, Any]]:
     """search.stage2.caches: each diffusers cache on its schedule, FID on the fresh sets and the FLOPs one
     sample's trajectory actually ran (in full steps). A cache that fails gets NaN and a warning."""
-    from autodiff_opt.arch.caches import CacheBaseline, count_cached_flops
+    from autodiff_opt.arch.caches import CacheBaseline
+    from autodiff_opt.arch.flops import count_step_flops
 
     rows = []
     probe = sample_sets[0].slice(0, 1)
@@ -118,10 +119,11 @@ def cache_rows(exp: "Experiment", sample_sets: list[SampleSet]) -> list[dict[str
             return exp.generator.denoise(genome, probe.noise, probe.class_labels)
 
         try:
+            trajectory()  # uncounted: what the model makes once per batch (prompt embeddings) is made here
             with exp.generator.wrapped(cache.wrap):
                 cache.calibrate(trajectory)
                 with cache.applied():
-                    cost = count_cached_flops(trajectory) / exp.layer_costs.full_step
+                    cost = count_step_flops(trajectory)[0] / exp.layer_costs.full_step
                     fids, seconds = _fresh_fids(exp, genome, sample_sets, name)
         except Exception as err:  # diffusers' hooks do not fit every block layout: this row fails, not the table
             log.warning("cache baseline %s failed on %s: %s: %s", name, type(exp.model.unet).__name__,
