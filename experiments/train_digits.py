@@ -146,19 +146,21 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.copy_(b)
 
 
-def train_unet(batch_loss: Callable[[UNet2DModel], torch.Tensor], channels: tuple[int, ...], norm_groups: int,
-               lr: float, steps: int, warmup: int, ema_decay: float, device: torch.device,
-               name: str) -> tuple[UNet2DModel, float]:
-    """The training loop of the digits DDPM and the digits flow: ``steps`` AdamW steps on ``batch_loss(model)``
-    (one random batch per call), gradient norm clipped to 1, warm-up + cosine lr, EMA weights with a warm-up
-    decay. Returns the EMA model (on CPU, eval mode) and the smoothed loss."""
-    model = unet_for_digits(channels, norm_groups).to(device)
-    ema = unet_for_digits(channels, norm_groups).to(device)
+def train_denoiser(make_model: Callable[[], torch.nn.Module], batch_loss: Callable[[torch.nn.Module], torch.Tensor],
+                   lr: float, steps: int, warmup: int, ema_decay: float, device: torch.device, name: str,
+                   checkpoint: Callable[[torch.nn.Module, int], None] | None = None,
+                   checkpoint_every: int = 0) -> tuple[torch.nn.Module, float]:
+    """The training loop of every embedded model: ``steps`` AdamW steps on ``batch_loss(model)`` (one random
+    batch per call), gradient norm clipped to 1, warm-up + cosine lr, EMA weights with a warm-up decay.
+    ``checkpoint(ema, step)`` is called every ``checkpoint_every`` steps (0: never) with the EMA model in eval
+    mode. Returns the EMA model (on CPU, eval mode) and the smoothed loss."""
+    model = make_model().to(device)
+    ema = make_model().to(device)
     ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
+    ema.requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warmup))
-    logger.info("UNet2DModel: %d parameters", sum(p.numel() for p in model.parameters()))
+    logger.info("%s (%s): %d parameters", name, type(model).__name__, sum(p.numel() for p in model.parameters()))
     running = float("nan")
     bar = tqdm(range(steps), desc=name, unit="step", mininterval=2.0)
     for step in bar:
@@ -174,8 +176,19 @@ def train_unet(batch_loss: Callable[[UNet2DModel], torch.Tensor], channels: tupl
             bar.set_postfix(loss=f"{running:.4f}")
         if step % 1000 == 0:
             logger.info("%s step %d: smoothed loss %.4f", name, step, running)
+        if checkpoint is not None and checkpoint_every > 0 and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            checkpoint(ema, step + 1)
     logger.info("%s final smoothed loss %.4f", name, running)
     return ema.cpu().eval(), running
+
+
+def train_unet(batch_loss: Callable[[UNet2DModel], torch.Tensor], channels: tuple[int, ...], norm_groups: int,
+               lr: float, steps: int, warmup: int, ema_decay: float, device: torch.device,
+               name: str) -> tuple[UNet2DModel, float]:
+    """``train_denoiser`` on the digits UNet (the digits DDPM and the digits flow)."""
+    unet, running = train_denoiser(lambda: unet_for_digits(channels, norm_groups), batch_loss,  # type: ignore[arg-type]
+                                   lr, steps, warmup, ema_decay, device, name)
+    return unet, running  # type: ignore[return-value]
 
 
 def train_ddpm(cfg: TrainConfig) -> tuple[UNet2DModel, DDPMScheduler, float]:

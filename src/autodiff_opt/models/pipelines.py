@@ -106,9 +106,13 @@ def pipeline_root(pretrained: str, source_hint: str = "") -> tuple[Path, str]:
 def _load_pipeline(root: Path, dtype: torch.dtype) -> Any:
     import diffusers
 
-    cls_name = json.loads((root / "model_index.json").read_text())["_class_name"]
+    index = json.loads((root / "model_index.json").read_text())
+    cls_name = index["_class_name"]
+    # components saved as [null, null] (a pixel-space DiT has no VAE) are passed as None, as diffusers expects
+    absent = {name: None for name, spec in index.items()
+              if not name.startswith("_") and isinstance(spec, list) and spec[0] is None}
     try:
-        return getattr(diffusers, cls_name).from_pretrained(root, local_files_only=True, torch_dtype=dtype)
+        return getattr(diffusers, cls_name).from_pretrained(root, local_files_only=True, torch_dtype=dtype, **absent)
     except (OSError, ValueError, EnvironmentError) as err:
         raise ModelLoadError(f"cannot load the {cls_name} in {root}: {err}") from err
 
@@ -151,19 +155,21 @@ class ClassGuidedModel(DiffusionModel):
 def load_dit(root: Path, guidance_scale: float, decode_batch_size: int, device: torch.device | str,
              dtype: torch.dtype, name: str | None = None) -> ClassGuidedModel:
     pipe = _load_pipeline(root, dtype)
-    transformer, vae = pipe.transformer, pipe.vae
+    transformer, vae = pipe.transformer, pipe.vae  # vae None: a pixel-space DiT, samples are images
     for module in (transformer, vae):
-        module.to(device).eval().requires_grad_(False)
+        if module is not None:
+            module.to(device).eval().requires_grad_(False)
     config = transformer.config
     channels, size = int(config.in_channels), int(config.sample_size)
     num_classes = int(config.num_embeds_ada_norm)
     model = ClassGuidedModel(
         name=name or root.name, unet=transformer, alphas_cumprod=_alphas_cumprod(dict(pipe.scheduler.config)),
         prediction_type="epsilon", sample_shape=_sample_shape(channels, size, size), num_classes=num_classes,
-        learned_sigma=int(config.out_channels) == 2 * channels, decode=VaeDecoder(vae, decode_batch_size),
-        components={"vae": vae}, guidance_scale=float(guidance_scale), null_class=num_classes)
-    log.info("loaded %s: DiT, latents %s, %d classes, CFG %.2f (2 evaluations a step when > 1)", model.name,
-             model.sample_shape, num_classes, model.guidance_scale)
+        learned_sigma=int(config.out_channels) == 2 * channels,
+        decode=VaeDecoder(vae, decode_batch_size) if vae is not None else None,
+        components={"vae": vae} if vae is not None else {}, guidance_scale=float(guidance_scale), null_class=num_classes)
+    log.info("loaded %s: DiT, %s %s, %d classes, CFG %.2f (2 evaluations a step when > 1)", model.name,
+             "latents" if vae is not None else "pixels", model.sample_shape, num_classes, model.guidance_scale)
     return model
 
 
