@@ -103,28 +103,36 @@ def _fresh_fids(exp: "Experiment", genome: Genome, sample_sets: list[SampleSet],
     return fids, seconds
 
 
-def cache_rows(exp: "Experiment", sample_sets: list[SampleSet]) -> list[dict[str, Any]]:
-    """search.stage2.caches: each diffusers cache on its schedule, FID on the fresh sets and the FLOPs one
-    sample's trajectory actually ran (in full steps). A cache that fails gets NaN and a warning."""
+def score_cache(exp: "Experiment", cache_name: str, genome: Genome, sample_sets: list[SampleSet],
+                with_fid: bool = True) -> tuple[float, list[float], float]:
+    """One diffusers cache on ``genome``: (the FLOPs one sample's trajectory actually ran, in full steps; the FID
+    on each fresh set, or none when ``with_fid`` is False; seconds). Raises what the cache's hooks raise."""
     from autodiff_opt.arch.caches import CacheBaseline
     from autodiff_opt.arch.flops import count_step_flops
 
-    rows = []
+    cache = CacheBaseline(exp.model, cache_name, genome.num_steps)
     probe = sample_sets[0].slice(0, 1)
+
+    def trajectory() -> Any:
+        return exp.generator.denoise(genome, probe.noise, probe.class_labels)
+
+    trajectory()  # uncounted: what the model makes once per batch (prompt embeddings) is made here
+    with exp.generator.wrapped(cache.wrap):
+        cache.calibrate(trajectory)
+        with cache.applied():
+            cost = count_step_flops(trajectory)[0] / exp.layer_costs.full_step
+            fids, seconds = _fresh_fids(exp, genome, sample_sets, cache_name) if with_fid else ([], 0.0)
+    return cost, fids, seconds
+
+
+def cache_rows(exp: "Experiment", sample_sets: list[SampleSet]) -> list[dict[str, Any]]:
+    """search.stage2.caches: each diffusers cache on its schedule, FID on the fresh sets and the FLOPs one
+    sample's trajectory actually ran (in full steps). A cache that fails gets NaN and a warning."""
+    rows = []
     for name, (cache_name, genome) in exp.caches.items():
-        cache = CacheBaseline(exp.model, cache_name, genome.num_steps)
         log.info("final evaluation of %s %s (diffusers cache %s)", name, list(genome.timesteps), cache_name)
-
-        def trajectory() -> Any:
-            return exp.generator.denoise(genome, probe.noise, probe.class_labels)
-
         try:
-            trajectory()  # uncounted: what the model makes once per batch (prompt embeddings) is made here
-            with exp.generator.wrapped(cache.wrap):
-                cache.calibrate(trajectory)
-                with cache.applied():
-                    cost = count_step_flops(trajectory)[0] / exp.layer_costs.full_step
-                    fids, seconds = _fresh_fids(exp, genome, sample_sets, name)
+            cost, fids, seconds = score_cache(exp, cache_name, genome, sample_sets)
         except Exception as err:  # diffusers' hooks do not fit every block layout: this row fails, not the table
             log.warning("cache baseline %s failed on %s: %s: %s", name, type(exp.model.unet).__name__,
                         type(err).__name__, err)
