@@ -64,12 +64,14 @@ def _cache_methods(unet: torch.nn.Module) -> Iterator[None]:
 class CacheBaseline:
     """One diffusers cache on ``model``'s transformer, for schedules of ``num_steps`` steps.
 
-    ``with cache.applied(): generator.generate(...)`` with ``cache.wrap`` as the step wrapper."""
+    ``with cache.applied(): generator.generate(...)`` with ``cache.wrap`` as the step wrapper. ``settings``
+    override the config's arguments (e.g. ``{"threshold": 0.2}``: a more aggressive First Block cache)."""
 
-    def __init__(self, model: DiffusionModel, name: str, num_steps: int) -> None:
+    def __init__(self, model: DiffusionModel, name: str, num_steps: int, settings: dict[str, Any] | None = None) -> None:
         if name not in CACHES:
             raise ValueError(f"cache {name!r}: use one of {CACHES}")
         self.model, self.name, self.num_steps = model, name, int(num_steps)
+        self.settings = dict(settings or {})
         self.timestep = 0.0  # what PAB and FasterCache read: the current step's time on a 0..1000 axis
         self.mag_ratios: list[float] | None = None
 
@@ -83,23 +85,26 @@ class CacheBaseline:
 
         K = self.num_steps
         if self.name == "first_block":
-            return FirstBlockCacheConfig(threshold=0.05)
-        if self.name == "taylorseer":  # refresh every other step after a one-step warm-up at low NFE
-            return TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1, max_order=1,
-                                         taylor_factors_dtype=torch.float32)
-        if self.name == "pab":  # attention broadcast every other block inside diffusers' default window
-            return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
-                                                   spatial_attention_timestep_skip_range=(100, 800),
-                                                   current_timestep_callback=self._timestep)
-        if self.name == "faster":  # attention caching only: our CFG batch is [cond; uncond], not diffusers' order
-            return FasterCacheConfig(spatial_attention_block_skip_range=2,
-                                     spatial_attention_timestep_skip_range=(-1, 681),
-                                     current_timestep_callback=self._timestep, attention_weight_callback=lambda _: 0.5,
-                                     tensor_format="BCHW", is_guidance_distilled=True)
-        if calibrate:
+            cls, kwargs = FirstBlockCacheConfig, dict(threshold=0.05)
+        elif self.name == "taylorseer":  # refresh every other step after a one-step warm-up at low NFE
+            cls, kwargs = TaylorSeerCacheConfig, dict(cache_interval=2, disable_cache_before_step=1, max_order=1,
+                                                      taylor_factors_dtype=torch.float32)
+        elif self.name == "pab":  # attention broadcast every other block inside diffusers' default window
+            cls, kwargs = PyramidAttentionBroadcastConfig, dict(spatial_attention_block_skip_range=2,
+                                                                spatial_attention_timestep_skip_range=(100, 800),
+                                                                current_timestep_callback=self._timestep)
+        elif self.name == "faster":  # attention caching only: our CFG batch is [cond; uncond], not diffusers' order
+            cls, kwargs = FasterCacheConfig, dict(spatial_attention_block_skip_range=2,
+                                                  spatial_attention_timestep_skip_range=(-1, 681),
+                                                  current_timestep_callback=self._timestep,
+                                                  attention_weight_callback=lambda _: 0.5, tensor_format="BCHW",
+                                                  is_guidance_distilled=True)
+        elif calibrate:
             return MagCacheConfig(calibrate=True, num_inference_steps=K + 1)
-        return MagCacheConfig(threshold=0.06, max_skip_steps=2, retention_ratio=0.2, num_inference_steps=K,
-                              mag_ratios=torch.tensor(self.mag_ratios))
+        else:
+            cls, kwargs = MagCacheConfig, dict(threshold=0.06, max_skip_steps=2, retention_ratio=0.2,
+                                               num_inference_steps=K, mag_ratios=torch.tensor(self.mag_ratios))
+        return cls(**{**kwargs, **self.settings})
 
     @contextmanager
     def applied(self, calibrate: bool = False) -> Iterator["CacheBaseline"]:

@@ -104,13 +104,14 @@ def _fresh_fids(exp: "Experiment", genome: Genome, sample_sets: list[SampleSet],
 
 
 def score_cache(exp: "Experiment", cache_name: str, genome: Genome, sample_sets: list[SampleSet],
-                with_fid: bool = True) -> tuple[float, list[float], float]:
-    """One diffusers cache on ``genome``: (the FLOPs one sample's trajectory actually ran, in full steps; the FID
-    on each fresh set, or none when ``with_fid`` is False; seconds). Raises what the cache's hooks raise."""
+                with_fid: bool = True, settings: dict[str, Any] | None = None) -> tuple[float, list[float], float]:
+    """One diffusers cache on ``genome`` (its config's arguments overridden by ``settings``): (the FLOPs one
+    sample's trajectory actually ran, in full steps; the FID on each fresh set, or none when ``with_fid`` is
+    False; seconds). Raises what the cache's hooks raise."""
     from autodiff_opt.arch.caches import CacheBaseline
     from autodiff_opt.arch.flops import count_step_flops
 
-    cache = CacheBaseline(exp.model, cache_name, genome.num_steps)
+    cache = CacheBaseline(exp.model, cache_name, genome.num_steps, settings)
     probe = sample_sets[0].slice(0, 1)
 
     def trajectory() -> Any:
