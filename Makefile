@@ -9,7 +9,7 @@ WORKERS ?= 2
 PORT   ?= 8080
 ARTIFACTS ?= artifacts
 
-.PHONY: setup run test dashboard workers bench bench-search bench-gpu bench-skip bench-storage clean
+.PHONY: setup run test dashboard workers bench bench-search bench-stage2 bench-gpu bench-skip bench-storage clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ bench: $(STAMP)
 ## Every search.sampler and the trajectory-DP peer at equal image-step budgets (docs/search.md); ARGS: Hydra overrides
 bench-search: $(STAMP)
 	$(PY) experiments/bench_search.py -- $(ARGS)
+
+## Stage 1, the two-stage search, diffusers' caches and uniform DDIM at equal FLOPs on the deep models (docs/stage2.md)
+bench-stage2: $(STAMP)
+	$(PY) experiments/bench_stage2.py $(ARGS)
 
 ## The fast path on this machine's device (docs/gpu.md): eager / compiled / CUDA graphs against the roofline
 bench-gpu: $(STAMP)
