@@ -79,3 +79,12 @@ def test_prior_draws_masks_from_low_sensitivity_pairs() -> None:
                     counts[name][list(mask)] += 1
     share = {k: v[3] / max(v.sum(), 1) for k, v in counts.items()}
     assert share["with"] > 2 * share["without"] and math.isfinite(share["with"])  # layer 3 is harmless early on
+
+
+def test_a_sensitivity_fraction_outside_0_1_is_one_clear_line() -> None:
+    from autodiff_opt.core.errors import ConfigError
+    from autodiff_opt.preflight import check_stage2
+
+    with pytest.raises(ConfigError, match=r"search.stage2.sensitivity_fraction=1.5: use a fraction"):
+        check_stage2({"units": "blocks", "caches": [], "sensitivity_fraction": 1.5})
+    check_stage2({"units": "blocks", "caches": [], "sensitivity_fraction": 0.1})
