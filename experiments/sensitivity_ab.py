@@ -1,7 +1,7 @@
 """A/B of stage 2's sensitivity prior: the same stage-2 search with and without search.stage2.sensitivity, at
 equal search.budget (the map's image-steps are counted in it), per seed: best stage-2 and overall search FID.
 
-    python experiments/sensitivity_ab.py --out-dir /tmp/ab [--seeds 0 1] [-- extra overrides]
+    python experiments/sensitivity_ab.py --out-dir /tmp/ab [--seeds 0 1] [--arms false true] [-- overrides]
 """
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--arms", nargs="+", default=["false", "true"], help="search.stage2.sensitivity values")
     parser.add_argument("extra", nargs="*")
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in args.seeds:
-        for arm in ("false", "true"):
+        for arm in args.arms:
             name = f"seed{seed}-sens{arm}"
             db = args.out_dir / f"{name}.db"
             cmd = [sys.executable, "-m", "autodiff_opt", *BASE, *args.extra, f"search.seed={seed}",

@@ -155,10 +155,15 @@ def _per_call_flops(s: dict[str, Any]) -> tuple[dict[str, float], dict[str, floa
     return leaves, cores
 
 
-def _hook_count(s: dict[str, Any], run: Callable[[], Any], leaves: dict[str, float], cores: dict[str, float]) -> int:
-    """FLOPs of ``run()`` from the modules that really ran (a cached attention returns before its projections)."""
-    calls = _calls(s, [*leaves, *[f"{a}.to_q" for a in cores if f"{a}.to_q" not in leaves]], run)
-    return int(round(sum(calls[n] * f for n, f in leaves.items()) + sum(calls[f"{a}.to_q"] * f for a, f in cores.items())))
+def _both_counts(s: dict[str, Any], run: Callable[[], Any], leaves: dict[str, float], cores: dict[str, float]
+                 ) -> tuple[int, int]:
+    """FLOPs of one ``run()`` as the final table counts them (``count_step_flops``), and from the modules that
+    really ran (forward hooks; a cached attention returns before its projections)."""
+    counted: list[int] = []
+    calls = _calls(s, [*leaves, *[f"{a}.to_q" for a in cores if f"{a}.to_q" not in leaves]],
+                   lambda: counted.append(count_step_flops(run)[0]))
+    hooked = sum(calls[n] * f for n, f in leaves.items()) + sum(calls[f"{a}.to_q"] * f for a, f in cores.items())
+    return counted[0], int(round(hooked))
 
 
 def test_each_cache_counted_flops_equal_independent_counts(setup: dict[str, Any]) -> None:
@@ -169,9 +174,7 @@ def test_each_cache_counted_flops_equal_independent_counts(setup: dict[str, Any]
     costs = {}
     for name in CACHES:
         cache = CacheBaseline(s["model"], name, K)
-        counted = ours(s, cache, noise, labels, measure=lambda run: count_step_flops(run)[0])
-        hooked = ours(s, CacheBaseline(s["model"], name, K), noise, labels,
-                      measure=lambda run: _hook_count(s, run, leaves, cores))
+        counted, hooked = ours(s, cache, noise, labels, measure=lambda run: _both_counts(s, run, leaves, cores))
         ref_cache = _reference_cache(s, name, cache.mag_ratios)
         s["reference"].enable_cache(ref_cache.config())
         try:
