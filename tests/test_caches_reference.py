@@ -8,7 +8,8 @@ clip_sample to [-1, 1] with eps re-derived from the clipped x0, our ddim solver'
 ``cache_context("cond")`` and the hooks' state reset between trajectories (``maybe_free_model_hooks``).
 Float32 on CPU: outputs equal within 1e-5 relative. FLOPs: the final table's count (``count_step_flops`` on
 our trajectory) equals FlopCounterMode over the reference loop, and a count from forward hooks on the
-leaf modules (calls that really ran x each module's FLOPs from one uncached forward).
+leaf modules (calls that really ran x each module's FLOPs from one uncached forward). And skipping a block of
+the trained DiT equals the model with that block replaced by an identity.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def _reference_cache(s: dict[str, Any], name: str, mag_ratios: list[float] | Non
     return cache
 
 
+@pytest.mark.slow
 def test_each_cache_through_our_generator_equals_the_reference_loop(setup: dict[str, Any]) -> None:
     s = setup
     plain = reference_loop(s, None, s["noise"], s["labels"])
@@ -166,6 +168,7 @@ def _both_counts(s: dict[str, Any], run: Callable[[], Any], leaves: dict[str, fl
     return counted[0], int(round(hooked))
 
 
+@pytest.mark.slow
 def test_each_cache_counted_flops_equal_independent_counts(setup: dict[str, Any]) -> None:
     s = setup
     noise, labels = s["noise"][:1], s["labels"][:1]
@@ -187,3 +190,32 @@ def test_each_cache_counted_flops_equal_independent_counts(setup: dict[str, Any]
         assert counted == hooked == int(counter.get_total_flops()), (name, counted, hooked, counter.get_total_flops())
         costs[name] = counted
     assert all(c < K * full for n, c in costs.items() if n in ("taylorseer", "pab", "faster")), (costs, K * full)
+
+
+class _Identity(torch.nn.Module):
+    """A DiT block whose residual branches add nothing, written out: what a skipped block must equal."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+def test_skipping_a_block_of_the_digits_dit_equals_an_identity_block(setup: dict[str, Any]) -> None:
+    import copy
+
+    from autodiff_opt.arch import LayerSkipper
+    from autodiff_opt.arch.skip import per_step_skipping
+
+    model = load_transformer_pipeline(str(resolve_pretrained("builtin:digits-dit")), None, guidance_scale=1.0,
+                                      decode_batch_size=BATCH, device="cpu", dtype=torch.float32)
+    reference = copy.deepcopy(model)
+    j = len(model.unet.transformer_blocks) // 2
+    reference.unet.transformer_blocks[j] = _Identity()
+    x, labels = setup["noise"], setup["labels"]
+    genome = Genome((500, 100), (frozenset({j}), frozenset()))
+    with torch.no_grad():
+        plain = model.eps_fn(class_labels=labels)(x, 500, 0)
+        expected = reference.eps_fn(class_labels=labels)(x, 500, 0)
+        fn = per_step_skipping(model.unet, LayerSkipper(model.unet))(model.eps_fn(class_labels=labels), genome)
+        torch.testing.assert_close(fn(x, 500, 0), expected, atol=1e-6, rtol=1e-6)
+        assert torch.equal(fn(x, 100, 1), model.eps_fn(class_labels=labels)(x, 100, 1))  # the next step: no skip
+    assert not torch.allclose(expected, plain, atol=1e-4)  # the block matters: the check can fail
