@@ -66,6 +66,11 @@ class Stage2Config:
     max_extra_steps: int = 1  # how many steps beyond K the budget may buy
     multi_objective: bool = False  # minimise (FID, FLOPs) instead of a fixed budget
     units: str = "blocks"  # transformers: whole blocks, or sub_blocks (each attention / feed-forward branch)
+    # per-step sensitivity map on the stage-1 best (a prefix of the search samples, its cost counted in the
+    # budget: about K x layers x sensitivity_fraction candidates), drawn in the report and used as the masks'
+    # prior (search/sensitivity.py, docs/arch.md)
+    sensitivity: bool = False
+    sensitivity_fraction: float = 0.1  # the prefix, as a fraction of search.num_samples
     # diffusers' caches scored next to the searched masks (transformers; docs/arch.md): first_block, taylorseer,
     # pab, faster, mag
     caches: list = field(default_factory=list)

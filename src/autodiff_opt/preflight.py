@@ -83,13 +83,17 @@ CACHE_BASELINES = ("first_block", "taylorseer", "pab", "faster", "mag")
 
 
 def check_stage2(stage2: Any) -> None:
-    """search.stage2.units and search.stage2.caches: known names."""
+    """search.stage2.units and search.stage2.caches: known names; the sensitivity map's prefix a fraction."""
     units = stage2.get("units", "blocks")
     if units not in STAGE2_UNITS:
         raise _config_error(f"search.stage2.units={units}: use blocks or sub_blocks (transformer branches)")
     unknown = [c for c in (stage2.get("caches") or []) if c not in CACHE_BASELINES]
     if unknown:
         raise _config_error(f"search.stage2.caches: {unknown} unknown: use any of {', '.join(CACHE_BASELINES)}")
+    fraction = float(stage2.get("sensitivity_fraction", 0.1))
+    if not 0.0 < fraction <= 1.0:
+        raise _config_error(f"search.stage2.sensitivity_fraction={fraction}: use a fraction of the search samples"
+                            " in (0, 1], e.g. 0.1")
 
 
 def check_seeds(search_seed: int, final: Any) -> None:

@@ -335,15 +335,28 @@ def make_sampler(exp: Experiment, seed: int | None = None) -> optuna.samplers.Ba
     seed = exp.cfg.search.seed if seed is None else seed
     anchor = exp.baselines.get("ddim_uniform") or exp.baselines.get("flow_uniform") or next(
         (g for name, g in exp.baselines.items() if name.startswith("ddim_uniform@")), None)
+    sensitivity = sensitivity_mapper(exp)
     if setup.sampler == "autodiffusion_paper":
         sampler: optuna.samplers.BaseSampler = AutoDiffusionSampler(exp.space, setup.evolution, anchor=anchor,
-                                                                    seed=seed, stage2=exp.stage2)
+                                                                    seed=seed, stage2=exp.stage2, sensitivity=sensitivity)
     elif setup.sampler == "autodiffusion":
         sampler = SurrogateEvolutionSampler(exp.space, setup.evolution, anchor=anchor, seed=seed,
-                                            stage2=exp.stage2, surrogate=SurrogateConfig(pool_size=setup.pool_size))
+                                            stage2=exp.stage2, surrogate=SurrogateConfig(pool_size=setup.pool_size),
+                                            sensitivity=sensitivity)
     else:
         sampler = builtin_sampler(setup.sampler, seed)
     return sampler
+
+
+def sensitivity_mapper(exp: Experiment) -> Any:
+    """search.stage2.sensitivity: the map's computer, on a prefix of the search samples."""
+    s2 = exp.cfg.search.stage2
+    if exp.stage2 is None or not s2.sensitivity:
+        return None
+    from autodiff_opt.search.sensitivity import SensitivityMapper
+
+    prefix = min(len(exp.samples), max(2, int(round(float(s2.sensitivity_fraction) * len(exp.samples)))))
+    return SensitivityMapper(exp.generator, exp.scorer, exp.reference, exp.samples, prefix, exp.stage2.budget.num_layers)
 
 
 def _stop_rule(study: optuna.Study, exp: Experiment) -> SearchBudget | ImageStepBudget:

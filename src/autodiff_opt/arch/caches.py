@@ -32,6 +32,10 @@ from autodiff_opt.models.base import DiffusionModel, EpsFn
 log = logging.getLogger(__name__)
 
 CACHES = ("first_block", "taylorseer", "pab", "faster", "mag")
+# TaylorSeer's attention modules. diffusers' default patterns (``^transformer_blocks.*attn``, matched with
+# re.fullmatch) end at "attn": they hook Flux's and SD3's ``attn`` but not DiT's ``attn1``, where TaylorSeer
+# then silently cached nothing (tests/test_caches_reference.py); the same modules, attn1 / attn2 included.
+TAYLORSEER_MODULES = (r"(transformer_blocks|single_transformer_blocks|blocks)\.\d+\.attn\d*",)
 
 
 def _mixin() -> Any:
@@ -88,7 +92,8 @@ class CacheBaseline:
             cls, kwargs = FirstBlockCacheConfig, dict(threshold=0.05)
         elif self.name == "taylorseer":  # refresh every other step after a one-step warm-up at low NFE
             cls, kwargs = TaylorSeerCacheConfig, dict(cache_interval=2, disable_cache_before_step=1, max_order=1,
-                                                      taylor_factors_dtype=torch.float32)
+                                                      taylor_factors_dtype=torch.float32,
+                                                      cache_identifiers=list(TAYLORSEER_MODULES))
         elif self.name == "pab":  # attention broadcast every other block inside diffusers' default window
             cls, kwargs = PyramidAttentionBroadcastConfig, dict(spatial_attention_block_skip_range=2,
                                                                 spatial_attention_timestep_skip_range=(100, 800),

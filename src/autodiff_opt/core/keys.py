@@ -27,3 +27,5 @@ PEER_COST_ATTR = "autodiff:peer_image_steps"
 FINAL_ATTR = "autodiff:final"
 STAGE2_START_ATTR = "autodiff:stage2_start"
 PARENT_CACHE_PREFIX = "autodiff:parents_of_generation:"
+SENSITIVITY_ATTR = "autodiff:sensitivity"  # stage 2's per-step sensitivity map (search/sensitivity.py)
+SENSITIVITY_COST_ATTR = "autodiff:sensitivity_image_steps"

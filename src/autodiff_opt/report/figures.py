@@ -99,3 +99,20 @@ def pareto_figure(trials: pd.DataFrame) -> go.Figure:
     fig.update_layout(title="FID vs compute (full network evaluations)", xaxis_title="cost (full steps)",
                       yaxis_title="FID (search samples)", template="plotly_white")
     return fig
+
+
+def sensitivity_figure(delta: list[list[float]], timesteps: list[int], layer_names: list[str], base_fid: float,
+                       num_samples: int) -> go.Figure:
+    """Stage 2's sensitivity map: FID change when one layer alone is skipped at one step of the stage-1 best."""
+    finite = [v for row in delta for v in row if math.isfinite(v)]
+    bound = max((abs(v) for v in finite), default=1.0) or 1.0
+    z = [[v if math.isfinite(v) else None for v in row] for row in delta]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=layer_names, y=[f"step {i} (t={t})" for i, t in enumerate(timesteps)], colorscale="RdBu_r",
+        zmid=0.0, zmin=-bound, zmax=bound, colorbar={"title": "FID change"},
+        hovertemplate="%{y}<br>%{x} skipped<br>FID change %{z:.4f}<extra></extra>"))
+    fig.update_layout(title=f"Sensitivity: FID change when one layer alone is skipped at one step (stage-1 best,"
+                            f" FID {base_fid:.3f} on the first {num_samples} search samples)",
+                      xaxis_title="skipped layer", yaxis_title="step of the stage-1 best schedule",
+                      yaxis_autorange="reversed", template="plotly_white")
+    return fig

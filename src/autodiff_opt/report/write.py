@@ -17,13 +17,15 @@ from autodiff_opt.models.loading import resolve_pretrained
 from autodiff_opt.report.dashboard import publish_artifacts, publish_figures, publish_note
 from autodiff_opt.report.export import (PIPELINE_CLASSES, diffusers_scheduler, diffusers_snippet, export_schedule,
                                        flow_snippet, pipeline_snippet, sd_snippet)
-from autodiff_opt.report.figures import final_figure, history_figure, pareto_figure, schedules_figure
+from autodiff_opt.report.figures import (final_figure, history_figure, pareto_figure, schedules_figure,
+                                         sensitivity_figure)
 from autodiff_opt.report.headline import Headline, headline
 from autodiff_opt.report.page import Grid, render_page
 from autodiff_opt.report.provenance import job_overrides, reproduce_command, settings_yaml
 from autodiff_opt.report.samples import labelled_strip, png_bytes, sample_grids
 from autodiff_opt.report.tables import generation_summary, trials_table
 from autodiff_opt.search.final import best_genome, final_candidates, kind_of
+from autodiff_opt.search.sensitivity import stored_map
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.space import best_fid_trial, fid_of
 from autodiff_opt.search.study import _redact
@@ -100,6 +102,11 @@ def write_report(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | N
     figures = {"search-history": history_figure(trials)}
     if len(study.directions) > 1:
         figures["pareto-front"] = pareto_figure(trials)
+    smap = stored_map(study)
+    if smap is not None:  # stage 2 ran with search.stage2.sensitivity
+        names = [layer.name for layer in model_skipper(exp.model).layers]
+        figures["sensitivity-map"] = sensitivity_figure([list(r) for r in smap.delta], list(smap.timesteps),
+                                                        names[: smap.num_layers], smap.base_fid, smap.num_samples)
     if final is not None and not final.empty:
         paths["final_csv"], paths["final_md"] = out_dir / "final.csv", out_dir / "final.md"
         final.to_csv(paths["final_csv"], index=False)

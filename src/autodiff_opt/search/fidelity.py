@@ -7,7 +7,8 @@ candidate whose prefix FID is worse than the k-th best completed candidate's FID
 would not enter the k parents. Baselines are never pruned (the final table needs their full FID).
 
 The budget is spent image-steps (samples x network evaluations, pruned and failed candidates
-included, plus what a peer schedule cost to compute), in units of one full candidate.
+included, plus what a peer schedule and stage 2's sensitivity map cost to compute), in units of one full
+candidate.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import optuna
 from optuna.pruners import BasePruner
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
-from autodiff_opt.core.keys import BASELINE_ATTR, IMAGE_STEPS_ATTR, PEER_COST_ATTR
+from autodiff_opt.core.keys import BASELINE_ATTR, IMAGE_STEPS_ATTR, PEER_COST_ATTR, SENSITIVITY_COST_ATTR
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ class ParentsPruner(BasePruner):
 def spent_image_steps(study: Study) -> int:
     """Image-steps of every finished candidate (complete, pruned, failed) and of the peer schedules."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
-    peers = int(study._storage.get_study_system_attrs(study._study_id).get(PEER_COST_ATTR, 0))
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    peers = int(attrs.get(PEER_COST_ATTR, 0)) + int(attrs.get(SENSITIVITY_COST_ATTR, 0))
     return peers + sum(int(t.user_attrs.get(IMAGE_STEPS_ATTR, 0)) for t in trials)
 
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, ClassVar, TypeVar
 import numpy as np
 
 from autodiff_opt.core.genome import Genome
+from autodiff_opt.search.skip_prior import SkipPrior, weighted_index
 
 if TYPE_CHECKING:
     from autodiff_opt.arch.budget import Budget
@@ -61,6 +62,24 @@ def _sample(rng: Rng, items: Sequence[T], k: int) -> list[T]:
     return pool[:k]
 
 
+def _pick_layer(rng: Rng, layers: Sequence[int], weights: np.ndarray | None, inverse: bool = False) -> int:
+    """One of ``layers``: uniform, or by the prior's weights (their inverse to pick a layer to drop)."""
+    if weights is None:
+        return _pick(rng, layers)
+    w = weights[list(layers)]
+    return layers[weighted_index(rng, 1.0 / w if inverse else w)]
+
+
+def _sample_layers(rng: Rng, num_layers: int, k: int, weights: np.ndarray | None) -> list[int]:
+    """``k`` distinct layers: uniform, or drawn one by one by the prior's weights."""
+    if weights is None:
+        return _sample(rng, range(num_layers), k)
+    chosen: list[int] = []
+    for _ in range(k):
+        chosen.append(_pick_layer(rng, [j for j in range(num_layers) if j not in chosen], weights))
+    return chosen
+
+
 # --- the space -----------------------------------------------------------------------------------
 
 def skip_cap(num_layers: int, max_skip_frac: float) -> int:
@@ -77,6 +96,10 @@ class JointSpace:
     max_skip_frac: float = 0.1
     min_steps: int = 1
     max_steps: int | None = None
+    prior: SkipPrior | None = None  # stage 2's sensitivity prior: which layers masks favour (None: uniform)
+
+    def layer_weights(self, t: int) -> np.ndarray | None:
+        return self.prior.row(t) if self.prior is not None else None
 
     @classmethod
     def without_skipping(cls, num_train_timesteps: int, min_steps: int, max_steps: int) -> "JointSpace":
@@ -138,10 +161,12 @@ def _genome(steps: Sequence[Step]) -> Genome:
 
 # --- skip-set mutation ---------------------------------------------------------------------------
 
-def mutate_skips(skips: Set[int], num_layers: int, max_skips: int, rng: Rng) -> frozenset[int]:
+def mutate_skips(skips: Set[int], num_layers: int, max_skips: int, rng: Rng,
+                 weights: np.ndarray | None = None) -> frozenset[int]:
     """Add, drop or swap one skipped layer, keeping at most ``max_skips``; the set always changes
     unless no change is possible (``max_skips == 0`` and nothing skipped). A set over the cap is
-    cut down to it."""
+    cut down to it. With ``weights`` (the sensitivity prior's row) a layer is added by its weight and
+    dropped by its inverse."""
     cap = min(max_skips, num_layers)
     mask = set(skips)
     if len(mask) > cap:
@@ -151,10 +176,10 @@ def mutate_skips(skips: Set[int], num_layers: int, max_skips: int, rng: Rng) -> 
         return frozenset(mask)
     move = _pick(rng, moves)
     if move in ("drop", "swap"):
-        mask.remove(_pick(rng, sorted(mask)))
+        mask.remove(_pick_layer(rng, sorted(mask), weights, inverse=True))
     if move in ("add", "swap"):
         outside = [j for j in range(num_layers) if j not in mask and j not in skips]
-        mask.add(_pick(rng, outside))
+        mask.add(_pick_layer(rng, outside, weights))
     return frozenset(mask)
 
 
@@ -172,12 +197,24 @@ def _add_random_skips(steps: list[Step], space: JointSpace, budget: Budget, rng:
         roomy = [i for i, (_, m) in enumerate(steps) if len(m) < cap]
         if not roomy:
             break
+        if space.prior is not None:  # the (step, layer) pair by the prior's weight
+            i, j = _weighted_pair(rng, steps, roomy, space)
+            t, m = steps[i]
+            steps[i] = (t, m | {j})
+            cost -= budget.savings[j]
+            continue
         i = _pick(rng, roomy)
         t, m = steps[i]
         j = _pick(rng, [j for j in range(space.num_layers) if j not in m])
         steps[i] = (t, m | {j})
         cost -= budget.savings[j]
     return steps
+
+
+def _weighted_pair(rng: Rng, steps: list[Step], roomy: list[int], space: JointSpace) -> tuple[int, int]:
+    pairs = [(i, j) for i in roomy for j in range(space.num_layers) if j not in steps[i][1]]
+    rows = {i: space.layer_weights(steps[i][0]) for i in roomy}
+    return pairs[weighted_index(rng, [float(rows[i][j]) for i, j in pairs])]  # type: ignore[index]
 
 
 def _best_swap(mask: frozenset[int], space: JointSpace, budget: Budget) -> frozenset[int] | None:
@@ -284,7 +321,8 @@ class RandomGenome(Initialization):
             raise ValueError(f"num_steps={k} outside the affordable range [{lo}, {hi}]")
         times = _sample(rng, range(space.num_train_timesteps), k)
         if space.max_skips > 0:
-            masks = [frozenset(_sample(rng, range(space.num_layers), _below(rng, space.max_skips + 1))) for _ in times]
+            masks = [frozenset(_sample_layers(rng, space.num_layers, _below(rng, space.max_skips + 1),
+                                              space.layer_weights(t))) for t in times]
         else:
             masks = [frozenset()] * k
         genome = repair(_genome(list(zip(times, masks))), space, rng)
@@ -326,14 +364,14 @@ class StepMutation(Mutation):
                     used.add(new_t)
                     t, changed = new_t, True
             if (skipping or m) and _chance(rng, self.p_mask):
-                new_m = mutate_skips(m, space.num_layers, space.max_skips, rng)
+                new_m = mutate_skips(m, space.num_layers, space.max_skips, rng, space.layer_weights(t))
                 m, changed = new_m, changed or new_m != steps[i][1]
             steps[i] = (t, m)
         if not changed:  # force one real change: a mask when the cap allows, else a time step
             i = _below(rng, len(steps))
             t, m = steps[i]
             if skipping or m:
-                steps[i] = (t, mutate_skips(m, space.num_layers, space.max_skips, rng))
+                steps[i] = (t, mutate_skips(m, space.num_layers, space.max_skips, rng, space.layer_weights(t)))
             else:
                 new_t = _fresh_timestep(rng, used, space.num_train_timesteps)
                 steps[i] = (t if new_t is None else new_t, m)

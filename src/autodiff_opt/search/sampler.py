@@ -17,12 +17,13 @@ before it, the trial is claimed (``search/recovery.py``: a beat and the owner re
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import numpy as np
 import optuna
@@ -51,7 +52,10 @@ from autodiff_opt.search.space import (
     pareto_ranks,
     step_param,
 )
-from autodiff_opt.core.keys import ENQUEUED_GENOME_ATTR, PARENT_CACHE_PREFIX
+from autodiff_opt.core.keys import ENQUEUED_GENOME_ATTR, PARENT_CACHE_PREFIX, SENSITIVITY_ATTR, STAGE2_START_ATTR
+
+if TYPE_CHECKING:
+    from autodiff_opt.search.sensitivity import SensitivityMapper
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +157,12 @@ class AutoDiffusionSampler(BaseSampler):
         stage2: "Stage2Policy | None" = None,
         *,
         lock_timeout: float | None = 120.0,
+        sensitivity: "SensitivityMapper | None" = None,
     ) -> None:
-        """`lock_timeout`: seconds to wait for the study lock; None decides without it (only to show the race)."""
+        """`lock_timeout`: seconds to wait for the study lock; None decides without it (only to show the race).
+        `sensitivity`: computes stage 2's sensitivity map when stage 2 is due, and its prior guides the masks."""
         self.space = space
+        self.sensitivity = sensitivity
         self.evolution = evolution or EvolutionConfig()
         self.anchor = anchor
         self._seed = seed if seed is not None else int(np.random.SeedSequence().entropy % (2**31))
@@ -201,6 +208,8 @@ class AutoDiffusionSampler(BaseSampler):
             return
         if any(d != StudyDirection.MINIMIZE for d in study.directions):
             raise ValueError("AutoDiffusionSampler minimises FID (and cost): create the study with direction='minimize'")
+        if self.sensitivity is not None and self.stage2 is not None:
+            self._ensure_sensitivity(study)
         if self.lock_timeout is None:
             self._decide(study, trial)
             return
@@ -226,6 +235,17 @@ class AutoDiffusionSampler(BaseSampler):
                  OPERATOR_ATTR: child.operator, PARENTS_ATTR: child.parents, STAGE_ATTR: child.stage}
         set_trial_attrs(study._storage, trial._trial_id, system=attrs)
         self._remember(trial._trial_id, child.genome)
+
+    def _ensure_sensitivity(self, study: Study) -> None:
+        """Stage 2 started or due at the next slot and no map yet: compute it (outside the lock, see
+        search/sensitivity.py), so the first stage-2 candidate already draws from its prior."""
+        attrs = study._storage.get_study_system_attrs(study._study_id)
+        if SENSITIVITY_ATTR in attrs or self.sensitivity is None or self.stage2 is None:
+            return
+        trials = study.get_trials(deepcopy=False)
+        generation, _ = self._next_slot(trials)
+        if STAGE2_START_ATTR in attrs or self.stage2.due(trials, generation):
+            self.sensitivity.ensure(study, trials)
 
     def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
         self._chosen.pop(trial._trial_id, None)
@@ -266,6 +286,8 @@ class AutoDiffusionSampler(BaseSampler):
         start = self.stage2.start(study, trials, generation) if self.stage2 else None
         if self.stage2 and start is not None and generation >= start:
             stage, space = 2, self.stage2.space(T, generation - start)
+            prior = self.sensitivity.prior(study) if self.sensitivity is not None else None
+            space = dataclasses.replace(space, prior=prior) if prior is not None else space
         else:  # K is fixed in stage 1 (the solver gene's range with search.solvers)
             lo, hi = (self.space.min_steps, self.space.max_steps) if self.space.solvers else (self.space.num_steps,) * 2
             stage, space = 1, JointSpace.without_skipping(T, lo, hi)

@@ -45,10 +45,14 @@ class Stage2Policy:
         stored = storage.get_study_system_attrs(study._study_id).get(STAGE2_START_ATTR)
         if stored is not None:
             return int(stored)
-        if generation < 1 or not (generation >= self.start_generation or self._stalled(trials, generation)):
+        if not self.due(trials, generation):
             return None
         storage.set_study_system_attr(study._study_id, STAGE2_START_ATTR, generation)
         return generation
+
+    def due(self, trials: Sequence[FrozenTrial], generation: int) -> bool:
+        """Whether stage 2 starts at ``generation`` (when it has not started before); reads only."""
+        return generation >= 1 and (generation >= self.start_generation or self._stalled(trials, generation))
 
     def _stalled(self, trials: Sequence[FrozenTrial], generation: int) -> bool:
         """True when the best of generations < g equals the best of generations < g - patience."""

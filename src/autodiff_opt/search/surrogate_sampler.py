@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from optuna.study import Study
@@ -28,6 +28,9 @@ from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig, O
 from autodiff_opt.search.stage2 import Stage2Policy
 from autodiff_opt.search.space import SearchSpace
 from autodiff_opt.search.surrogate import GaussianProcess, embed
+
+if TYPE_CHECKING:
+    from autodiff_opt.search.sensitivity import SensitivityMapper
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +72,8 @@ class SurrogateEvolutionSampler(AutoDiffusionSampler):
 
     def __init__(self, space: SearchSpace, evolution: EvolutionConfig | None = None, anchor: Genome | None = None,
                  seed: int | None = None, stage2: Stage2Policy | None = None,
-                 surrogate: SurrogateConfig | None = None) -> None:
-        super().__init__(space, evolution, anchor, seed, stage2)
+                 surrogate: SurrogateConfig | None = None, sensitivity: "SensitivityMapper | None" = None) -> None:
+        super().__init__(space, evolution, anchor, seed, stage2, sensitivity=sensitivity)
         self.surrogate = surrogate or SurrogateConfig()
         self._kernels: dict[tuple[int, int, int | None, int], tuple[float, float]] = {}  # a cache, not state
 
