@@ -282,14 +282,16 @@ def _states(db: Path) -> dict[str, int]:
 
 
 def _running_with_owner(db: Path) -> int:
-    """RUNNING trials whose owner is recorded: killed before that (a window of a few statements inside ask),
-    a trial is an orphan only the heartbeat rule or a later worker can free; the test kills after it."""
+    """RUNNING trials whose owner and genome are recorded: killed before the owner (a window of a few statements
+    inside ask), a trial is an orphan only the heartbeat rule or a later worker can free; killed before the genome,
+    there is no candidate to evaluate again. The test kills after both."""
     import sqlite3
 
+    has = "exists (select 1 from trial_system_attributes a where a.trial_id = t.trial_id and a.key = '{}')"
     try:
         with sqlite3.connect(db, timeout=30) as con:
-            return int(con.execute("select count(*) from trials t join trial_system_attributes a on a.trial_id ="
-                                   " t.trial_id where t.state = 'RUNNING' and a.key = 'autodiff:owner'").fetchone()[0])
+            return int(con.execute(f"select count(*) from trials t where t.state = 'RUNNING' and {has.format('autodiff:owner')}"
+                                   f" and {has.format('autodiff:genome')}").fetchone()[0])
     except sqlite3.OperationalError:
         return 0
 
@@ -318,7 +320,7 @@ def test_every_sampler_runs_resumes_after_sigkill_and_refuses_another(sampler: s
         finished = [genome_of(t).key() for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
         assert len(finished) == len(set(finished)), "a finished candidate was evaluated again"
         retried = genome_of(study.trials[interrupted[0]])
-        assert retried is None or retried.key() in finished, "the interrupted candidate was not evaluated again"
+        assert retried is not None and retried.key() in finished, "the interrupted candidate was not evaluated again"
     assert {t.user_attrs.get("baseline") for t in study.trials} >= {"ddim_uniform", "trailing", "gits_dp"}
     final = pd.read_csv(tmp_path / "run2" / "final.csv")
     assert set(final.kind) == {"searched", "heuristic", "peer"}
