@@ -362,9 +362,10 @@ def run_search(study: optuna.Study, exp: Experiment) -> None:
     else:
         done, total = _finished(study), budget.total
     if done >= total and not _finished(study):
-        raise ConfigError(
-            f"search.budget={cfg.search.budget} candidate-equivalents is already spent by the peer schedules"
-            f" ({done:.1f}) before any candidate ran: raise search.budget (the default is 150) or set search.peers=[]")
+        from autodiff_opt.preflight import budget_in_force
+
+        raise ConfigError(f"the search budget, {budget_in_force(cfg.search)}, is already spent by the peer schedules"
+                          f" ({done:.1f}) before any candidate ran: raise search.budget or set search.peers=[]")
     if done >= total:
         if isinstance(budget, ImageStepBudget):
             log.info("study %s already spent %.1f of %.0f candidate-equivalents: search done", study.study_name, done, total)
