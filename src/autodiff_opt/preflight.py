@@ -176,14 +176,18 @@ def check_reference_source(source: str) -> None:
 
 
 def check_writable_folder(folder: str | Path, option: str) -> None:
-    """A folder the run writes into: created now (as the run would) and a file written in it and removed
-    (permission bits alone do not tell: root may write anywhere but /proc, a read-only mount, a file's path)."""
+    """A folder the run will create and write: a file can be made in it, or in the nearest folder above it
+    that exists (tried, not read from permission bits: root may write anywhere but /proc, a read-only mount,
+    a path under a file). Nothing is left behind."""
+    import errno
     import tempfile
 
-    path = Path(str(folder)).expanduser()
+    path = Path(str(folder)).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(existing))
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
         reason = err.strerror or type(err).__name__
