@@ -116,6 +116,39 @@ class TestSurrogateSamplerOptunaSuite(BasicSamplerTestCase):
         return lambda: SurrogateEvolutionSampler(SPACE, SMALL, seed=0, surrogate=SurrogateConfig(pool_size=32))
 
 
+def test_surrogate_sampler_answers_genome_params_from_its_own_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Optuna's suite above asks for a param named "x", which no genome has: it runs the random fallback. Here
+    the suite's checks run on the genome's own params (t0..t3 as suggest_genome asks them): every value is
+    an int inside its distribution, it is the step of the genome the surrogate chose (never the fallback's),
+    and the surrogate's GP ranks the offspring once enough candidates are done."""
+    from autodiff_opt.search import surrogate_sampler as module
+    from autodiff_opt.search.space import suggest_genome
+
+    sampler = SurrogateEvolutionSampler(SPACE, SMALL, seed=0, surrogate=SurrogateConfig(pool_size=32))
+    fallback: list[str] = []
+    fits: list[int] = []
+    real_fallback, real_fit = sampler._fallback.sample_independent, module.GaussianProcess.fit
+    monkeypatch.setattr(sampler._fallback, "sample_independent",
+                        lambda study, trial, name, dist: fallback.append(name) or real_fallback(study, trial, name, dist))
+    monkeypatch.setattr(module.GaussianProcess, "fit", classmethod(lambda cls, x, v, k=None: fits.append(len(v))
+                                                                   or real_fit(x, v, k)))
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(lambda t: _distance_of(suggest_genome(t, SPACE)), n_trials=24)
+    assert fallback == [] and fits and max(fits) >= 20  # refitted as candidates finish
+    for trial in study.trials:
+        genome = genome_of(trial)
+        assert [trial.params[f"t{i}"] for i in range(4)] == list(genome.timesteps)
+        for i in range(4):
+            value, dist = trial.params[f"t{i}"], trial.distributions[f"t{i}"]
+            assert isinstance(value, int) and dist.low <= value <= dist.high
+    chosen = [t for t in study.trials if t.number >= 8]  # after the initial population: the surrogate's picks
+    assert {t.system_attrs["autodiff:operator"] for t in chosen} - {"random", "init"}, "no bred offspring chosen"
+
+
+def _distance_of(genome: Genome) -> float:
+    return 1.0 + float(sum(abs(a - b) for a, b in zip(genome.timesteps, TARGET)))
+
+
 TARGET = (900, 600, 300, 50)
 
 
