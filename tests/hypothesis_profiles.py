@@ -1,6 +1,8 @@
-"""Hypothesis profiles: under CI (the ``CI`` environment variable set, as .ci/run does) every property
-test draws the same examples on every run (``derandomize``), so a red build is reproducible and a green
-one is not luck; locally examples stay random (and the failing ones are kept in .hypothesis/)."""
+"""Hypothesis under CI: every property test draws the same examples on every run, so a red build is
+reproducible and a green one is not luck. Hypothesis ships a ``ci`` profile for this (``derandomize=True``,
+no example database, no deadline, blobs printed); ``load_profile()`` loads it wherever ``CI`` is set to
+something other than empty/0/false (.ci/run exports CI=1), and the default profile elsewhere (random
+examples, failing ones kept in .hypothesis/)."""
 
 from __future__ import annotations
 
@@ -8,11 +10,9 @@ import os
 
 from hypothesis import settings
 
-settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
-
 
 def load_profile() -> str:
-    """Load the CI profile where ``CI`` is set (and not 0/false), the default one otherwise; return its name."""
+    """Load Hypothesis' ``ci`` profile where ``CI`` is set, the default one otherwise; return its name."""
     name = "ci" if os.environ.get("CI", "").lower() not in ("", "0", "false") else "default"
     settings.load_profile(name)
     return name

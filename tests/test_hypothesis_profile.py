@@ -1,4 +1,4 @@
-"""The Hypothesis profile conftest.py loads (tests/hypothesis_profiles.py)."""
+"""The Hypothesis profile conftest.py loads (tests/hypothesis_profiles.py), and CI sets what selects it."""
 
 from __future__ import annotations
 
@@ -20,3 +20,9 @@ def test_hypothesis_is_derandomised_under_ci(ci: str, derandomized: bool) -> Non
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
                          text=True, timeout=60, check=True).stdout.split()
     assert out == (["ci", "True", "True"] if derandomized else ["default", "False", "False"])
+
+
+def test_the_ci_entry_point_sets_ci_before_the_tests() -> None:
+    lines = (Path(__file__).parents[1] / ".ci" / "run").read_text().splitlines()
+    assert lines.index("export CI=1  # Hypothesis draws the same examples on every run (tests/hypothesis_profiles.py)") \
+        < lines.index("make test")
