@@ -51,17 +51,22 @@ def run_cli(overrides: list[str], tmp: Path, run_dir: Path, timeout: float = 300
 
 
 def kill_when(ready: Callable[[], bool], overrides: list[str], tmp: Path, run_dir: Path, timeout: float = 240) -> None:
-    """Start the CLI, SIGKILL it as soon as ready() (the run must not end before that), wait for it to die."""
+    """Start the CLI, SIGKILL it as soon as ready() (the run must not end before that), wait for it to die.
+    A run that never gets ready within ``timeout`` is killed too, and the test fails saying so."""
     proc = subprocess.Popen(cli_command(overrides, run_dir), cwd=tmp, env=cli_env(tmp),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ready():
-            break
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    reached = False
+    try:
+        while not reached and time.monotonic() < deadline:
+            reached = ready()
+            if not reached:
+                assert proc.poll() is None, "the run ended before it could be killed"
+                time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert reached, f"the run was not ready to be killed within {timeout:.0f} s"
 
 
 def load_study(db: Path) -> optuna.Study:

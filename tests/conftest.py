@@ -13,6 +13,9 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from randconv_extractor import TEST_EXTRACTOR  # noqa: E402,F401  (registers it with torch-fidelity)
 from pg import pg_proc, pg_server, pg_url  # noqa: E402,F401  (a throwaway PostgreSQL server: tests/pg.py)
+from hypothesis_profiles import load_profile  # noqa: E402
+
+load_profile()  # derandomised Hypothesis under CI (tests/hypothesis_profiles.py)
 
 pytest_plugins = ["pytester"]  # tests/test_concurrency.py runs a session that needs a missing server
 

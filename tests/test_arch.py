@@ -321,8 +321,14 @@ def test_attention_flops_include_the_attention_products(adm: UNet2DModel) -> Non
 def test_cost_cache_is_reused(adm: UNet2DModel, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "costs.json"
     first = measure_layer_costs(adm, cache_path=path)
-    monkeypatch.setattr(flops_mod, "count_flops", lambda *a, **k: pytest.fail("counted again"))
-    assert measure_layer_costs(adm, cache_path=path) == first
+    monkeypatch.setattr(flops_mod, "count_step_flops", lambda *a, **k: pytest.fail("counted again"))
+    forwards: list[int] = []
+    hook = adm.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        assert measure_layer_costs(adm, cache_path=path) == first
+    finally:
+        hook.remove()
+    assert forwards == []  # the cached costs are read, the model never runs
     assert first.key in json.loads(path.read_text())
     genome = Genome((900, 10), (frozenset({0}), frozenset()))
     assert first.genome_flops(genome) == 2 * first.full_step - first.savings[0]

@@ -6,10 +6,12 @@ runner.run before anything is loaded) are also tested on their own at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import optuna
@@ -279,9 +281,144 @@ def test_run_all_returns_the_opened_storage(tmp_path: Path, tiny_model_dir: Path
 
 
 def test_a_budget_the_peers_already_spend_is_refused(tiny_model_dir: Path, tiny_reference: Path, tmp_path: Path) -> None:
-    """The peer DP costs more than search.budget: one line naming the fix, exit 2, not a traceback after the search."""
+    """The peer DP costs more than search.budget: one line naming the budget and the fix, exit 2, before any work."""
     proc = run_with({"search.sampler": "autodiffusion", "search.budget": 0.5, "search.peers": "[gits_dp]",
                      "search.peer_samples": 32, "search.peer_grid": 20}, tiny_model_dir, tiny_reference, tmp_path)
-    assert proc.returncode == 2, proc.stderr[-2500:]
-    error = proc.stderr[proc.stderr.rindex("error: "):].strip()
-    assert "already spent by the peer schedules" in error and "search.peers=[]" in error and "Traceback" not in proc.stderr
+    assert_refused(proc, "already spent by the gits_dp peer's teacher", tmp_path)
+    assert "(search.budget=0.5)" in proc.stderr and "search.peers=[]" in proc.stderr
+
+
+# --- issue 25: inputs that ended in tracebacks after the search, or were run silently ------------------------
+SMOKE = ["search.population=6", "search.generations=1", "search.num_samples=100", "search.num_parents=3",
+         "search.num_mutants=3", "search.num_crossovers=1", "search.init_random=2"]
+
+
+def test_the_budget_message_names_the_budget_in_force(tmp_path: Path) -> None:
+    from cli_helpers import compose_cfg
+
+    unset = compose_cfg(SMOKE, tmp_path).search
+    with pytest.raises(ConfigError, match=r"budget, 6 candidate-equivalents \(search.budget unset: search.population=6"
+                                          r" x search.generations=1 of search.sampler=autodiffusion\), is already spent"
+                                          r" by the gits_dp peer's teacher \(64.0 candidate-equivalents"):
+        preflight.check_budget(unset)
+    with pytest.raises(ConfigError, match=r"budget, 10 candidate-equivalents \(search.budget=10"):
+        preflight.check_budget(compose_cfg([*SMOKE, "search.budget=10"], tmp_path).search)
+    preflight.check_budget(compose_cfg([*SMOKE, "search.budget=65"], tmp_path).search)  # 64 for the teacher, 1 left
+    preflight.check_budget(compose_cfg([*SMOKE, "search.peers=[]"], tmp_path).search)
+    preflight.check_budget(compose_cfg([*SMOKE, "search.sampler=autodiffusion_paper"], tmp_path).search)  # generations
+
+
+def test_check_final() -> None:
+    preflight.check_final({"enabled": True, "repeats": 1, "num_samples": 2})
+    preflight.check_final({"enabled": True, "repeats": 3, "num_samples": None})  # null: 2 x search.num_samples
+    preflight.check_final({"enabled": False, "repeats": 0, "num_samples": 1})  # no final comparison: not read
+    with pytest.raises(ConfigError, match=r"^final.repeats=0: .*at least 1 repeat.*final.enabled=false$"):
+        preflight.check_final({"enabled": True, "repeats": 0, "num_samples": None})
+    with pytest.raises(ConfigError, match=r"^final.num_samples=1: FID needs at least 2 samples"):
+        preflight.check_final({"enabled": True, "repeats": 3, "num_samples": 1})
+
+
+def test_check_search_rungs_and_pool_size() -> None:
+    good = {"population": 6, "num_parents": 3, "num_mutants": 3, "num_crossovers": 1, "init_random": 2,
+            "rungs": [0.25, 0.5], "pool_size": 1}
+    preflight.check_search(good)
+    for rungs in ([0.5, 0.25], [0.25, 0.25, 0.5]):
+        with pytest.raises(ConfigError, match=r"search.rungs=.*: list the prefixes in increasing order, each once"
+                                              r" \(e.g. \[0.25, 0.5\]\)"):
+            preflight.check_search({**good, "rungs": rungs})
+    with pytest.raises(ConfigError, match=r"^search.pool_size=0: .*at least 1"):
+        preflight.check_search({**good, "pool_size": 0})
+
+
+def test_check_stage2_budget() -> None:
+    preflight.check_stage2({"units": "blocks", "caches": [], "budget_flops": 3.5, "budget_layers": None})
+    preflight.check_stage2({"units": "blocks", "caches": [], "budget_flops": None, "budget_layers": 0})
+    for flops in (0, -1.0):
+        with pytest.raises(ConfigError, match=rf"^search.stage2.budget_flops={flops}: .*must be positive"):
+            preflight.check_stage2({"units": "blocks", "caches": [], "budget_flops": flops})
+    with pytest.raises(ConfigError, match=r"^search.stage2.budget_layers=-2"):
+        preflight.check_stage2({"units": "blocks", "caches": [], "budget_layers": -2})
+
+
+def test_check_reference_source(tiny_reference: Path, tmp_path: Path) -> None:
+    preflight.check_reference_source(str(tiny_reference))
+    preflight.check_reference_source("builtin:digits-train")
+    preflight.check_reference_source(str(tmp_path))  # an image folder: its images are checked when read
+    preflight.check_reference_source(str(tmp_path / "missing.npz"))  # check_files names missing inputs
+    for name in ("notes.txt", "text.npz"):
+        (tmp_path / name).write_text("not images\n")
+        with pytest.raises(ConfigError, match=rf"^dataset.reference=.*{name} is neither an image folder nor an .npz"):
+            preflight.check_reference_source(str(tmp_path / name))
+
+
+def test_check_writable_folder(tmp_path: Path) -> None:
+    preflight.check_writable_folder(tmp_path / "new" / "deeper", "report.artifact_dir")
+    assert not any(tmp_path.iterdir())  # tried in the nearest folder that exists, nothing made or left behind
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match=r"^report.artifact_dir=.*a-file/artifacts cannot be written"
+                                          r" \(Not a directory\): choose a folder you can write to$"):
+        preflight.check_writable_folder(tmp_path / "a-file" / "artifacts", "report.artifact_dir")
+
+
+def test_an_unwritable_run_folder_is_refused_before_hydra_starts(tiny_model_dir: Path, tiny_reference: Path,
+                                                                  tmp_path: Path) -> None:
+    from autodiff_opt.cli import run_dir_problem
+
+    (tmp_path / "a-file").write_text("x")
+    assert run_dir_problem([f"hydra.run.dir={tmp_path / 'run'}"]) is None
+    assert run_dir_problem(["-m", f"hydra.run.dir={tmp_path / 'a-file' / 'x'}"]) is None  # a sweep writes elsewhere
+    problem = run_dir_problem(["-m", f"hydra.sweep.dir={tmp_path / 'a-file'}/${{now:%H}}"])
+    assert problem is not None and problem.startswith(f"hydra.sweep.dir={tmp_path / 'a-file'}/${{now:%H}} cannot be")
+    overrides = tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "s.db")
+    proc = subprocess.run(cli_command(overrides, tmp_path / "a-file" / "run"), cwd=tmp_path, env=cli_env(tmp_path),
+                          capture_output=True, text=True, timeout=60)
+    assert_refused(proc, f"hydra.run.dir={tmp_path / 'a-file' / 'run'} cannot be written (Not a directory)", tmp_path)
+    assert proc.stderr.strip().count("\n") == 0  # the one line, nothing else
+
+
+def test_adm_presets_are_user_errors() -> None:
+    from autodiff_opt.core.errors import USER_ERRORS
+    from autodiff_opt.models.adm.config import AdmConfigError, unet_preset
+
+    assert issubclass(AdmConfigError, ConfigError) and issubclass(AdmConfigError, USER_ERRORS)
+    with pytest.raises(ConfigError, match="unknown ADM preset 'imagenet46'"):
+        unet_preset("imagenet46")
+    preflight.check_adm_presets({"converter": "adm", "preset": "imagenet64", "classifier": None})
+    preflight.check_adm_presets({"converter": None, "preset": None, "classifier": None})
+    with pytest.raises(ConfigError, match=r"^model.preset='imagenet46' is not an ADM preset: use one of .*imagenet64"):
+        preflight.check_adm_presets({"converter": "adm", "preset": "imagenet46", "classifier": None})
+    with pytest.raises(ConfigError, match=r"^model.preset='lsun256' has no ADM classifier preset"):
+        preflight.check_adm_presets({"converter": None, "preset": "lsun256", "classifier": "64x64_classifier.pt"})
+
+
+@contextlib.contextmanager
+def _case(name: str) -> Iterator[None]:
+    try:
+        yield
+    except BaseException as err:
+        raise AssertionError(f"{name}: {err}") from err
+
+
+def test_validate_runs_the_new_checks(tiny_model_dir: Path, tiny_reference: Path, tmp_path: Path) -> None:
+    """Each new check is part of the one validation pass (the CLI runs it before any model work)."""
+    from cli_helpers import compose_cfg
+
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "a-file").write_text("x")
+    base = tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "s.db")
+    for override, message in (("final.repeats=0", "final.repeats=0"), ("final.num_samples=1", "final.num_samples=1"),
+                              ("search.rungs=[0.5,0.25]", "increasing order"), ("search.pool_size=0", "pool_size=0"),
+                              (f"dataset.reference={tmp_path / 'notes.txt'}", "is neither an image folder"),
+                              (f"report.artifact_dir={tmp_path / 'a-file' / 'art'}", "report.artifact_dir="),
+                              ("search.budget=0.5", "already spent by the gits_dp"),
+                              ("model.preset=imagenet46", "is not an ADM preset")):
+        overrides = [*base, override]
+        if override == "search.budget=0.5":
+            overrides += ["search.peers=[gits_dp]", "search.sampler=autodiffusion"]
+        if override.startswith("model.preset"):
+            overrides += ["model.converter=adm"]
+        with _case(override), pytest.raises(ConfigError, match=message.replace("[", "\\[")):
+            preflight.validate(compose_cfg(overrides, tmp_path))
+    cfg = compose_cfg([*base, "search.stage2.enabled=true", "search.stage2.budget_flops=0"], tmp_path)
+    with pytest.raises(ConfigError, match="budget_flops=0"):
+        preflight.validate(cfg)

@@ -154,17 +154,24 @@ def test_optunas_samplers_take_no_study_lock() -> None:
 
 # --- heartbeats for journal files ----------------------------------------------------------------------
 def test_journal_heartbeat_fails_a_silent_trial_and_queues_it_again(tmp_path: Path) -> None:
-    storage = journal_storage(tmp_path / "s.journal", heartbeat_interval=1, grace_period=1, max_retry=3)
+    storage = journal_storage(tmp_path / "s.journal", heartbeat_interval=1, grace_period=2, max_retry=3)
     assert isinstance(storage, HeartbeatJournalStorage) and is_heartbeat_enabled(storage)
     study = optuna.create_study(storage=storage)
     alive, dead = study.ask(), study.ask()
+    before_beats = time.time()
     for trial in (alive, dead):
         storage.set_trial_system_attr(trial._trial_id, GENOME_ATTR, f"genome-{trial.number}")
         storage.set_trial_system_attr(trial._trial_id, GENERATION_ATTR, 0)
         storage.record_heartbeat(trial._trial_id)
-    time.sleep(1.5)  # both beats are now older than the grace period (sleep never returns early) ...
-    storage.record_heartbeat(alive._trial_id)  # ... and the live one beats again just before the check
-    assert storage._get_stale_trial_ids(study._study_id) == [dead._trial_id]
+    deadline = time.monotonic() + 60
+    while True:  # no fixed sleep: poll until the silent trial goes stale, the live one beating before each look
+        storage.record_heartbeat(alive._trial_id)
+        stale = storage._get_stale_trial_ids(study._study_id)
+        if stale or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert stale == [dead._trial_id]
+    assert time.time() - before_beats > 2  # not stale before its grace period
     optuna.storages.fail_stale_trials(study)
     assert study.trials[dead.number].state == TrialState.FAIL and study.trials[alive.number].state == TrialState.RUNNING
     retry = study.get_trials(states=(TrialState.WAITING,))

@@ -4,7 +4,6 @@ the metric name, the final table as the note, the report's figures as plots and 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -17,14 +16,9 @@ import pytest
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig
 from autodiff_opt.search.space import SearchSpace, suggest_genome
+from ports import held_port
 
 SPACE = SearchSpace(4, 1000)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _serve(url: str, port: int, *extra: str) -> subprocess.Popen[bytes]:
@@ -53,10 +47,11 @@ def test_dashboard_lists_the_study_and_its_genome_params(tmp_path: Path) -> None
                                    anchor=Genome((750, 500, 250, 0)), seed=0)
     study = optuna.create_study(storage=url, study_name="digits-ddim-k4", sampler=sampler)
     study.optimize(lambda t: float(sum(suggest_genome(t, SPACE).timesteps)), n_trials=6)
-    port = _free_port()
+    port, holder = held_port()  # held until the server answers: no other process can take it meanwhile
     proc = _serve(url, port)
     try:
-        body = _wait_for(port, proc)
+        with holder:
+            body = _wait_for(port, proc)
         studies = body["study_summaries"]
         assert [s["study_name"] for s in studies] == ["digits-ddim-k4"]
         study_id = studies[0]["study_id"]

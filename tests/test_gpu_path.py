@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -200,11 +201,13 @@ def test_bench_gpu_runs_on_cpu(tmp_path: Path) -> None:
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "bench.json"
+    started = time.perf_counter()
     proc = subprocess.run([sys.executable, str(root / "experiments" / "bench_gpu.py"), "--device", "cpu",
                            "--models", "digits", "--modes", "eager,compiled", "--compile-backend", BACKEND,
                            "--precision", "fp32", "--batch", "4", "--batches", "1", "--steps", "2",
                            "--candidate-samples", "8", "--matmul-size", "256", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
+    wall = time.perf_counter() - started
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert [r["mode"] for r in result["rows"]] == ["eager", "compiled"]
@@ -218,4 +221,34 @@ def test_bench_gpu_runs_on_cpu(tmp_path: Path) -> None:
         assert row["fraction"] == pytest.approx(row["image_steps_per_s"] * full_step / result["peak_flops"], rel=1e-6)
     (split,) = result["candidates"]
     assert split["samples"] == 8 and split["feature_dim"] > 0
+    assert split["generation_s"] > 0 and split["features_s"] > 0 and split["fid_formula_s"] > 0
     assert split["total_s"] == pytest.approx(split["generation_s"] + split["features_s"] + split["fid_formula_s"])
+    assert split["total_s"] < wall  # timed inside the run, not made up
+
+
+def test_candidate_timing_gives_each_part_its_own_time(tiny_model_dir: Path) -> None:
+    """experiments/bench_eval.time_candidate on the real generator and scorer, each part slowed by a known
+    sleep: a part's time holds its own sleep and not the others' (no part timed over another's span)."""
+    import importlib.util
+
+    from autodiff_opt.metrics.fid import FIDScorer, fid_from_stats
+
+    spec = importlib.util.spec_from_file_location("bench_eval", Path(__file__).resolve().parents[1] / "experiments"
+                                                  / "bench_eval.py")
+    bench_eval = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(bench_eval)  # type: ignore[union-attr]
+    generator, scorer = _generator(tiny_model_dir), FIDScorer("test-randconv")
+    samples = _samples(4)
+    reference = scorer.statistics(generator.generate(Genome(STEPS), _samples(8, seed=1)))
+
+    def slowed(fn, seconds: float):  # type: ignore[no-untyped-def]
+        def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+            time.sleep(seconds)
+            return fn(*args, **kwargs)
+        return run
+
+    generator.generate = slowed(generator.generate, 0.6)  # type: ignore[method-assign]
+    scorer.statistics = slowed(scorer.statistics, 0.3)  # type: ignore[method-assign]
+    t = bench_eval.time_candidate(generator, scorer, Genome(STEPS), samples, reference, slowed(fid_from_stats, 0.05))
+    assert set(t) == {"generate", "features", "fid"}
+    assert 0.6 <= t["generate"] and 0.3 <= t["features"] < 0.6 and 0.05 <= t["fid"] < 0.3, t

@@ -18,7 +18,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from port_for import select_random
+from ports import held_port
 from cli_helpers import run_cli, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -63,11 +63,12 @@ def test_optuna_cli_and_dashboard_read_a_study_the_cli_made(pg_url: str, tiny_mo
     # the value is named by the study's metric name
     assert {t["number"]: t["value"]["FID"] for t in json.loads(trials.stdout) if t["state"] == "COMPLETE"} == values
 
-    port = select_random()
+    port, holder = held_port()  # held until the server answers: no other process can take it meanwhile
     server = subprocess.Popen([_exe("optuna-dashboard"), "--host", "127.0.0.1", "--port", str(port), pg_url],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        summaries = _get_json(f"http://127.0.0.1:{port}/api/studies")["study_summaries"]  # type: ignore[index]
+        with holder:
+            summaries = _get_json(f"http://127.0.0.1:{port}/api/studies")["study_summaries"]  # type: ignore[index]
         assert [s["study_name"] for s in summaries] == ["pg-k4"]
         detail = _get_json(f"http://127.0.0.1:{port}/api/studies/{summaries[0]['study_id']}?after=0")
         seen = {t["number"]: t["values"][0] for t in detail["trials"] if t["state"] == "Complete"}  # type: ignore[index]

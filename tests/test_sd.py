@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -152,3 +153,36 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path, sd_dir: Path, captions: Pa
         load_text_to_image(str(unet_only), captions)
     with pytest.raises(ModelLoadError, match="huggingface-cli download CompVis/stable-diffusion-v1-4"):
         load_text_to_image("CompVis/stable-diffusion-v1-4", captions)  # offline in tests (HF_HUB_OFFLINE=1)
+
+
+def test_sd_snippet_with_skips_runs_and_gives_our_masked_sampler(sd_dir: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The export of a stage-2 result on SD v1: the snippet, run as written next to its best_schedule.json,
+    gives the images of our masked DPM-Solver++(2M) on the same noise and prompt (and not the plain ones)."""
+    from autodiff_opt.arch.skip import model_skipper, step_wrapper_for
+    from autodiff_opt.report.export import export_schedule, sd_snippet
+    from autodiff_opt.solvers import dpmpp_2m_sample
+    from autodiff_opt.utils import to_uint8
+
+    model = load_text_to_image(str(sd_dir), ["a photo of a cat"])
+    layers = model_skipper(model).layers
+    attention = frozenset(layer.id for layer in layers if layer.kind == "attention")
+    genome = Genome(STEPS, (attention, frozenset({layers[0].id}), attention, frozenset()))
+    code = sd_snippet(genome, str(sd_dir), "dpmpp_2m", 7.5)
+    assert "skip_blocks(pipe.unet" in code and sd_snippet(Genome(STEPS), str(sd_dir), "dpmpp_2m", 7.5).count("skip") == 0
+    export_schedule(tmp_path / "best_schedule.json", genome, {"model_config": {"skip_units": "blocks"}},
+                    layer_names=[layer.name for layer in layers])
+    monkeypatch.chdir(tmp_path)
+    scope: dict[str, object] = {}
+    exec(compile(code.replace('from_pretrained("%s")' % sd_dir, 'from_pretrained("%s", safety_checker=None)' % sd_dir),
+                 "snippet", "exec"), scope)  # noqa: S102 - our own generated code
+    theirs = torch.as_tensor(np.array(scope["image"])).permute(2, 0, 1)
+    noise = torch.randn(1, *model.sample_shape, generator=torch.Generator().manual_seed(0))  # the pipeline's draw
+    labels = torch.tensor([0])
+    with torch.no_grad():
+        masked = step_wrapper_for(model)(model.eps_fn(class_labels=labels), genome)
+        ours = to_uint8(model.to_images(dpmpp_2m_sample(masked, noise, STEPS, model.alphas_cumprod, clip_x0=False)))[0]
+        plain = to_uint8(model.to_images(dpmpp_2m_sample(model.eps_fn(class_labels=labels), noise, STEPS,
+                                                         model.alphas_cumprod, clip_x0=False)))[0]
+    assert (ours.int() - theirs.int()).abs().max() <= 1  # uint8 rounding of the PIL image
+    assert (plain.int() - theirs.int()).abs().max() > 1  # the skipped layers are what makes them agree

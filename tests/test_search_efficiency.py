@@ -116,6 +116,39 @@ class TestSurrogateSamplerOptunaSuite(BasicSamplerTestCase):
         return lambda: SurrogateEvolutionSampler(SPACE, SMALL, seed=0, surrogate=SurrogateConfig(pool_size=32))
 
 
+def test_surrogate_sampler_answers_genome_params_from_its_own_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Optuna's suite above asks for a param named "x", which no genome has: it runs the random fallback. Here
+    the suite's checks run on the genome's own params (t0..t3 as suggest_genome asks them): every value is
+    an int inside its distribution, it is the step of the genome the surrogate chose (never the fallback's),
+    and the surrogate's GP ranks the offspring once enough candidates are done."""
+    from autodiff_opt.search import surrogate_sampler as module
+    from autodiff_opt.search.space import suggest_genome
+
+    sampler = SurrogateEvolutionSampler(SPACE, SMALL, seed=0, surrogate=SurrogateConfig(pool_size=32))
+    fallback: list[str] = []
+    fits: list[int] = []
+    real_fallback, real_fit = sampler._fallback.sample_independent, module.GaussianProcess.fit
+    monkeypatch.setattr(sampler._fallback, "sample_independent",
+                        lambda study, trial, name, dist: fallback.append(name) or real_fallback(study, trial, name, dist))
+    monkeypatch.setattr(module.GaussianProcess, "fit", classmethod(lambda cls, x, v, k=None: fits.append(len(v))
+                                                                   or real_fit(x, v, k)))
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(lambda t: _distance_of(suggest_genome(t, SPACE)), n_trials=24)
+    assert fallback == [] and fits and max(fits) >= 20  # refitted as candidates finish
+    for trial in study.trials:
+        genome = genome_of(trial)
+        assert [trial.params[f"t{i}"] for i in range(4)] == list(genome.timesteps)
+        for i in range(4):
+            value, dist = trial.params[f"t{i}"], trial.distributions[f"t{i}"]
+            assert isinstance(value, int) and dist.low <= value <= dist.high
+    chosen = [t for t in study.trials if t.number >= 8]  # after the initial population: the surrogate's picks
+    assert {t.system_attrs["autodiff:operator"] for t in chosen} - {"random", "init"}, "no bred offspring chosen"
+
+
+def _distance_of(genome: Genome) -> float:
+    return 1.0 + float(sum(abs(a - b) for a, b in zip(genome.timesteps, TARGET)))
+
+
 TARGET = (900, 600, 300, 50)
 
 
@@ -282,14 +315,16 @@ def _states(db: Path) -> dict[str, int]:
 
 
 def _running_with_owner(db: Path) -> int:
-    """RUNNING trials whose owner is recorded: killed before that (a window of a few statements inside ask),
-    a trial is an orphan only the heartbeat rule or a later worker can free; the test kills after it."""
+    """RUNNING trials whose owner and genome are recorded: killed before the owner (a window of a few statements
+    inside ask), a trial is an orphan only the heartbeat rule or a later worker can free; killed before the genome,
+    there is no candidate to evaluate again. The test kills after both."""
     import sqlite3
 
+    has = "exists (select 1 from trial_system_attributes a where a.trial_id = t.trial_id and a.key = '{}')"
     try:
         with sqlite3.connect(db, timeout=30) as con:
-            return int(con.execute("select count(*) from trials t join trial_system_attributes a on a.trial_id ="
-                                   " t.trial_id where t.state = 'RUNNING' and a.key = 'autodiff:owner'").fetchone()[0])
+            return int(con.execute(f"select count(*) from trials t where t.state = 'RUNNING' and {has.format('autodiff:owner')}"
+                                   f" and {has.format('autodiff:genome')}").fetchone()[0])
     except sqlite3.OperationalError:
         return 0
 
@@ -318,7 +353,7 @@ def test_every_sampler_runs_resumes_after_sigkill_and_refuses_another(sampler: s
         finished = [genome_of(t).key() for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
         assert len(finished) == len(set(finished)), "a finished candidate was evaluated again"
         retried = genome_of(study.trials[interrupted[0]])
-        assert retried is None or retried.key() in finished, "the interrupted candidate was not evaluated again"
+        assert retried is not None and retried.key() in finished, "the interrupted candidate was not evaluated again"
     assert {t.user_attrs.get("baseline") for t in study.trials} >= {"ddim_uniform", "trailing", "gits_dp"}
     final = pd.read_csv(tmp_path / "run2" / "final.csv")
     assert set(final.kind) == {"searched", "heuristic", "peer"}

@@ -91,7 +91,7 @@ def test_cli_searches_the_solver_with_the_steps_and_resumes(tiny_model_dir: Path
     gene = {"search.solvers": "[ddim,heun,dpmpp_3m]", "search.population": 5, "search.num_parents": 3,
             "search.num_mutants": 2, "search.num_crossovers": 2, "search.init_random": 1, "solver.clip_x0": "false",
             "search.baselines": "[trailing]", "search.num_samples": 32, "search.batch_size": 32,
-            "final.num_samples": 32, "final.repeats": 1}
+            "final.num_samples": 32, "final.repeats": 1, "storage.study_name": "gene"}  # a deliberate resume
     first = run_cli(tiny_overrides(tiny_model_dir, tiny_reference, db, **gene, **{"search.generations": 1,
                                                                                   "final.enabled": "false"}),
                     tmp_path, tmp_path / "run1", timeout=900)

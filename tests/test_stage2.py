@@ -17,7 +17,7 @@ from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig, g
 from autodiff_opt.search.space import GENERATION_ATTR, STAGE_ATTR, SearchSpace, suggest_genome
 from autodiff_opt.search.stage2 import STAGE2_START_ATTR, Stage2Policy, ramp_max_skip_frac
 from autodiff_opt.search.surrogate_sampler import SurrogateEvolutionSampler
-from cli_helpers import run_cli, tiny_overrides
+from cli_helpers import load_study, run_cli, tiny_overrides
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -118,10 +118,18 @@ def test_stage2_end_to_end_through_the_cli(multi_objective: bool, tiny_model_dir
     assert best["skipped_layer_names"] == [[names[i] for i in ids] for ids in best["skipped_layers"]]
     images = generate_from_schedule(best, num_images=4, device="cpu")
     assert images.shape == (4, 1, 8, 8) and images.dtype == torch.uint8
-    if any(best["skipped_layers"]):  # the skipped layers are applied: without them the samples differ
-        plain = generate_from_schedule({**best, "skipped_layers": None, "skipped_layer_names": None}, num_images=4,
-                                       device="cpu")
-        assert schedule_genome(best).has_skips and not torch.equal(images, plain)
+    # the skipped layers are applied: without them the samples differ (the winner's, else the best skipping trial's)
+    skipping = best
+    if not any(best["skipped_layers"]):
+        done_trials = load_study(tmp_path / "s.db").get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        trial = min((t for t in done_trials if genome_of(t).has_skips), key=lambda t: t.values[0])
+        masks = genome_of(trial).skips
+        skipping = {**best, "timesteps": list(genome_of(trial).timesteps), "skipped_layers": [sorted(m) for m in masks],
+                    "skipped_layer_names": [[names[i] for i in sorted(m)] for m in masks]}
+    masked = generate_from_schedule(skipping, num_images=4, device="cpu")
+    plain = generate_from_schedule({**skipping, "skipped_layers": None, "skipped_layer_names": None}, num_images=4,
+                                   device="cpu")
+    assert schedule_genome(skipping).has_skips and not torch.equal(masked, plain)
     if multi_objective:  # the front by hand from trials.csv; the final table holds min(6, its size) of its points
         points = list(zip(done.fid, done.cost_full_steps.round(3)))  # the final table rounds the cost
         front = {(f, c) for f, c in points if not any(g <= f and d <= c and (g, d) != (f, c) for g, d in points)}

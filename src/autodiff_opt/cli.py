@@ -41,5 +41,26 @@ def compose_config(overrides: list[str]) -> DictConfig:
         return compose(config_name="config", overrides=list(overrides))
 
 
+def run_dir_problem(argv: list[str]) -> str | None:
+    """Hydra creates its run (or sweep) folder before the app starts, with a traceback where it cannot:
+    the folder given (or the default's fixed part, in the launch folder) is checked first."""
+    from autodiff_opt.core.errors import ConfigError
+    from autodiff_opt.preflight import check_writable_folder
+
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith(key + "=")]
+    folder = given[-1] if given else ("multirun" if multirun else "outputs")
+    try:
+        check_writable_folder(folder.split("${")[0] or ".", key)
+    except ConfigError as err:
+        return str(err).replace(f"{key}={folder.split('${')[0] or '.'}", f"{key}={folder}", 1)
+    return None
+
+
 def main() -> None:
+    problem = run_dir_problem(sys.argv[1:])
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     _app()

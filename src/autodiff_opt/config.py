@@ -113,7 +113,8 @@ class SearchConfig:
 @dataclass
 class StorageConfig:
     url: str = "sqlite:///autodiff_opt.db"
-    study_name: str = "${model.name}-${solver.name}-k${search.num_steps}"
+    # null: MODEL-SOLVER-kK-SAMPLER-HASH, HASH of the settings a resume must keep (runner.study_name_of)
+    study_name: Optional[str] = None
     heartbeat_interval: int = 5
     grace_period: int = 12
     max_retry: int = 3

@@ -61,6 +61,14 @@ def check_search(search: Any) -> None:
         setup = resolve(search)
     except SamplerChoiceError as err:
         raise _config_error(str(err)) from err
+    pool = search.get("pool_size")
+    if pool is not None and (isinstance(pool, bool) or int(pool) < 1):
+        raise _config_error(f"search.pool_size={pool}: the surrogate ranks at least 1 offspring per candidate:"
+                            " use a whole number of at least 1 (the default is 256)")
+    rungs = list(setup.rung_fractions)
+    if any(a >= b for a, b in zip(rungs, rungs[1:])):
+        raise _config_error(f"search.rungs={rungs}: list the prefixes in increasing order, each once"
+                            f" (e.g. {sorted(set(rungs))})")
     stage2 = search.get("stage2") if hasattr(search, "get") else None
     if not setup.evolutionary and stage2 is not None and stage2.get("enabled"):
         raise _config_error(f"search.stage2.enabled=true needs search.sampler=autodiffusion or autodiffusion_paper:"
@@ -94,6 +102,13 @@ def check_stage2(stage2: Any) -> None:
     if not 0.0 < fraction <= 1.0:
         raise _config_error(f"search.stage2.sensitivity_fraction={fraction}: use a fraction of the search samples"
                             " in (0, 1], e.g. 0.1")
+    flops = stage2.get("budget_flops")
+    if flops is not None and float(flops) <= 0:
+        raise _config_error(f"search.stage2.budget_flops={flops}: the budget is in full network evaluations and must be"
+                            " positive (e.g. 4.0), or null for K full steps")
+    layers = stage2.get("budget_layers")
+    if layers is not None and int(layers) < 0:
+        raise _config_error(f"search.stage2.budget_layers={layers}: a layer count cannot be negative (null: use budget_flops)")
 
 
 def check_seeds(search_seed: int, final: Any) -> None:
@@ -107,6 +122,94 @@ def check_seeds(search_seed: int, final: Any) -> None:
         which = "final.seed" if r == 0 else f"final.seed + 7919 x {r} (repeat {r})"
         raise _config_error(f"{which} = {search_seed} is search.seed: the final comparison needs fresh seeds:"
                             " set final.seed to another value (the default is 1000003)")
+
+
+def check_final(final: Any) -> None:
+    """final.repeats and final.num_samples: the final comparison must be able to compute an FID."""
+    if final is None or not final.get("enabled", True):
+        return
+    repeats = final.get("repeats")
+    if repeats is not None and int(repeats) < 1:
+        raise _config_error(f"final.repeats={repeats}: the final comparison needs at least 1 repeat (the default is 3);"
+                            " to skip it, set final.enabled=false")
+    n = final.get("num_samples")
+    if n is not None and int(n) < 2:
+        raise _config_error(f"final.num_samples={n}: FID needs at least 2 samples (use thousands; null: twice"
+                            " search.num_samples)")
+
+
+def budget_in_force(search: Any) -> str:
+    """The search budget in candidate-equivalents and where it comes from, for messages."""
+    from autodiff_opt.search.samplers import resolve
+
+    setup = resolve(search)
+    if search.get("budget") is not None:
+        return f"{setup.budget:g} candidate-equivalents (search.budget={search.budget})"
+    return (f"{setup.budget:g} candidate-equivalents (search.budget unset: search.population={setup.evolution.population}"
+            f" x search.generations={setup.generations} of search.sampler={setup.sampler})")
+
+
+def check_budget(search: Any) -> None:
+    """The trajectory-DP peer's teacher (search.peer_grid steps on search.peer_samples samples; T >= peer_grid
+    for every model here) counts in the budget of the image-step samplers: it must leave room for a candidate."""
+    from autodiff_opt.search.samplers import resolve
+
+    setup = resolve(search)
+    if setup.sampler == "autodiffusion_paper" or "gits_dp" not in (search.get("peers") or []):
+        return  # the paper's evolution counts generations, not image-steps
+    teacher = int(search.peer_grid) * int(search.peer_samples)
+    candidate = int(search.num_samples) * int(search.num_steps)
+    if teacher >= setup.budget * candidate:
+        raise _config_error(
+            f"the search budget, {budget_in_force(search)}, is already spent by the gits_dp peer's teacher"
+            f" ({teacher / candidate:.1f} candidate-equivalents: search.peer_grid={search.peer_grid} x"
+            f" search.peer_samples={search.peer_samples} image-steps): raise search.budget, lower search.peer_samples,"
+            " or set search.peers=[]")
+
+
+def check_reference_source(source: str) -> None:
+    """dataset.reference: builtin:NAME, an image folder or an .npz archive (a missing one is named by check_files)."""
+    import zipfile
+
+    path = Path(str(source)).expanduser()
+    if str(source).startswith("builtin:") or not path.is_file():
+        return
+    if path.suffix.lower() != ".npz" or not zipfile.is_zipfile(path):
+        raise _config_error(f"dataset.reference={source} is neither an image folder nor an .npz archive (uint8 images"
+                            " under arr_0, or mu/sigma): point it at one (python -m autodiff_opt.stats builds statistics)")
+
+
+def check_writable_folder(folder: str | Path, option: str) -> None:
+    """A folder the run will create and write: a file can be made in it, or in the nearest folder above it
+    that exists (tried, not read from permission bits: root may write anywhere but /proc, a read-only mount,
+    a path under a file). Nothing is left behind."""
+    import errno
+    import tempfile
+
+    path = Path(str(folder)).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(existing))
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise _config_error(f"{option}={folder} cannot be written ({reason}): choose a folder you can write to") from err
+
+
+def check_adm_presets(model: Any) -> None:
+    """model.preset names a guided-diffusion architecture when a checkpoint is converted or a classifier used."""
+    from autodiff_opt.models.adm.config import CLASSIFIER_PRESETS, UNET_PRESETS
+
+    preset = model.get("preset")
+    if preset is None:
+        return
+    if model.get("converter") == "adm" and preset not in UNET_PRESETS:
+        raise _config_error(f"model.preset={preset!r} is not an ADM preset: use one of {', '.join(sorted(UNET_PRESETS))}")
+    if model.get("classifier") and preset not in CLASSIFIER_PRESETS:
+        raise _config_error(f"model.preset={preset!r} has no ADM classifier preset (model.classifier is set): use one of"
+                            f" {', '.join(sorted(CLASSIFIER_PRESETS))}")
 
 
 def _resolved_device(name: str):  # -> torch.device
@@ -350,12 +453,18 @@ def validate(cfg: Any) -> None:
     """Every check above that needs no plugin and no storage, cheapest first: settings, then files."""
     check_config(cfg)
     check_search(cfg.search)
+    check_budget(cfg.search)
+    check_final(cfg.get("final"))
     check_seeds(cfg.search.get("seed", 0), cfg.get("final"))
     check_device(str(cfg.device))
     check_runtime(cfg)
     check_model_folder(str(cfg.model.pretrained), cfg.model.subfolder)
+    check_adm_presets(cfg.model)
     check_checkpoints(cfg.model)
     check_files(cfg)
+    check_reference_source(str(cfg.dataset.reference))
+    if cfg.get("report") is not None and cfg.report.get("artifact_dir"):
+        check_writable_folder(cfg.report.artifact_dir, "report.artifact_dir")
     check_solver_fits_model(str(cfg.solver.name), str(cfg.model.pretrained), cfg.model.subfolder,
                             list(cfg.search.get("peers") or []))
 

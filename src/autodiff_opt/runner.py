@@ -227,6 +227,13 @@ def study_signature(cfg: DictConfig, space: SearchSpace) -> dict[str, Any]:
     """What must match for a study to be resumed: every setting of the config trees that define the
     objective and the search (model, dataset, solver, metric, search, precision), after the sampler's
     defaults are applied, except the short list RESUME_MAY_CHANGE. A new setting is covered by default."""
+    flat = config_signature(cfg)
+    flat.update({"num_steps": space.num_steps, "num_train_timesteps": space.num_train_timesteps})
+    return flat
+
+
+def config_signature(cfg: DictConfig) -> dict[str, Any]:
+    """The config's part of ``study_signature`` (all of it but what the loaded model adds)."""
     trees = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k]
              for k in SIGNATURE_TREES}
     flat = {k: v for k, v in _flatten(trees, "").items() if k not in RESUME_MAY_CHANGE}
@@ -235,8 +242,24 @@ def study_signature(cfg: DictConfig, space: SearchSpace) -> dict[str, Any]:
     flat.update({"search.prune": setup.prune, "search.rungs": list(setup.rung_fractions) if setup.prune else []})
     if not cfg.search.stage2.enabled:  # stage-2 settings mean nothing without stage 2
         flat = {k: v for k, v in flat.items() if not k.startswith("search.stage2.") or k == "search.stage2.enabled"}
-    flat.update({"num_steps": space.num_steps, "num_train_timesteps": space.num_train_timesteps})
     return flat
+
+
+def study_name_of(cfg: DictConfig) -> str:
+    """storage.study_name, or (null) a name of what the study's signature protects: model, solver(s), K,
+    sampler (and stage 2) to read, then a short hash of the whole signature, so two runs whose objective or
+    search differ never meet in one study by accident, while a rerun of the same settings resumes it."""
+    if cfg.storage.get("study_name"):
+        return str(cfg.storage.study_name)
+    import hashlib
+    import json
+
+    solvers = "+".join(str(s) for s in cfg.search.solvers) or str(cfg.solver.name)
+    parts = [str(cfg.model.name), solvers, f"k{cfg.search.num_steps}", resolve(cfg.search).sampler]
+    if cfg.search.stage2.enabled:
+        parts.append("stage2")
+    digest = hashlib.sha256(json.dumps(config_signature(cfg), sort_keys=True, default=str).encode()).hexdigest()[:6]
+    return "-".join([*parts, digest])
 
 
 
@@ -375,9 +398,10 @@ def run_search(study: optuna.Study, exp: Experiment) -> None:
     else:
         done, total = _finished(study), budget.total
     if done >= total and not _finished(study):
-        raise ConfigError(
-            f"search.budget={cfg.search.budget} candidate-equivalents is already spent by the peer schedules"
-            f" ({done:.1f}) before any candidate ran: raise search.budget (the default is 150) or set search.peers=[]")
+        from autodiff_opt.preflight import budget_in_force
+
+        raise ConfigError(f"the search budget, {budget_in_force(cfg.search)}, is already spent by the peer schedules"
+                          f" ({done:.1f}) before any candidate ran: raise search.budget or set search.peers=[]")
     if done >= total:
         if isinstance(budget, ImageStepBudget):
             log.info("study %s already spent %.1f of %.0f candidate-equivalents: search done", study.study_name, done, total)
@@ -408,7 +432,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
 
     storage = run_all(cfg)  # the one validation pass, then the storage opened (checked), before any model
     exp = build_experiment(cfg)
-    study = open_study(storage, cfg.storage.study_name, study_signature(cfg, exp.space), make_sampler(exp),
+    study = open_study(storage, study_name_of(cfg), study_signature(cfg, exp.space), make_sampler(exp),
                        num_objectives=2 if exp.multi_objective else 1,
                        pruner=make_pruner(exp.search_setup.prune and not exp.multi_objective,
                                           exp.search_setup.evolution.num_parents))

@@ -174,7 +174,9 @@ def plan(args: argparse.Namespace, overrides: list[str], cfg, base_dir: Path, de
     common = [*overrides, f"storage.url={hydra_value(url)}"]
     if "progress" not in user_keys:
         common.append("progress=false")  # N progress bars in one terminal garble each other
-    result = Plan(url, str(cfg.storage.study_name), overrides, base_dir)
+    from autodiff_opt.runner import study_name_of
+
+    result = Plan(url, study_name_of(cfg), overrides, base_dir)
     for i in range(args.workers):
         device = devices[i % len(devices)] if devices else None
         run_dir = base_dir / f"worker-{i}"

@@ -70,26 +70,34 @@ def diffusers_scheduler(solver: str, clip_x0: bool) -> str | None:
     return _SCHEDULERS[solver][0]
 
 
-_SD_SNIPPET = '''# Apply the searched schedule to a Stable Diffusion pipeline ({solver}, CFG {guidance}).
+_SD_SNIPPET = '''# Apply the searched schedule to a Stable Diffusion pipeline ({solver}, CFG {guidance}{skips}).
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
+{skip_import}
 pipe = StableDiffusionPipeline.from_pretrained("{model}")
 pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config,
     algorithm_type="dpmsolver++", solver_order={order}, final_sigmas_type="zero", lower_order_final=False)
-image = pipe("a photo of a cat", timesteps={timesteps}, guidance_scale={guidance}).images[0]
+{skip_line}image = pipe("a photo of a cat", timesteps={timesteps}, guidance_scale={guidance},
+             generator=torch.Generator().manual_seed(0)).images[0]
 '''
+_SKIP_IMPORT = "from autodiff_opt.apply import skip_blocks\n"
+_SKIP_LINE = 'skip_blocks({denoiser}, "best_schedule.json")  # the searched {units} off, per step\n'
 
 
 SD_ORDERS = {"ddim": 1, "dpmpp_2m": 2, "dpmpp_3m": 3}  # DPMSolverMultistepScheduler's solver_order for each
 
 
 def sd_snippet(genome: Genome, model: str, solver: str, guidance: float) -> str:
+    """StableDiffusionPipeline with DPM-Solver++ on the searched steps; a stage-2 schedule's skipped layers
+    through ``autodiff_opt.apply.skip_blocks`` on ``pipe.unet`` (one UNet call a step, the CFG pair batched)."""
     if solver not in SD_ORDERS:
         return _APPLY.format(solver=solver, nfe=nfe(solver, genome.num_steps), clip="",
                              reason=f"no diffusers scheduler runs {solver} on custom steps")
+    skip = genome.has_skips
     return _SD_SNIPPET.format(solver=solver, model=model, timesteps=list(genome.timesteps), guidance=guidance,
-                              order=SD_ORDERS[solver])
+                              order=SD_ORDERS[solver], skips=", with skipped layers" if skip else "",
+                              skip_import=_SKIP_IMPORT if skip else "",
+                              skip_line=_SKIP_LINE.format(denoiser="pipe.unet", units="layers") if skip else "")
 
 
 def diffusers_snippet(genome: Genome, model: str, solver: str, shape: tuple[int, ...], num_classes: int | None,
@@ -192,9 +200,9 @@ def pipeline_snippet(kind: str, genome: Genome, model: str, solver: str, guidanc
     fields = dict(pipeline=PIPELINE_CLASSES[kind], solver=solver, nfe=nfe(solver, genome.num_steps), model=model,
                   skips=", with skipped blocks" if skip else "",
                   scheduler="DPMSolverMultistepScheduler" if kind == "dit" else "FlowMatchEulerDiscreteScheduler",
-                  skip_import="from autodiff_opt.apply import skip_blocks\n" if skip else "",
-                  skip_line='skip_blocks(pipe.transformer, "best_schedule.json")  # the searched blocks off, per step\n'
-                  if skip else "", k=genome.num_steps, guidance=guidance, timesteps=list(genome.timesteps),
+                  skip_import=_SKIP_IMPORT if skip else "",
+                  skip_line=_SKIP_LINE.format(denoiser="pipe.transformer", units="blocks") if skip else "",
+                  k=genome.num_steps, guidance=guidance, timesteps=list(genome.timesteps),
                   guidance_arg=f" guidance_scale={guidance},",
                   times=[grid_time(i, GRID_SIZE) for i in genome.timesteps], order=SD_ORDERS.get(solver, 1))
     body = _DIT_PIPELINE if kind == "dit" else _FLOW_PIPELINE

@@ -131,7 +131,7 @@ def write_report(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | N
         info["final"] = json.loads(final.to_json(orient="records"))
     names = [layer.name for layer in model_skipper(exp.model).layers]
     export_schedule(paths["schedule"], genome, info, layer_names=names)
-    _page_and_dashboard(study, exp, final, figures, paths["figures"])
+    _page_and_dashboard(study, exp, final, figures, paths["figures"], run_title(study.study_name, exp, genome))
     log.info("report written to %s", out_dir)
     return paths
 
@@ -152,14 +152,22 @@ def snippet_for(exp: "Experiment", genome: Genome, solver: str) -> str:
                              clip_x0=cfg.solver.clip_x0)
 
 
+def run_title(study_name: str, exp: "Experiment", genome: Genome) -> str:
+    """The page title: model, the best schedule's solver (with the solver gene: which it was chosen from), K."""
+    cfg = exp.cfg
+    solver = exp.generator.solver_of(genome)
+    if cfg.search.solvers:
+        solver = f"{solver} chosen from {'/'.join(str(s) for s in cfg.search.solvers)}"
+    return f"autodiff-opt: {study_name} ({cfg.model.name}, {solver}, K={genome.num_steps})"
+
+
 def _page_and_dashboard(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | None,
-                        figures: dict[str, Any], page: Path) -> None:
+                        figures: dict[str, Any], page: Path, title: str) -> None:
     """report.html with the grids, then the note, plots and grids in the study for optuna-dashboard."""
     cfg = exp.cfg
     grids, grid_files = _write_grids(study, exp, final, page.parent)
     head = headline(final) if final is not None else None
     command = reproduce_command(*job_overrides())
-    title = f"autodiff-opt: {study.study_name} ({cfg.model.name}, {cfg.solver.name}, K={cfg.search.num_steps})"
     note = (f"the same {cfg.report.grid_size}x{cfg.report.grid_size} initial noise"
             f"{' and class labels' if exp.model.num_classes else ''} (seed final.seed={cfg.final.seed}) for every schedule")
     page.write_text(render_page(title, head, final, grids, list(figures.values()), settings_yaml(cfg), command,

@@ -12,13 +12,16 @@ from typing import Any
 
 import torch
 
+from autodiff_opt.core.errors import ConfigError
+
 ADM_GROUPS = 32  # ADM normalises with GroupNorm(32, C), eps 1e-5 (the torch default)
 ADM_NORM_EPS = 1e-5
 COSINE_MAX_BETA = 0.999
 
 
-class AdmConfigError(ValueError):
-    """An ADM configuration that this project cannot build or express as a diffusers UNet2DModel."""
+class AdmConfigError(ConfigError):
+    """An ADM configuration that this project cannot build or express as a diffusers UNet2DModel (a user
+    error: one line, exit 2)."""
 
 
 @dataclass(frozen=True)
