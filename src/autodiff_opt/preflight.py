@@ -61,6 +61,12 @@ def check_search(search: Any) -> None:
         setup = resolve(search)
     except SamplerChoiceError as err:
         raise _config_error(str(err)) from err
+    from autodiff_opt.search.stopping import StopChoiceError, check_stop
+
+    try:
+        check_stop(search.get("stop", "converged"), search.get("patience"), search.get("timeout"))
+    except StopChoiceError as err:
+        raise _config_error(str(err)) from err
     stage2 = search.get("stage2") if hasattr(search, "get") else None
     if not setup.evolutionary and stage2 is not None and stage2.get("enabled"):
         raise _config_error(f"search.stage2.enabled=true needs search.sampler=autodiffusion or autodiffusion_paper:"

@@ -27,3 +27,7 @@ PEER_COST_ATTR = "autodiff:peer_image_steps"
 FINAL_ATTR = "autodiff:final"
 STAGE2_START_ATTR = "autodiff:stage2_start"
 PARENT_CACHE_PREFIX = "autodiff:parents_of_generation:"
+SEARCH_SECONDS_PREFIX = "autodiff:search_seconds:"  # + process: that process's search seconds (search.timeout)
+# Study user attributes (shown in optuna-dashboard):
+STOP_ATTR = "search_stop"  # why and where the search stopped (search/stopping.py)
+SEARCH_SECONDS_ATTR = "search_seconds"  # search seconds of every process so far
