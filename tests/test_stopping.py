@@ -18,6 +18,7 @@ from autodiff_opt.core.errors import ConfigError
 from autodiff_opt.core.keys import BASELINE_ATTR, IMAGE_STEPS_ATTR, STOP_ATTR
 from autodiff_opt.search.fidelity import ImageStepBudget
 from autodiff_opt.search.study import make_storage
+from cli_helpers import kill_when, load_study, run_cli, tiny_overrides
 from autodiff_opt.search.stopping import (MIN_PAIRS, SearchClock, StopChoiceError, StopRule, Trace, converged_at,
                                           parse_timeout, stored_seconds, verdicts)
 
@@ -228,3 +229,57 @@ def test_two_workers_on_one_study_stop_together(tmp_path: Path) -> None:
     assert {r["reason"] for r in seen.values()} == {"converged"}
     assert len([t for t in trials if t.number > found.trial]) <= 2  # at most one in flight per worker
     assert study.user_attrs[STOP_ATTR]["trial"] == found.trial
+
+
+# --- the CLI: a SIGKILL and a resume stop where an uninterrupted run stops; the timeout across a resume ----
+def _tiny(model: Path, reference: Path, db: Path, **extra: object) -> list[str]:
+    return tiny_overrides(model, reference, db, **{
+        "search.sampler": "autodiffusion", "search.num_samples": 96, "search.batch_size": 24, "search.budget": 60,
+        "search.patience": 6, "final.num_samples": 32, "final.repeats": 1, "report.grid_size": 0, **extra})
+
+
+def _searched(db: Path) -> list[str]:
+    """Genome keys of the trials that did not fail, in trial order."""
+    from autodiff_opt.search.sampler import genome_of
+
+    return [genome_of(t).key() for t in load_study(db).trials if t.state != TrialState.FAIL]
+
+
+def test_sigkill_then_resume_stops_at_the_candidate_of_an_uninterrupted_run(tiny_model_dir: Path, tiny_reference: Path,
+                                                                          tmp_path: Path) -> None:
+    whole = run_cli(_tiny(tiny_model_dir, tiny_reference, tmp_path / "a.db"), tmp_path, tmp_path / "a")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    stop = load_study(tmp_path / "a.db").user_attrs[STOP_ATTR]
+    assert stop["reason"] == "converged" and stop["candidates"] < 60, stop
+    assert "Search stopped: converged at" in (tmp_path / "a" / "report.html").read_text()
+
+    db = tmp_path / "b.db"
+    overrides = _tiny(tiny_model_dir, tiny_reference, db)
+
+    def mid_search() -> bool:  # a searched candidate is being evaluated, well before the stop
+        if not db.exists():
+            return False
+        try:
+            trials = load_study(db).trials
+        except Exception:  # noqa: BLE001  (the study is being created)
+            return False
+        done = sum(t.state == TrialState.COMPLETE for t in trials)
+        return done >= 3 and any(t.state == TrialState.RUNNING and "autodiff:genome" in t.system_attrs for t in trials)
+
+    kill_when(mid_search, overrides, tmp_path, tmp_path / "b1")
+    assert len(_searched(db)) < len(_searched(tmp_path / "a.db"))
+    resumed = run_cli(overrides, tmp_path, tmp_path / "b2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = load_study(db)
+    assert any(t.state == TrialState.FAIL for t in again.trials), "the kill left no failed trial"
+    assert _searched(db) == _searched(tmp_path / "a.db")  # the same candidates, the same stop
+    assert again.user_attrs[STOP_ATTR]["reason"] == "converged"
+    assert again.user_attrs[STOP_ATTR]["candidates"] == pytest.approx(stop["candidates"])
+
+    seconds = stored_seconds(again)  # both processes' search time
+    assert seconds > 0
+    later = run_cli([*overrides, "search.stop=budget", "search.budget=500", f"search.timeout={seconds / 2:.3f}",
+                     "final.enabled=false"], tmp_path, tmp_path / "b3")
+    assert later.returncode == 0, later.stderr[-3000:]
+    assert _searched(db) == _searched(tmp_path / "a.db"), "a trial started after the timeout"
+    assert load_study(db).user_attrs[STOP_ATTR]["reason"] == "timeout"
