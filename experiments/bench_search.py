@@ -143,7 +143,7 @@ def _table(runs: list[dict[str, Any]], fresh: dict[str, list[float]], checkpoint
         mine = [r for r in runs if r["sampler"] == name and r.get("stop", "budget") == stop]
         cells = []
         for c in checkpoints:
-            fids = [statistics.mean(fresh[k]) for r in mine
+            fids = [statistics.mean(fresh[k]) for r in mine if r["trace"]
                     and r["trace"] and r["trace"][-1][0] >= c - 1e-6 and (k := _best_at(r["trace"], c))]
             if not fids:
                 cells.append("")

@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dbs", nargs="+")
     parser.add_argument("--patience", default="20,30,40")
+    parser.add_argument("--budget", type=float, default=150.0, help="the budget the share column is of")
     parser.add_argument("--no-fresh", action="store_true", help="stop points only (no model, no fresh FIDs)")
     args, overrides = parser.parse_known_args(argv)
     overrides = [o for o in overrides if o != "--"]
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 key, search_fid = _best_until(study, at)
                 ratio = fresh(key) / heuristic if heuristic else math.nan
                 spent = stops["spent"][at]
-                print(f"| {Path(db).name} | {patience:g} | {rule} | {spent:.1f} | {spent / stops['spent'][end]:.0%} |"
+                print(f"| {Path(db).name} | {patience:g} | {rule} | {spent:.1f} | {spent / args.budget:.0%} |"
                       f" {search_fid:.3f} | {ratio:.3f} | {_num(stops['noise'], 3)} | {_num(stops['reliability'], 2)} |", flush=True)
     return 0
 
