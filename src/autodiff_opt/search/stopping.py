@@ -272,8 +272,8 @@ class StopRule:
         spent = (sum(int(t.user_attrs.get(IMAGE_STEPS_ATTR, 0)) for t in trials if t.number <= last)
                  + int(study._storage.get_study_system_attrs(study._study_id).get(PEER_COST_ATTR, 0))) / self.unit
         seconds = self.clock.total() if self.clock is not None else None
-        record = {"reason": reason, "text": text.replace("{spent:.1f}", f"{spent:.1f}"), "trial": last, "candidates": round(spent, 2),
-                  "seconds": round(seconds, 1) if seconds is not None else None}
+        record = {"reason": reason, "text": text.replace("{spent:.1f}", f"{spent:.1f}"), "trial": last,
+                  "candidates": round(spent, 2), "seconds": round(seconds, 1) if seconds is not None else None}
         if self.reason != record:
             if self.clock is not None:
                 self.clock.save(force=True)
