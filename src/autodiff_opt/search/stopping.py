@@ -280,6 +280,6 @@ class StopRule:
             study.set_user_attr(STOP_ATTR, record)
             if seconds is not None:
                 study.set_user_attr(SEARCH_SECONDS_ATTR, round(seconds, 1))
-            log.info("search stops: %s", text)
+            log.info("search stops: %s", record["text"])
         self.reason = record
         return record
