@@ -380,7 +380,7 @@ def run_search(study: optuna.Study, exp: Experiment) -> None:
         raise ConfigError(
             f"search.budget={cfg.search.budget} candidate-equivalents is already spent by the peer schedules"
             f" ({done:.1f}) before any candidate ran: raise search.budget (the default is 150) or set search.peers=[]")
-    if (reason := rule.check(study)) is not None and reason["reason"] != "budget":
+    if (reason := rule.check(study, after_trial=False)) is not None and reason["reason"] != "budget":
         log.info("study %s: search done (%s)", study.study_name, reason["text"])
         return
     if done >= total:
@@ -396,15 +396,14 @@ def run_search(study: optuna.Study, exp: Experiment) -> None:
     if cfg.progress:  # the bar says it all; Optuna's per-trial lines stay in DEBUG
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     objective = make_objective(exp)
-    if rule.should_stop(study):  # every slot taken (other workers finish them): start no new generation
+    if rule.should_stop(study, after_trial=False):  # every slot taken (others finish them): no new generation
         progress.bar.close()
         return
     try:
         study.optimize(objective, callbacks=[progress], catch=(Exception,), gc_after_trial=False)
     finally:
         progress.bar.close()
-        if rule.clock is not None:
-            rule.clock.save(force=True)
+        rule.finish()
 
 
 def run(cfg: DictConfig) -> pd.DataFrame:

@@ -247,10 +247,12 @@ class StopRule:
             self.trace.feed(study.get_trials(deepcopy=False))
         return self.trace.first
 
-    def check(self, study: Study) -> dict[str, Any] | None:
-        """The reason to stop now, or None (the budget's check may wait for other workers' last trials)."""
+    def check(self, study: Study, after_trial: bool = True) -> dict[str, Any] | None:
+        """The reason to stop now, or None (the budget's check may wait for other workers' last trials).
+        ``after_trial=False`` (before any): a process that runs no trial writes no search seconds."""
         if self.clock is not None:
-            self.clock.save()
+            if after_trial:
+                self.clock.save()
             if self.timeout is not None and self.clock.total() >= self.timeout:
                 return self._record(study, "timeout", f"timeout: {self.clock.total():.0f}s of search"
                                     f" (search.timeout={self.timeout:.0f}s)")
@@ -263,8 +265,13 @@ class StopRule:
             return self._record(study, "budget", "budget: every candidate-equivalent of search.budget spent")
         return None
 
-    def should_stop(self, study: Study) -> bool:
-        return self.check(study) is not None
+    def should_stop(self, study: Study, after_trial: bool = True) -> bool:
+        return self.check(study, after_trial) is not None
+
+    def finish(self) -> None:
+        """This process's last search seconds, if it searched."""
+        if self.clock is not None and self.clock.written > -math.inf:
+            self.clock.save(force=True)
 
     def _record(self, study: Study, reason: str, text: str, verdict: Verdict | None = None) -> dict[str, Any]:
         trials = study.get_trials(deepcopy=False, states=FINISHED)
@@ -275,8 +282,7 @@ class StopRule:
         record = {"reason": reason, "text": text.replace("{spent:.1f}", f"{spent:.1f}"), "trial": last,
                   "candidates": round(spent, 2), "seconds": round(seconds, 1) if seconds is not None else None}
         if self.reason != record:
-            if self.clock is not None:
-                self.clock.save(force=True)
+            self.finish()
             study.set_user_attr(STOP_ATTR, record)
             if seconds is not None:
                 study.set_user_attr(SEARCH_SECONDS_ATTR, round(seconds, 1))
