@@ -8,7 +8,12 @@ re-scored on the same fresh sample sets; the table gives the mean and std over s
 fresh FID and of its ratio to the best heuristic's fresh FID.
 
     python experiments/bench_search.py [--samplers autodiffusion,tpe,...] [--seeds 0,1,2]
-        [--checkpoints 50,100,200] [--long-seeds 0 --long-checkpoint 500] [--jobs 2] [-- OVERRIDES...]
+        [--checkpoints 50,100,200] [--long-seeds 0 --long-checkpoint 500] [--stops budget,converged]
+        [--jobs 2] [-- OVERRIDES...]
+
+``--stops``: each sampler runs under each stop rule (search.stop): ``budget`` spends the largest
+checkpoint, ``converged`` ends earlier once the search has converged (search/stopping.py); the table
+gives where it stopped and the ratio there.
 
 Writes <out>/runs.json, <out>/table.md and <out>/fid_vs_image_steps.html and prints the table.
 """
@@ -49,7 +54,7 @@ def _init(overrides: list[str], out: str, threads: int) -> None:
     _EXP = build_experiment(_compose(overrides, Path(out)))
 
 
-def _run(job: tuple[str, int, float, dict[str, Any]]) -> dict[str, Any]:
+def _run(job: tuple[str, int, float, str, dict[str, Any]]) -> dict[str, Any]:
     """One sampler, one seed: the best-so-far (image-steps spent, genome, search FID) after every trial."""
     import optuna
     from omegaconf import OmegaConf
@@ -58,8 +63,9 @@ def _run(job: tuple[str, int, float, dict[str, Any]]) -> dict[str, Any]:
     from autodiff_opt.search.fidelity import PEER_COST_ATTR, ImageStepBudget, make_pruner
     from autodiff_opt.search.sampler import genome_of
     from autodiff_opt.search.samplers import resolve
+    from autodiff_opt.search.stopping import StopRule
 
-    name, seed, budget, peers = job
+    name, seed, budget, stop_kind, peers = job
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     exp = _EXP
     cfg = exp.cfg.copy()
@@ -68,6 +74,7 @@ def _run(job: tuple[str, int, float, dict[str, Any]]) -> dict[str, Any]:
     for variant in variants:
         key, _, value = variant.partition("=")
         OmegaConf.update(cfg, f"search.{key}", yaml.safe_load(value) if value else True)
+    OmegaConf.update(cfg, "search.stop", stop_kind)  # the objective scores the rungs the convergence stop reads
     exp.cfg, exp.setup = cfg, resolve(cfg.search)
     sampler = runner.make_sampler(exp, seed=1000 + seed)  # the sampler's seed varies; the search samples do not
     study = optuna.create_study(sampler=sampler, pruner=make_pruner(exp.setup.prune, exp.setup.evolution.num_parents))
@@ -77,6 +84,7 @@ def _run(job: tuple[str, int, float, dict[str, Any]]) -> dict[str, Any]:
     runner.seed_study(study, exp)
     unit = len(exp.samples) * exp.space.num_steps
     stop = ImageStepBudget(int(budget * unit), unit)
+    rule = StopRule(stop, unit, len(exp.samples), runner.converges(exp), float(cfg.search.patience), None)
     trace: list[tuple[float, str, float]] = []
     best = (float("inf"), "")
 
@@ -85,13 +93,14 @@ def _run(job: tuple[str, int, float, dict[str, Any]]) -> dict[str, Any]:
         if trial.state == optuna.trial.TrialState.COMPLETE and trial.value is not None and trial.value < best[0]:
             best = (float(trial.value), json.dumps(genome_of(trial).to_json()))
         trace.append((stop.spent(study), best[1], best[0]))
-        if stop.should_stop(study):
+        if rule.should_stop(study):
             study.stop()
 
     t0 = time.perf_counter()
     study.optimize(runner.make_objective(exp), callbacks=[record], catch=(Exception,), gc_after_trial=False)
     states = [t.state.name for t in study.trials]
-    return {"sampler": name, "seed": seed, "trace": trace, "seconds": time.perf_counter() - t0,
+    return {"sampler": name, "seed": seed, "stop": stop_kind, "trace": trace, "seconds": time.perf_counter() - t0,
+            "stop_reason": (rule.reason or {}).get("reason", "budget"),
             "trials": len(states), "pruned": states.count("PRUNED"), "failed": states.count("FAIL")}
 
 
@@ -127,12 +136,14 @@ def _best_at(trace: list[tuple[float, str, float]], checkpoint: float) -> str | 
 def _table(runs: list[dict[str, Any]], fresh: dict[str, list[float]], checkpoints: list[float],
            heuristic_best: float, peer: dict[str, Any], unit: int) -> tuple[str, list[dict[str, Any]]]:
     rows, lines = [], []
-    header = "| sampler | " + " | ".join(f"{c:g} cand." for c in checkpoints) + " |"
-    lines += [header, "|---|" + "---|" * len(checkpoints)]
-    for name in dict.fromkeys(r["sampler"] for r in runs):
+    header = ("| sampler | stop | " + " | ".join(f"{c:g} cand." for c in checkpoints)
+              + " | stopped at (cand.) | at the stop | search seconds |")
+    lines += [header, "|---|---|" + "---|" * len(checkpoints) + "---|---|---|"]
+    for name, stop in dict.fromkeys((r["sampler"], r.get("stop", "budget")) for r in runs):
+        mine = [r for r in runs if r["sampler"] == name and r.get("stop", "budget") == stop]
         cells = []
         for c in checkpoints:
-            fids = [statistics.mean(fresh[k]) for r in runs if r["sampler"] == name
+            fids = [statistics.mean(fresh[k]) for r in mine if r["trace"]
                     and r["trace"] and r["trace"][-1][0] >= c - 1e-6 and (k := _best_at(r["trace"], c))]
             if not fids:
                 cells.append("")
@@ -140,22 +151,33 @@ def _table(runs: list[dict[str, Any]], fresh: dict[str, list[float]], checkpoint
             ratios = [f / heuristic_best for f in fids]
             sd = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
             cells.append(f"{statistics.mean(ratios):.3f} ± {sd:.3f} (n={len(ratios)})")
-            rows.append({"sampler": name, "checkpoint": c, "fid": statistics.mean(fids), "ratio": statistics.mean(ratios),
-                         "ratio_std": sd, "n": len(ratios)})
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            rows.append({"sampler": name, "stop": stop, "checkpoint": c, "fid": statistics.mean(fids),
+                         "ratio": statistics.mean(ratios), "ratio_std": sd, "n": len(ratios)})
+        ends = [r["trace"][-1][0] for r in mine if r["trace"]]
+        at_stop = [statistics.mean(fresh[k]) / heuristic_best for r in mine if r["trace"] and (k := r["trace"][-1][1])]
+        cells += [_mean_sd(ends, 1), _mean_sd(at_stop, 3), _mean_sd([r["seconds"] for r in mine], 0)]
+        lines.append(f"| {name} | {stop} | " + " | ".join(cells) + " |")
     dp_cost = peer["image_steps"] / unit
     dp_ratio = statistics.mean(fresh[json.dumps(peer["genomes"]["gits_dp"])]) / heuristic_best
-    lines.append(f"| gits_dp (peer, {dp_cost:.1f} cand.) | " + " | ".join(f"{dp_ratio:.3f}" for _ in checkpoints) + " |")
+    lines.append(f"| gits_dp (peer, {dp_cost:.1f} cand.) | | " + " | ".join(f"{dp_ratio:.3f}" for _ in checkpoints)
+                 + f" | {dp_cost:.1f} | {dp_ratio:.3f} | |")
     return "\n".join(lines), rows
+
+
+def _mean_sd(values: list[float], digits: int) -> str:
+    if not values:
+        return ""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
 def _figure(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    for name in dict.fromkeys(r["sampler"] for r in rows):
-        mine = [r for r in rows if r["sampler"] == name]
-        fig.add_trace(go.Scatter(x=[r["checkpoint"] for r in mine], y=[r["ratio"] for r in mine], name=name,
+    for name, stop in dict.fromkeys((r["sampler"], r["stop"]) for r in rows):
+        mine = [r for r in rows if r["sampler"] == name and r["stop"] == stop]
+        fig.add_trace(go.Scatter(x=[r["checkpoint"] for r in mine], y=[r["ratio"] for r in mine], name=f"{name} ({stop})",
                                  error_y={"array": [r["ratio_std"] for r in mine]}, mode="lines+markers"))
     fig.update_layout(title=title, xaxis={"title": "image-steps spent (candidate-equivalents)", "type": "log"},
                       yaxis={"title": "fresh-seed FID / best heuristic's"})
@@ -170,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-seeds", default="0", help="seeds also run to --long-checkpoint")
     parser.add_argument("--long-checkpoint", type=float, default=500)
     parser.add_argument("--long-samplers", default=None, help="samplers run to --long-checkpoint (default: all)")
+    parser.add_argument("--stops", default="budget", help="search.stop rules to run every sampler under: budget,converged")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--final-samples", type=int, default=2000)
     parser.add_argument("--jobs", type=int, default=2)
@@ -186,11 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     checkpoints = [float(c) for c in args.checkpoints.split(",")]
     long_seeds = [int(s) for s in args.long_seeds.split(",")] if args.long_seeds else []
     long_samplers = args.long_samplers.split(",") if args.long_samplers else samplers
-    jobs: list[tuple[str, int, float]] = []
+    jobs: list[tuple[str, int, float, str]] = []
     for name in samplers:
         for seed in seeds:
             long = seed in long_seeds and name in long_samplers and args.long_checkpoint > max(checkpoints)
-            jobs.append((name, seed, args.long_checkpoint if long else max(checkpoints)))
+            for stop in args.stops.split(","):
+                jobs.append((name, seed, args.long_checkpoint if long else max(checkpoints), stop))
     if long_seeds and args.long_checkpoint > max(checkpoints):
         checkpoints.append(args.long_checkpoint)
     jobs.sort(key=lambda j: -j[2])  # long runs first: the pool stays busy
@@ -206,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for run in pool.imap_unordered(_run, [(*j, peer) for j in jobs]):
             runs.append(run)
-            print(f"{run['sampler']} seed {run['seed']}: {run['trials']} trials ({run['pruned']} pruned,"
+            print(f"{run['sampler']} ({run['stop']}, stopped by {run['stop_reason']}) seed {run['seed']}: {run['trials']} trials ({run['pruned']} pruned,"
                   f" {run['failed']} failed), {run['trace'][-1][0]:.0f} cand., best search FID {run['trace'][-1][2]:.3f},"
                   f" {run['seconds']:.0f}s", flush=True)
         earlier: dict[str, Any] = json.loads(Path(args.merge).read_text()) if args.merge else {"runs": [], "fresh": {}}

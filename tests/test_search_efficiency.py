@@ -496,7 +496,8 @@ def test_study_signature_covers_every_objective_setting_and_allows_only_the_list
         changed = study_signature(compose_cfg([override], tmp_path), SPACE)
         assert changed != base, f"{override} would silently continue a study"
     for override in ("search.budget=400", "search.generations=30", "search.batch_size=100", "model.name=other",
-                     "search.stage2.max_prun=0.3"):  # stage-2 settings count only with stage 2 on
+                     "search.stage2.max_prun=0.3", "search.stop=budget", "search.patience=10",
+                     "search.timeout=2h"):  # stage-2 settings count only with stage 2 on; when to stop is no objective
         assert study_signature(compose_cfg([override], tmp_path), SPACE) == base, override
     assert "search.budget" in RESUME_MAY_CHANGE
     on = study_signature(compose_cfg(["search.stage2.enabled=true"], tmp_path), SPACE)

@@ -84,6 +84,11 @@ class SearchConfig:
     # autodiffusion (default) | autodiffusion_paper | tpe | cmaes | gp | random (search/samplers.py)
     sampler: str = "autodiffusion"
     budget: Optional[float] = None  # candidate-equivalents of image-steps; null: population x generations
+    # converged: end once the best FID improved by less than its own noise over the last `patience`
+    # candidate-equivalents (the budget stays the ceiling); budget: spend it all (search/stopping.py)
+    stop: str = "converged"
+    patience: float = 30.0
+    timeout: Optional[str] = None  # search time across resumes: 2h, 30m, 1h30m, 90s or seconds; null: none
     # null: the chosen sampler's default (search/samplers.py PRESETS; the paper's are 50/10/25/0.25/15/25/0.1)
     generations: Optional[int] = None
     population: Optional[int] = None

@@ -69,6 +69,12 @@ def check_search(search: Any) -> None:
     if any(a >= b for a, b in zip(rungs, rungs[1:])):
         raise _config_error(f"search.rungs={rungs}: list the prefixes in increasing order, each once"
                             f" (e.g. {sorted(set(rungs))})")
+    from autodiff_opt.search.stopping import StopChoiceError, check_stop
+
+    try:
+        check_stop(search.get("stop", "converged"), search.get("patience"), search.get("timeout"))
+    except StopChoiceError as err:
+        raise _config_error(str(err)) from err
     stage2 = search.get("stage2") if hasattr(search, "get") else None
     if not setup.evolutionary and stage2 is not None and stage2.get("enabled"):
         raise _config_error(f"search.stage2.enabled=true needs search.sampler=autodiffusion or autodiffusion_paper:"

@@ -30,6 +30,7 @@ from autodiff_opt.search.space import SearchSpace, best_fid_trial, fid_of, genom
 from autodiff_opt.search.lock import study_lock
 from autodiff_opt.search.progress import Progress, SearchBudget
 from autodiff_opt.search.recovery import fail_dead_local_trials
+from autodiff_opt.search.stopping import SearchClock, StopRule, parse_timeout
 from autodiff_opt.search.study import _redact, open_study
 from autodiff_opt.solvers import FLOW_HEURISTICS, flow_heuristic_schedule, heuristic_schedule
 from autodiff_opt.utils import pick_device
@@ -209,7 +210,7 @@ RESUME_MAY_CHANGE = (  # settings that do not change what a candidate's FID mean
     "metric.batch_size", "metric.allow_download", "search.batch_size", "search.generations", "search.budget",
     "search.max_consecutive_failures", "search.baselines", "search.schedules", "search.peers",
     "search.peer_samples", "search.peer_grid", "search.pool_size", "search.stage2.start_generation",
-    "search.stage2.patience",
+    "search.stage2.patience", "search.stop", "search.patience", "search.timeout",
 )
 SIGNATURE_TREES = ("model", "dataset", "solver", "metric", "search", "precision")
 
@@ -343,7 +344,8 @@ def _finished(study: optuna.Study) -> int:
 def make_objective(exp: Experiment) -> Objective:
     setup, T, K = exp.search_setup, exp.space.num_train_timesteps, exp.space.num_steps
     cost_fn = exp.layer_costs.genome_flops if exp.layer_costs is not None else None
-    rungs = rung_sizes(len(exp.samples), setup.rung_fractions) if setup.prune and not exp.multi_objective else []
+    scored = setup.prune or converges(exp)  # the convergence stop measures the noise on the rungs' prefix FIDs
+    rungs = rung_sizes(len(exp.samples), setup.rung_fractions) if scored and not exp.multi_objective else []
     genome_fn = None if setup.evolutionary else (lambda trial: coding.suggest(trial, K, T))
     return Objective(exp.generator, exp.scorer, exp.reference, exp.samples, exp.space, cost_fn=cost_fn,
                      cost_objective=exp.stage2.budget.in_full_steps if exp.multi_objective else None,
@@ -390,9 +392,22 @@ def _stop_rule(study: optuna.Study, exp: Experiment) -> SearchBudget | ImageStep
     return ImageStepBudget(int(round(setup.budget * unit)), unit)
 
 
+def converges(exp: Experiment) -> bool:
+    """search.stop=converged, on a single objective (a Pareto search runs to its budget)."""
+    return str(exp.cfg.search.get("stop", "converged")) == "converged" and not exp.multi_objective
+
+
+def stop_rule(study: optuna.Study, exp: Experiment, budget: SearchBudget | ImageStepBudget) -> StopRule:
+    """The budget as the ceiling, with the convergence stop and search.timeout (search/stopping.py)."""
+    search = exp.cfg.search
+    return StopRule(budget, len(exp.samples) * exp.space.num_steps, len(exp.samples), converges(exp),
+                    float(search.get("patience", 30.0)), parse_timeout(search.get("timeout")), SearchClock(study))
+
+
 def run_search(study: optuna.Study, exp: Experiment) -> None:
     cfg = exp.cfg
     budget = _stop_rule(study, exp)
+    rule = stop_rule(study, exp, budget)
     if isinstance(budget, ImageStepBudget):
         done, total = budget.spent(study), budget.candidates
     else:
@@ -402,6 +417,9 @@ def run_search(study: optuna.Study, exp: Experiment) -> None:
 
         raise ConfigError(f"the search budget, {budget_in_force(cfg.search)}, is already spent by the peer schedules"
                           f" ({done:.1f}) before any candidate ran: raise search.budget or set search.peers=[]")
+    if (reason := rule.check(study, after_trial=False)) is not None and reason["reason"] != "budget":
+        log.info("study %s: search done (%s)", study.study_name, reason["text"])
+        return
     if done >= total:
         if isinstance(budget, ImageStepBudget):
             log.info("study %s already spent %.1f of %.0f candidate-equivalents: search done", study.study_name, done, total)
@@ -409,19 +427,20 @@ def run_search(study: optuna.Study, exp: Experiment) -> None:
             log.info("study %s already has %d/%d candidates: search done", study.study_name, done, total)
         return
     progress = Progress(budget, done, cfg.search.max_consecutive_failures, cfg.progress,
-                        every=exp.search_setup.evolution.population)
+                        every=exp.search_setup.evolution.population, stop=rule)
     if _finished(study):
         progress.best = fid_of(best_fid_trial(study)) or float("inf")
     if cfg.progress:  # the bar says it all; Optuna's per-trial lines stay in DEBUG
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     objective = make_objective(exp)
-    if budget.should_stop(study):  # every slot taken (other workers finish them): start no new generation
+    if rule.should_stop(study, after_trial=False):  # every slot taken (others finish them): no new generation
         progress.bar.close()
         return
     try:
         study.optimize(objective, callbacks=[progress], catch=(Exception,), gc_after_trial=False)
     finally:
         progress.bar.close()
+        rule.finish()
 
 
 def run(cfg: DictConfig) -> pd.DataFrame:

@@ -29,3 +29,7 @@ STAGE2_START_ATTR = "autodiff:stage2_start"
 PARENT_CACHE_PREFIX = "autodiff:parents_of_generation:"
 SENSITIVITY_ATTR = "autodiff:sensitivity"  # stage 2's per-step sensitivity map (search/sensitivity.py)
 SENSITIVITY_COST_ATTR = "autodiff:sensitivity_image_steps"
+SEARCH_SECONDS_PREFIX = "autodiff:search_seconds:"  # + process: that process's search seconds (search.timeout)
+# Study user attributes (shown in optuna-dashboard):
+STOP_ATTR = "search_stop"  # why and where the search stopped (search/stopping.py)
+SEARCH_SECONDS_ATTR = "search_seconds"  # search seconds of every process so far

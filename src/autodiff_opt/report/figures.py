@@ -24,9 +24,10 @@ def label_sides(levels: list[float], data: list[float]) -> list[str]:
     return sides
 
 
-def history_figure(trials: pd.DataFrame) -> go.Figure:
+def history_figure(trials: pd.DataFrame, stop: dict | None = None) -> go.Figure:
     """FID of every candidate by trial number (coloured by generation where the sampler has them; pruned
-    candidates in grey at their prefix FID); best so far; baselines and peers as labelled lines."""
+    candidates in grey at their prefix FID); best so far; baselines and peers as labelled lines; where and
+    why the search stopped (``stop``: the study's search_stop attribute) as a dotted vertical line."""
     done = trials[trials.state == "COMPLETE"].sort_values("trial")
     pruned = trials[(trials.state == "PRUNED") & trials.fid.notna()]
     fig = go.Figure()
@@ -53,6 +54,10 @@ def history_figure(trials: pd.DataFrame) -> go.Figure:
                                  line={"dash": "dash", "color": "firebrick", "width": 1}, opacity=0.6,
                                  text=["", f"{row.baseline} {row.timesteps}"], textposition=f"{side} left",
                                  hoverinfo="skip"))
+    if stop and stop.get("trial") is not None and stop["trial"] >= 0:
+        fig.add_vline(x=stop["trial"], line={"dash": "dot", "color": "royalblue"},
+                      annotation={"text": f"stop: {stop.get('reason')} at {stop.get('candidates')} cand.",
+                                  "font": {"color": "royalblue"}}, annotation_position="top left")
     fig.update_layout(title="Search history (same seeds for every candidate)", xaxis_title="trial",
                       yaxis_title="FID (search samples)", yaxis_type="log", template="plotly_white",
                       legend={"orientation": "h", "y": -0.18})  # beside the colour bar it would cover it

@@ -97,13 +97,14 @@ def _figures_html(figures: list[go.Figure]) -> str:
 
 
 def render_page(title: str, head: Headline | None, final: pd.DataFrame | None, grids: list[Grid],
-                figures: list[go.Figure], settings: str, command: str, grid_note: str = "") -> str:
+                figures: list[go.Figure], settings: str, command: str, grid_note: str = "", stop_note: str = "") -> str:
     return "\n".join([
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title><style>{STYLE}</style>",
         f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        "<section id='headline'>" + _headline_html(head) + "</section>",
+        "<section id='headline'>" + _headline_html(head)
+        + (f"<p id='search-stop'>{html.escape(stop_note)}</p>" if stop_note else "") + "</section>",
         "<section id='final'><h2>Final comparison (fresh seeds)</h2>" + _table_html(final) + "</section>",
         f"<section id='samples'><h2>Samples from the same noise</h2><p>{html.escape(grid_note)}</p>"
         + _grids_html(grids) + "</section>",

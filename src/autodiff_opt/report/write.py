@@ -27,6 +27,7 @@ from autodiff_opt.report.tables import generation_summary, trials_table
 from autodiff_opt.search.final import best_genome, final_candidates, kind_of
 from autodiff_opt.search.sensitivity import stored_map
 from autodiff_opt.core.genome import Genome
+from autodiff_opt.core.keys import STOP_ATTR
 from autodiff_opt.search.space import best_fid_trial, fid_of
 from autodiff_opt.search.study import _redact
 
@@ -83,9 +84,17 @@ def _write_grids(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | N
     return grids, files
 
 
-def note_markdown(head: Headline | None, final: pd.DataFrame | None, command: str) -> str:
-    """The study's note in optuna-dashboard: the headline, the final table and the command."""
-    parts = ["## Result (fresh seeds)", *(f"- {line}" for line in (head.lines() if head else ["no final evaluation"]))]
+def stop_line(stop: dict | None) -> str:
+    """Why the search stopped, in one line (the study's search_stop attribute)."""
+    if not stop:
+        return "Search stop: not recorded (a study from before search.stop)"
+    return f"Search stopped: {stop.get('text')} ({stop.get('candidates')} candidate-equivalents in all)"
+
+
+def note_markdown(head: Headline | None, final: pd.DataFrame | None, command: str, stop: dict | None = None) -> str:
+    """The study's note in optuna-dashboard: the headline, why the search stopped, the final table, the command."""
+    parts = ["## Result (fresh seeds)", *(f"- {line}" for line in (head.lines() if head else ["no final evaluation"])),
+             f"- {stop_line(stop)}"]
     if final is not None and not final.empty:
         parts += ["", "## Final comparison", "", to_markdown(final)]
     parts += ["## Reproduce", "", "```", command, "```"]
@@ -99,7 +108,7 @@ def write_report(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | N
     trials = trials_table(study)
     trials.to_csv(paths["trials"], index=False)
     generation_summary(trials).to_csv(paths["generations"], index=False)
-    figures = {"search-history": history_figure(trials)}
+    figures = {"search-history": history_figure(trials, study.user_attrs.get(STOP_ATTR))}
     if len(study.directions) > 1:
         figures["pareto-front"] = pareto_figure(trials)
     smap = stored_map(study)
@@ -170,10 +179,11 @@ def _page_and_dashboard(study: optuna.Study, exp: "Experiment", final: pd.DataFr
     command = reproduce_command(*job_overrides())
     note = (f"the same {cfg.report.grid_size}x{cfg.report.grid_size} initial noise"
             f"{' and class labels' if exp.model.num_classes else ''} (seed final.seed={cfg.final.seed}) for every schedule")
+    stop = study.user_attrs.get(STOP_ATTR)
     page.write_text(render_page(title, head, final, grids, list(figures.values()), settings_yaml(cfg), command,
-                                grid_note=note))
+                                grid_note=note, stop_note=stop_line(stop)))
     if cfg.report.dashboard:
-        publish_note(study, note_markdown(head, final, command))
+        publish_note(study, note_markdown(head, final, command, stop))
         publish_figures(study, figures)
     if cfg.report.artifact_dir and grid_files:
         publish_artifacts(study, grid_files, cfg.report.artifact_dir)

@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import optuna
 from optuna.study import Study
@@ -26,6 +26,9 @@ from autodiff_opt.core.errors import SearchAborted
 from autodiff_opt.core.keys import GENERATION_ATTR
 from autodiff_opt.search.fidelity import ImageStepBudget
 from autodiff_opt.search.space import fid_of
+
+if TYPE_CHECKING:
+    from autodiff_opt.search.stopping import StopRule
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +114,14 @@ class Progress:
     guard that stops a study whose candidates all fail."""
 
     def __init__(self, budget: SearchBudget | ImageStepBudget, done: float, max_failures: int, enabled: bool,
-                 every: int = 10) -> None:
+                 every: int = 10, stop: "SearchBudget | ImageStepBudget | StopRule | None" = None) -> None:
         self.total = budget.candidates if isinstance(budget, ImageStepBudget) else budget.total
         self.tty = sys.stderr.isatty()
         self.bar = tqdm(total=round(self.total, 1), initial=round(done, 1), desc="candidates", unit="cand",
                         disable=not (enabled and self.tty))
         self.log_lines = enabled and not self.tty
         self.budget, self.max_failures, self.failures = budget, max_failures, 0
+        self.stop = stop if stop is not None else budget  # the budget, or stopping.StopRule around it
         self.best, self.done, self.every = float("inf"), done, every
         self.next_line, self.t0, self.done0 = (done // every + 1) * every, time.perf_counter(), done
 
@@ -152,5 +156,5 @@ class Progress:
                     f"{self.failures} candidates failed in a row (last: {trial.user_attrs.get('fail_reason')}):"
                     " the setup is broken, not the candidates; finished trials are kept in the study"
                 )
-        if self.budget.should_stop(study):  # generations 0..G-1 complete (waits for other workers' last trials)
+        if self.stop.should_stop(study):  # converged, timeout, or the budget (which waits for others' last trials)
             study.stop()

@@ -224,7 +224,10 @@ class AutoDiffusionSampler(BaseSampler):
         """Read the trials, choose generation, slot and genome, write them: the section the lock guards."""
         trials = study.get_trials(deepcopy=False)
         generation, slot = self._next_slot(trials)
-        rng = np.random.default_rng([self._seed, trial.number])
+        # seeded by the trial's place among the trials that did not fail: with no failure it is the trial's
+        # number, and a killed candidate (failed, retried under a new number) shifts no later decision
+        place = sum(1 for t in trials if t.number < trial.number and t.state != TrialState.FAIL)
+        rng = np.random.default_rng([self._seed, place])
         genome = enqueued_genome(trial, self.space)
         if genome is not None:
             child = Offspring(genome, "enqueued", [], 2 if genome.has_skips else 1)
