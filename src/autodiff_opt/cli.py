@@ -42,4 +42,8 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["cluster"]:  # `autodiff-opt cluster slurm ...` is `python -m autodiff_opt.cluster slurm ...`
+        from autodiff_opt.cluster import main as cluster_main
+
+        sys.exit(cluster_main(sys.argv[2:]))
     _app()
