@@ -73,6 +73,8 @@ def _sbin(name: str) -> str:
 
 
 def slurm_conf(root: Path, cpus: int, ctld_port: int, slurmd_port: int) -> str:
+    """One node, `cpus` CPUs: more than the machine has are declared with config_overrides (benchmarks)."""
+    overrides = "SlurmdParameters=config_overrides\n" if cpus > (os.cpu_count() or 1) else ""
     return f"""\
 ClusterName=autodiff
 SlurmctldHost=localhost(127.0.0.1)
@@ -107,7 +109,7 @@ InactiveLimit=0
 SlurmctldTimeout=30
 SlurmdTimeout=30
 MessageTimeout=20
-NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
+{overrides}NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """
 

@@ -29,6 +29,7 @@ import cheap_worker as cw
 from audit import audit
 from autodiff_opt.core.keys import OWNER_ATTR, RETRY_OF_ATTR
 from autodiff_opt.search.space import GENERATION_ATTR, GENOME_ATTR
+from autodiff_opt.search.study import application_name
 from cli_helpers import cli_env, tiny_overrides
 from slurm import SlurmCluster, SlurmUnavailable, start_cluster, stop_cluster
 
@@ -49,7 +50,8 @@ def slurm() -> Iterator[SlurmCluster]:
 
 
 class ConnectionWatch(threading.Thread):
-    """Samples pg_stat_activity every 0.1 s: the most connections each application_name held at once."""
+    """Samples pg_stat_activity every 0.1 s: the most connections each application_name (each process of
+    ours: study.application_name) held at once, and all of them together; this process's own not counted."""
 
     def __init__(self, url: str) -> None:
         super().__init__(daemon=True)
@@ -59,6 +61,7 @@ class ConnectionWatch(threading.Thread):
         self.most: Counter[str] = Counter()
         self.most_total = 0
         self.done = threading.Event()
+        self.own = application_name()
 
     def run(self) -> None:
         from sqlalchemy import text
@@ -69,6 +72,7 @@ class ConnectionWatch(threading.Thread):
             while not self.done.is_set():
                 rows = conn.execute(query).all()
                 conn.commit()
+                rows = [(name, count) for name, count in rows if name != self.own]  # the test's own storage
                 for name, count in rows:
                     self.most[name] = max(self.most[name], count)
                 self.most_total = max(self.most_total, sum(count for _, count in rows))
@@ -168,3 +172,33 @@ def test_slurm_array_survives_a_requeued_worker(slurm: SlurmCluster, pg_url: str
     for job in (seed_id, *(f"{array_id}_{i}" for i in range(3)), final_id):  # where the time goes (pytest -s)
         print(job, job_field(slurm, job, "StartTime"), job_field(slurm, job, "EndTime"))
     print("most connections at once, all processes:", watch.most_total, dict(watch.most))
+
+
+def test_sixteen_workers_stay_under_postgresqls_default_max_connections(pg_url: str, tmp_path: Path) -> None:
+    """16 worker processes (the real sampler, study lock and heartbeats; a sleeping objective) on one study:
+    each holds at most 2 connections at any time, all of them together at most 32 of the server's 100."""
+    import sqlalchemy
+
+    with sqlalchemy.create_engine(pg_url, poolclass=sqlalchemy.pool.NullPool).connect() as conn:
+        max_connections = int(conn.execute(sqlalchemy.text("SHOW max_connections")).scalar())
+    assert max_connections == 100  # PostgreSQL's default, which the throwaway server keeps
+    population = 16
+    cw.create(cw.open_storage(pg_url, 0, 2), "s", population)
+    watch = ConnectionWatch(pg_url)
+    watch.start()
+    worker = Path(cw.__file__)
+    procs = [subprocess.Popen([sys.executable, str(worker), "--storage", pg_url, "--study", "s", "--worker", str(i),
+                               "--population", str(population), "--generations", "2", "--sleep", "0.3",
+                               "--heartbeat", "1", "--grace", "60", "--ready", str(tmp_path / "ready"), "--parties", "16"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+             for i in range(16)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    watch.done.set()
+    watch.join(10)
+    assert [p.returncode for p in procs] == [0] * 16, "\n".join(o[-1500:] for o in outs)
+    study = optuna.load_study(study_name="s", storage=cw.open_storage(pg_url, 0, 2))
+    a = audit(study, 2)
+    assert a.generations_complete(population, 2) and a.duplicate_genomes == 0, a
+    assert len(watch.most) == 16 and max(watch.most.values()) <= 2, watch.most
+    assert 16 <= watch.most_total <= 32 < max_connections, watch.most_total
+    print("16 workers: most connections per worker", max(watch.most.values()), "; all at once", watch.most_total)
