@@ -202,3 +202,44 @@ def test_sixteen_workers_stay_under_postgresqls_default_max_connections(pg_url: 
     assert len(watch.most) == 16 and max(watch.most.values()) <= 2, watch.most
     assert 16 <= watch.most_total <= 32 < max_connections, watch.most_total
     print("16 workers: most connections per worker", max(watch.most.values()), "; all at once", watch.most_total)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--workers", "2", "--storage", "journal:x.log"], "use a database server every node reaches"),
+    (["--workers", "2", "--storage", "sqlite:///x.db"], "use a database server every node reaches"),
+    (["--workers", "0", "--storage", "postgresql://u@h/db"], "at least 1 worker"),
+    (["--workers", "2", "--storage", "postgresql://u@h/db", "--time", "0"], "--time=0"),
+    (["--workers", "2", "--storage", "postgresql://u@h/db", "--", "search.num_stepz=3"], "num_stepz"),
+    (["--workers", "2", "--storage", "postgresql://u@h/db", "--", "storage.url=sqlite:///a.db"], "--storage URL"),
+    (["--workers", "2", "--storage", "postgresql://nobody:pw@127.0.0.1:1/none"], "cannot be opened"),
+])
+def test_slurm_command_refuses_bad_arguments_before_submitting(args: list[str], message: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from autodiff_opt import cluster
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cluster, "submit", None)  # nothing may be submitted
+    assert cluster.main(["slurm", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert "pw@" not in err[0]
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_slurm_dry_run_prints_the_three_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from autodiff_opt import cluster
+
+    monkeypatch.chdir(tmp_path)
+    assert cluster.main(["slurm", "--workers", "4", "--storage", "postgresql://u:secret@h/db", "--partition", "gpu",
+                         "--dry-run", "--", "search.num_steps=6", f"hydra.run.dir={tmp_path / 'r'}"]) == 0
+    out = capsys.readouterr().out
+    assert "secret" not in out and "storage.url=postgresql://***@h/db" in out
+    lines = out.splitlines()
+    seed, worker, final = lines[2], lines[4], lines[6]
+    assert "-m autodiff_opt.cluster seed" in seed and "final.enabled=false" in seed
+    assert f"hydra.run.dir={tmp_path / 'r' / 'worker-{index}'}" in worker.replace("'", "")
+    assert "final.enabled=false" in worker and "final.enabled" not in final
+    assert final.endswith(f"hydra.run.dir={tmp_path / 'r'}")
+    assert "'gpus_per_node': 1" in lines[0] and "'partition': 'gpu'" in lines[0]
