@@ -33,7 +33,7 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -53,11 +53,10 @@ class CliJob:
 
     command: list[str]
     name: str
-    env: dict[str, str] = field(default_factory=dict)
 
     def __call__(self, index: int | None = None) -> int:
         command = [c.replace("{index}", str(index)) for c in self.command] if index is not None else self.command
-        env = {**os.environ, **self.env}
+        env = dict(os.environ)
         if index is not None:
             env["AUTODIFF_OPT_WORKER"] = str(index)
         if "OMP_NUM_THREADS" not in env and env.get("SLURM_CPUS_PER_TASK"):
