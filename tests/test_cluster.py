@@ -135,7 +135,7 @@ def test_slurm_array_survives_a_requeued_worker(slurm: SlurmCluster, pg_url: str
     assert job_env["SLURM_ARRAY_JOB_ID"] == array_id
     requeue = _scontrol(slurm, "requeue", element)
     assert requeue.returncode == 0, requeue.stderr
-    requeued_at = time.monotonic()
+    requeued_at, requeued_wall = time.monotonic(), time.time()
     # slurmctld holds a requeued job back (Reason=BeginTime, about 2 min): let it start at once
     while job_field(slurm, element, "JobState") != "PENDING":
         assert time.monotonic() - requeued_at < 60, job_field(slurm, element, "JobState")
@@ -172,6 +172,7 @@ def test_slurm_array_survives_a_requeued_worker(slurm: SlurmCluster, pg_url: str
     for job in (seed_id, *(f"{array_id}_{i}" for i in range(3)), final_id):  # where the time goes (pytest -s)
         print(job, job_field(slurm, job, "StartTime"), job_field(slurm, job, "EndTime"))
     print("most connections at once, all processes:", watch.most_total, dict(watch.most))
+    print(f"requeue -> retry started: {retries[0].datetime_start.timestamp() - requeued_wall:.1f}s")
 
 
 def test_sixteen_workers_stay_under_postgresqls_default_max_connections(pg_url: str, tmp_path: Path) -> None:
