@@ -143,7 +143,7 @@ def test_slurm_array_survives_a_requeued_worker(slurm: SlurmCluster, pg_url: str
     release = _scontrol(slurm, "update", f"JobId={element}", "StartTime=now")
     assert release.returncode == 0, release.stderr
 
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 420  # 190 s at a load average of 10
     while job_field(slurm, final_id, "JobState") in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"):
         assert time.monotonic() < deadline, "the final run did not end"
         time.sleep(0.5)
