@@ -59,6 +59,10 @@ def run_dir_problem(argv: list[str]) -> str | None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["cluster"]:  # `autodiff-opt cluster slurm ...` is `python -m autodiff_opt.cluster slurm ...`
+        from autodiff_opt.cluster import main as cluster_main
+
+        sys.exit(cluster_main(sys.argv[2:]))
     problem = run_dir_problem(sys.argv[1:])
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)

@@ -443,10 +443,9 @@ def run_search(study: optuna.Study, exp: Experiment) -> None:
         rule.finish()
 
 
-def run(cfg: DictConfig) -> pd.DataFrame:
-    """The default experiment end to end; returns the final comparison table."""
-    from autodiff_opt.report import write_report
-
+def prepare_study(cfg: DictConfig) -> tuple[optuna.Study, Experiment]:
+    """Checks, the experiment, the study opened (or created), dead trials recovered, peers and baselines
+    queued once: everything before the search (what a cluster's study-creator job runs alone)."""
     from autodiff_opt.preflight import run_all
 
     storage = run_all(cfg)  # the one validation pass, then the storage opened (checked), before any model
@@ -461,6 +460,14 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     with study_lock(study):  # workers starting together compute the peers and enqueue the baselines once
         exp.peers = compute_peers(study, exp)
         seed_study(study, exp)
+    return study, exp
+
+
+def run(cfg: DictConfig) -> pd.DataFrame:
+    """The default experiment end to end; returns the final comparison table."""
+    from autodiff_opt.report import write_report
+
+    study, exp = prepare_study(cfg)
     t0 = time.perf_counter()
     run_search(study, exp)
     log.info("search took %.1fs", time.perf_counter() - t0)

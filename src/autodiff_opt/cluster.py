@@ -1,0 +1,275 @@
+"""A search on a SLURM cluster, through submitit: one command submits everything.
+
+    python -m autodiff_opt.cluster slurm --workers 16 --storage postgresql://user@dbhost/autodiff \\
+        --partition gpu --gpus-per-worker 1 --time 720 -- +experiment=imagenet64
+
+It submits three things, chained by SLURM dependencies, and returns at once:
+
+1. the study creator (one job): `python -m autodiff_opt.cluster seed <overrides>` checks the config,
+   builds the model's caches and reference statistics, creates the study and queues the baselines and
+   peers, once (``runner.prepare_study``), then exits;
+2. the workers (a job array of N elements, `afterok` on 1): each is the real CLI
+   (`python -m autodiff_opt ... final.enabled=false`) on the shared study, in <run dir>/worker-<i>;
+   a requeued element (preemption, `scontrol requeue`, a time limit reached: submitit requeues it)
+   starts again and joins the study; the trial it was evaluating is failed and queued again with
+   the same genome by the heartbeat (another worker) or at once by the restarted worker on the same
+   host (``recovery.fail_dead_local_trials``);
+3. the final run (one job, `afterok` on 1 and `afterany` on 2): the CLI once more in <run dir>: it
+   finishes what dead workers left, scores the best schedule and the baselines on fresh seeds once
+   and writes the report there.
+
+`python -m autodiff_opt.cluster seed` is that first job's entry point (a Hydra app with the CLI's
+config); it is not meant to be typed.
+Exit status: 0 once submitted (the job ids and the report's path are printed), 2 for bad arguments or
+an unreachable storage (nothing submitted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from autodiff_opt.workers import UsageError, _key, check_args, compose_config, hydra_value, open_storage
+
+log = logging.getLogger("autodiff_opt.cluster")
+
+SHARED_STORAGE = re.compile(r"^(postgresql|postgres|mysql)(\+\w+)?://.+")
+
+
+# --- what runs inside the jobs -------------------------------------------------------------------------
+@dataclass
+class CliJob:
+    """One command run by a SLURM job (pickled by submitit): its output goes to the job's log; a non-zero
+    exit fails the job. `checkpoint` makes submitit requeue it when the time limit comes (the study is
+    the checkpoint: the rerun joins it again)."""
+
+    command: list[str]
+    name: str
+
+    def __call__(self, index: int | None = None) -> int:
+        command = [c.replace("{index}", str(index)) for c in self.command] if index is not None else self.command
+        env = dict(os.environ)
+        if index is not None:
+            env["AUTODIFF_OPT_WORKER"] = str(index)
+        if "OMP_NUM_THREADS" not in env and env.get("SLURM_CPUS_PER_TASK"):
+            env["OMP_NUM_THREADS"] = env["SLURM_CPUS_PER_TASK"]
+        label = self.name if index is None else f"{self.name} {index}"
+        print(f"[autodiff-opt] {label}: {' '.join(_redact_command(command))}", flush=True)
+        code = subprocess.run(command, env=env).returncode
+        if code != 0:
+            raise RuntimeError(f"{label} exited with status {code} (its output is above)")
+        return code
+
+    def checkpoint(self, index: int | None = None) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, index) if index is not None else \
+            submitit.helpers.DelayedSubmission(self)
+
+
+def _redact_command(command: Sequence[str]) -> list[str]:
+    from autodiff_opt.search.study import _redact
+
+    return [f"storage.url={_redact(c.split('=', 1)[1].strip(chr(39)))}" if c.startswith("storage.url=") else c
+            for c in command]
+
+
+# --- the plan: commands and SLURM parameters -------------------------------------------------------------
+@dataclass
+class ClusterPlan:
+    url: str
+    study_name: str
+    run_dir: Path
+    log_dir: Path
+    seed_command: list[str]
+    worker_command: list[str]  # "{index}" stands for the array index
+    final_command: list[str]
+    workers: int
+
+
+def make_plan(args: argparse.Namespace, overrides: list[str], cfg: Any, run_dir: Path) -> ClusterPlan:
+    url = args.storage
+    keys = {_key(o) for o in overrides}
+    common = [*overrides, f"storage.url={hydra_value(url)}"]
+    if "progress" not in keys:
+        common.append("progress=false")  # a progress bar in a batch log is noise
+    search = [o for o in common if _key(o) != "final.enabled"]
+    python = sys.executable
+    return ClusterPlan(
+        url=url, study_name=str(cfg.storage.study_name), run_dir=run_dir, log_dir=run_dir / "slurm",
+        seed_command=[python, "-m", "autodiff_opt.cluster", "seed", *search, "final.enabled=false",
+                      f"hydra.run.dir={hydra_value(str(run_dir / 'seed'))}"],
+        worker_command=[python, "-m", "autodiff_opt", *search, "final.enabled=false",
+                        f"hydra.run.dir={hydra_value(str(run_dir / 'worker-{index}'))}"],
+        final_command=[python, "-m", "autodiff_opt", *common, f"hydra.run.dir={hydra_value(str(run_dir))}"],
+        workers=args.workers)
+
+
+def slurm_parameters(args: argparse.Namespace, gpus: int) -> dict[str, Any]:
+    """submitit's SlurmExecutor parameters for one job of the search (one task, `gpus` GPUs)."""
+    params: dict[str, Any] = {"time": args.time, "nodes": 1, "ntasks_per_node": 1, "stderr_to_stdout": True,
+                              "signal_delay_s": args.signal_delay}
+    if gpus:
+        params["gpus_per_node"] = gpus
+    for name in ("partition", "account", "qos", "mem", "constraint"):
+        if getattr(args, name):
+            params[name] = getattr(args, name)
+    if args.cpus_per_worker:
+        params["cpus_per_task"] = args.cpus_per_worker
+    return params
+
+
+def submit(plan: ClusterPlan, args: argparse.Namespace) -> dict[str, str]:
+    """sbatch the three stages through submitit; returns their job ids (seed, workers, final)."""
+    import submitit
+
+    plan.log_dir.mkdir(parents=True, exist_ok=True)
+    params = slurm_parameters(args, args.gpus_per_worker)
+
+    def executor(name: str, **extra: Any) -> submitit.SlurmExecutor:
+        ex = submitit.SlurmExecutor(folder=plan.log_dir, max_num_timeout=args.max_requeues)
+        ex.update_parameters(job_name=f"autodiff-{name}", **params, **extra)
+        return ex
+
+    no_orphans = {"kill-on-invalid-dep": "yes"}  # a failed study creator cancels the rest
+    seed = executor("seed").submit(CliJob(plan.seed_command, "study creator"))
+    array_ex = executor("worker", dependency=f"afterok:{seed.job_id}", array_parallelism=plan.workers,
+                        additional_parameters={**no_orphans, "requeue": True})
+    workers = array_ex.map_array(CliJob(plan.worker_command, "worker"), list(range(plan.workers)))
+    array_id = workers[0].job_id.split("_", 1)[0]
+    final = executor("final", dependency=f"afterok:{seed.job_id},afterany:{array_id}",
+                     additional_parameters=no_orphans).submit(CliJob(plan.final_command, "final run"))
+    return {"seed": seed.job_id, "workers": array_id, "final": final.job_id}
+
+
+# --- the command line -------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    argv = list(argv)
+    overrides: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, overrides = argv[:cut], [a for a in argv[cut + 1:] if a.strip()]
+    parser = argparse.ArgumentParser(prog="python -m autodiff_opt.cluster",
+                                     description="Run a search on a cluster's scheduler; everything after `--`"
+                                                 " is passed to every job as Hydra overrides.")
+    sub = parser.add_subparsers(dest="engine", required=True)
+    slurm = sub.add_parser("slurm", help="submit the study creator, a job array of workers and the final run")
+    slurm.add_argument("--workers", type=int, required=True, help="number of worker jobs (array elements)")
+    slurm.add_argument("--storage", required=True, help="postgresql://user@host:port/db that every node reaches")
+    slurm.add_argument("--partition", default=None)
+    slurm.add_argument("--account", default=None)
+    slurm.add_argument("--qos", default=None)
+    slurm.add_argument("--constraint", default=None)
+    slurm.add_argument("--mem", default=None, help="memory per job, e.g. 32G")
+    slurm.add_argument("--gpus-per-worker", type=int, default=1, help="GPUs per job (0: CPU jobs)")
+    slurm.add_argument("--cpus-per-worker", type=int, default=None, help="CPUs per job (default: the partition's)")
+    slurm.add_argument("--time", type=int, default=24 * 60, help="time limit per job in minutes (a worker that"
+                       " reaches it is requeued and joins the study again)")
+    slurm.add_argument("--max-requeues", type=int, default=3, help="how often a timed-out job is requeued")
+    slurm.add_argument("--signal-delay", type=int, default=90, help="s before the time limit at which submitit"
+                       " requeues a job")
+    slurm.add_argument("--dry-run", action="store_true", help="print the commands and the jobs' settings, submit nothing")
+    args = parser.parse_args(argv)
+    return args, overrides
+
+
+def check(args: argparse.Namespace, overrides: list[str]) -> tuple[list[str], Path | None]:
+    if not SHARED_STORAGE.match(args.storage):
+        raise UsageError(f"--storage={args.storage}: the workers run on several machines: use a database server"
+                         " every node reaches, postgresql://user@host:port/db")
+    if args.gpus_per_worker < 0 or (args.cpus_per_worker is not None and args.cpus_per_worker < 1):
+        raise UsageError("--gpus-per-worker must be >= 0 and --cpus-per-worker >= 1")
+    if args.time < 1:
+        raise UsageError(f"--time={args.time}: give the time limit per job in minutes (>= 1)")
+    args.devices = ""
+    _, kept, run_dir = check_args(args, overrides)
+    if args.gpus_per_worker and any(_key(o) == "device" and o.split("=", 1)[1] == "cpu" for o in kept):
+        raise UsageError("device=cpu with GPU jobs: pass --gpus-per-worker 0 for CPU jobs")
+    return kept, run_dir
+
+
+def _print_plan(plan: ClusterPlan, args: argparse.Namespace) -> None:
+    print(f"# SLURM settings per job: {slurm_parameters(args, args.gpus_per_worker)}")
+    print("# study creator\n" + " ".join(_redact_command(plan.seed_command)))
+    print(f"# workers 0..{plan.workers - 1} (array)\n" + " ".join(_redact_command(plan.worker_command)))
+    print("# final run\n" + " ".join(_redact_command(plan.final_command)))
+
+
+def slurm_main(args: argparse.Namespace, overrides: list[str]) -> int:
+    from autodiff_opt.search.study import _redact
+
+    overrides, run_dir = check(args, overrides)
+    cfg = compose_config(overrides, args.storage)
+    base = (run_dir or Path("outputs") / "cluster" / dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")).resolve()
+    plan = make_plan(args, overrides, cfg, base)
+    if args.dry_run:
+        _print_plan(plan, args)
+        return 0
+    open_storage(args.storage, cfg)  # unreachable or wrong credentials: refused before anything is submitted
+    try:
+        ids = submit(plan, args)
+    except Exception as err:  # sbatch refused (unknown partition, no SLURM here): one line, nothing left behind
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise UsageError(f"sbatch refused the jobs ({first}): check --partition/--account/--qos and that"
+                         " this machine can submit SLURM jobs") from err
+    print(f"study {plan.study_name} in {_redact(plan.url)}")
+    print(f"study creator: job {ids['seed']}; workers: job array {ids['workers']} ({plan.workers} elements);"
+          f" final run: job {ids['final']}")
+    print(f"job logs: {plan.log_dir}")
+    print(f"report (once job {ids['final']} ends): {plan.run_dir / 'report.html'}"
+          f" (and final.csv, final.md, best_schedule.json)")
+    print(f"watch: squeue -j {ids['seed']},{ids['workers']},{ids['final']}")
+    return 0
+
+
+def seed_main(overrides: list[str]) -> int:
+    """The study creator's job: a Hydra app with the CLI's config that stops after seeding the study."""
+    import hydra
+    from omegaconf import DictConfig
+
+    from autodiff_opt.cli import CONFIG_DIR
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+    def _seed(cfg: DictConfig) -> None:
+        from autodiff_opt.core.errors import USER_ERRORS
+        from autodiff_opt.runner import prepare_study
+
+        try:
+            study, _ = prepare_study(cfg)
+        except USER_ERRORS as err:
+            log.error("%s", err)
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        waiting = len([t for t in study.trials if t.state.name == "WAITING"])
+        log.info("study %s ready: %d trial(s) queued (baselines, peers), %d in all", study.study_name, waiting,
+                 len(study.trials))
+
+    sys.argv = [sys.argv[0], *overrides]
+    _seed()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["seed"]:
+        return seed_main(argv[1:])
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s %(levelname)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        args, overrides = parse_args(argv)
+        return slurm_main(args, overrides)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
