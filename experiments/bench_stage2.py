@@ -106,7 +106,7 @@ def _ints(text: str) -> list[int]:
 
 def common_overrides(args: argparse.Namespace, model: str) -> list[str]:
     return [f"+experiment={EXPERIMENTS.get(model, model)}", f"search.num_samples={args.num_samples}",
-            "search.peers=[]", "search.baselines=[ddim_uniform,trailing,logsnr]", "progress=false",
+            "search.peers=[]", "search.baselines=[ddim_uniform,trailing,logsnr]", "search.stop=budget", "progress=false",
             f"cache_dir={args.out / 'cache'}", *args.overrides]
 
 
