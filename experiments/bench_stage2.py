@@ -11,8 +11,9 @@ full-step units), on the same fresh sample sets:
   steps (``max_extra_steps``), its cost capped at B full steps (``budget_flops=B``);
 - ``cache:NAME``: each diffusers cache (arch/caches.py) on a stage-1 searched schedule of K' > B steps. A
   cache's cost depends on its inputs, so it is counted (arch.flops.count_step_flops over one sample's
-  trajectory), not assumed: of the searched schedules of K' in ``--cache-ks`` (and B), the cache runs on the
-  one of most steps whose counted cost is within B full steps.
+  trajectory), not assumed: of the stage-1 searched schedules of K' >= B steps (the budgets and ``--cache-ks``),
+  the cache runs on the one of most steps, at the mildest of its settings (``CACHE_LEVELS``), whose counted
+  cost is within B full steps.
 
 Searches run as ``python -m autodiff_opt`` runs them (``runner.run`` in this process, one SQLite study each,
 final stage off); every
@@ -80,8 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stage-2 settings units:max_prun:max_extra_steps (sub_blocks applies to transformers only)")
     p.add_argument("--caches", default=",".join(CACHES), help="diffusers caches, transformers only ('' for none)")
     p.add_argument("--cache-ks", default="8", help="extra stage-1 K' searched for the caches to run on")
-    p.add_argument("--search-budget", type=float, default=60.0, help="candidate-equivalents of a stage-1 search")
-    p.add_argument("--stage2-budget", type=float, default=120.0, help="candidate-equivalents of a two-stage search")
+    p.add_argument("--search-budget", type=float, default=60.0,
+                   help="candidate-equivalents of every search, stage 1 alone and two-stage alike")
     p.add_argument("--num-samples", type=int, default=500, help="search samples per candidate")
     p.add_argument("--final-samples", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=3, help="fresh sample sets")
@@ -93,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.budgets, args.seeds, args.variants, args.cache_ks = "2", "0", "blocks:0.25:1", "3"
         args.caches = "first_block,taylorseer"
-        args.search_budget, args.stage2_budget, args.num_samples = 4.0, 6.0, 32
+        args.search_budget, args.num_samples = 6.0, 32
         args.final_samples, args.repeats = 32, 2
     return args
 
@@ -150,7 +151,7 @@ def run_searches(args: argparse.Namespace, model: str, transformer: bool) -> dic
                     continue
                 key = f"stage2-{v.units}-p{v.max_prun:g}-e{v.extra_steps}-b{b}-s{seed}"
                 out[key] = search(args, model, key, [
-                    f"search.num_steps={b}", f"search.seed={seed}", f"search.budget={args.stage2_budget}",
+                    f"search.num_steps={b}", f"search.seed={seed}", f"search.budget={args.search_budget}",
                     "search.stage2.enabled=true", f"search.stage2.budget_flops={b}",
                     f"search.stage2.max_prun={v.max_prun}", f"search.stage2.max_extra_steps={v.extra_steps}",
                     f"search.stage2.units={v.units}"])
@@ -224,12 +225,12 @@ def score_rows(args: argparse.Namespace, model: str, searches: dict[str, Any], t
 
 def add_cache_rows(args: argparse.Namespace, exp: Any, sets: list[Any], searches: dict[str, Any], b: int, seed: int,
                    add: Any) -> None:
-    """Each cache on the searched schedule of most steps (K' in cache_ks, or B) at the mildest of its settings
+    """Each cache on the searched schedule of most steps (any searched K' >= B) at the mildest of its settings
     whose counted cost fits B full steps; costs are counted on one sample, the FID only for the pick."""
     from autodiff_opt.core.genome import Genome
     from autodiff_opt.search.final import score_cache
 
-    ks = sorted({b, *_ints(args.cache_ks)}, reverse=True)
+    ks = sorted({k for k in (*_ints(args.budgets), *_ints(args.cache_ks)) if k >= b}, reverse=True)
     for name in [c for c in args.caches.split(",") if c]:
         tried: dict[str, float] = {}
         pick = None
@@ -291,21 +292,23 @@ def figure(summary: list[dict[str, Any]], path: Path) -> None:
 
     models = sorted({s["model"] for s in summary})
     fig = make_subplots(rows=1, cols=len(models), subplot_titles=models)
-    colors = {}
+    colors: dict[str, str] = {}
     for col, model in enumerate(models, start=1):
         for method in sorted({s["method"] for s in summary if s["model"] == model}):
             pts = sorted((s for s in summary if s["model"] == model and s["method"] == method), key=lambda s: s["cost"])
+            first = method not in colors
             color = colors.setdefault(method, f"hsl({(len(colors) * 47) % 360},65%,45%)")
             fig.add_trace(go.Scatter(x=[s["cost"] for s in pts], y=[s["fid"] for s in pts], name=method,
-                                     legendgroup=method, showlegend=col == 1, mode="lines+markers",
+                                     legendgroup=method, showlegend=first, mode="lines+markers",
                                      line={"color": color},
                                      error_y={"type": "data", "array": [s["spread"] for s in pts], "visible": True}),
                           row=1, col=col)
         fig.update_xaxes(title_text="cost (full-step FLOPs)", row=1, col=col)
-    fig.update_yaxes(title_text="fresh-seed FID (digits-cnn)", type="log", row=1, col=1)
+        fig.update_yaxes(type="log", row=1, col=col)
+    fig.update_yaxes(title_text="fresh-seed FID (digits-cnn, log)", row=1, col=1)
     fig.update_layout(title="Stage 1, two-stage search, diffusers caches and uniform DDIM at equal FLOPs",
                       width=520 * len(models), height=480)
-    fig.write_html(path, include_plotlyjs="cdn")
+    fig.write_html(path, include_plotlyjs=True)  # self-contained: opens offline
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

@@ -138,10 +138,11 @@ def test_the_same_command_again_adds_no_note_version_or_artifact(report_run: dic
 @pytest.mark.slow
 def test_dashboard_server_with_artifact_dir_serves_the_grids(report_run: dict[str, Path]) -> None:
     """`optuna-dashboard --artifact-dir DIR STORAGE` (the `make dashboard` command) serves the stored grids."""
-    port = _free_port()
+    port, holder = held_port()  # held until the server answers
     proc = _serve(f"sqlite:///{report_run['db']}", port, "--artifact-dir", str(report_run["artifacts"]))
     try:
-        study_id = _wait_for(port, proc)["study_summaries"][0]["study_id"]
+        with holder:
+            study_id = _wait_for(port, proc)["study_summaries"][0]["study_id"]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study_id}?after=0", timeout=5) as resp:
             artifacts = {a["filename"]: a["artifact_id"] for a in json.loads(resp.read())["artifacts"]}
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/artifacts/{study_id}/{artifacts['samples.png']}",

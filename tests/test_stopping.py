@@ -242,7 +242,8 @@ def _searched(db: Path) -> list[str]:
     """Genome keys of the trials that did not fail, in trial order."""
     from autodiff_opt.search.sampler import genome_of
 
-    return [genome_of(t).key() for t in load_study(db).trials if t.state != TrialState.FAIL]
+    genomes = [genome_of(t) for t in load_study(db).trials if t.state != TrialState.FAIL]
+    return [g.key() for g in genomes if g is not None]  # a trial killed while its genome was chosen has none
 
 
 def test_sigkill_then_resume_stops_at_the_candidate_of_an_uninterrupted_run(tiny_model_dir: Path, tiny_reference: Path,
@@ -264,7 +265,8 @@ def test_sigkill_then_resume_stops_at_the_candidate_of_an_uninterrupted_run(tiny
         except Exception:  # noqa: BLE001  (the study is being created)
             return False
         done = sum(t.state == TrialState.COMPLETE for t in trials)
-        return done >= 3 and any(t.state == TrialState.RUNNING and "autodiff:genome" in t.system_attrs for t in trials)
+        # a candidate running (its genome chosen or being chosen): tiny candidates leave a short window to poll
+        return done >= 3 and any(t.state == TrialState.RUNNING for t in trials)
 
     kill_when(mid_search, overrides, tmp_path, tmp_path / "b1")
     assert len(_searched(db)) < len(_searched(tmp_path / "a.db"))
