@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from autodiff_opt.utils import split_overrides
 from autodiff_opt.workers import UsageError, _key, check_args, compose_config, hydra_value, open_storage
 
 log = logging.getLogger("autodiff_opt.cluster")
@@ -152,11 +153,7 @@ def submit(plan: ClusterPlan, args: argparse.Namespace) -> dict[str, str]:
 
 # --- the command line -------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    argv = list(argv)
-    overrides: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, overrides = argv[:cut], [a for a in argv[cut + 1:] if a.strip()]
+    argv, overrides = split_overrides(list(argv))
     parser = argparse.ArgumentParser(prog="python -m autodiff_opt.cluster",
                                      description="Run a search on a cluster's scheduler; everything after `--`"
                                                  " is passed to every job as Hydra overrides.")

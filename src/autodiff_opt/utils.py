@@ -58,3 +58,11 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] (any float dtype) to uint8 in [0, 255], on CPU."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """A launcher's own arguments and, after ``--``, the Hydra overrides it passes on (blank ones dropped)."""
+    if "--" not in argv:
+        return list(argv), []
+    cut = argv.index("--")
+    return argv[:cut], [a for a in argv[cut + 1:] if a.strip()]

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Sequence
+from autodiff_opt.utils import split_overrides
 from autodiff_opt.core.keys import SEEDED_ATTR
 
 log = logging.getLogger("autodiff_opt.workers")
@@ -84,11 +85,7 @@ def _key(override: str) -> str:
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    argv = list(argv)
-    overrides: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, overrides = argv[:cut], [a for a in argv[cut + 1:] if a.strip()]
+    argv, overrides = split_overrides(list(argv))
     parser = argparse.ArgumentParser(
         prog="python -m autodiff_opt.workers",
         description="Run N local workers of `python -m autodiff_opt` on one study, then the final evaluation once.",
