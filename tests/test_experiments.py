@@ -41,7 +41,7 @@ PAPER = {
     "flux_coco": (2000, 10_000, ["model.pretrained", "model.prompts", "dataset.reference", "metric.weights_path"]),
     "dit_imagenet256": (5000, 50_000, ["model.pretrained", "dataset.reference", "metric.weights_path"]),
 }
-OFFLINE_READY = {"digits_flow", "digits_dit", "digits_deep"}  # embedded model and data: nothing to download (tests/test_flow.py runs it)
+OFFLINE_READY = {"digits_flow", "digits_dit", "digits_deep"}  # embedded models and data: nothing to download (tests/test_flow.py, tests/test_deep_models.py run them)
 # Experiments in the user's format that run end to end: (replica builder, reference format)
 TINY_RUNS = ("cifar10", "lsun_church", "sd_coco", "sd3_coco", "flux_coco", "dit_imagenet256")
 
