@@ -13,7 +13,10 @@ fresh FID and of its ratio to the best heuristic's fresh FID.
 
 ``--stops``: each sampler runs under each stop rule (search.stop): ``budget`` spends the largest
 checkpoint, ``converged`` ends earlier once the search has converged (search/stopping.py); the table
-gives where it stopped and the ratio there.
+gives where it stopped and the ratio there. ``observe`` gives both rows from one run: it runs to the
+budget with the objective a converged search has (rungs scored), and the ``converged`` row is the run cut
+at the trial where the convergence stop fires. That is the run a ``converged`` search makes: the
+sampler's choices are a pure function of the stored trials and the stop only ends the loop.
 
 Writes <out>/runs.json, <out>/table.md and <out>/fid_vs_image_steps.html and prints the table.
 """
@@ -63,7 +66,7 @@ def _run(job: tuple[str, int, float, str, dict[str, Any]]) -> dict[str, Any]:
     from autodiff_opt.search.fidelity import PEER_COST_ATTR, ImageStepBudget, make_pruner
     from autodiff_opt.search.sampler import genome_of
     from autodiff_opt.search.samplers import resolve
-    from autodiff_opt.search.stopping import StopRule
+    from autodiff_opt.search.stopping import StopRule, Trace
 
     name, seed, budget, stop_kind, peers = job
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -74,7 +77,8 @@ def _run(job: tuple[str, int, float, str, dict[str, Any]]) -> dict[str, Any]:
     for variant in variants:
         key, _, value = variant.partition("=")
         OmegaConf.update(cfg, f"search.{key}", yaml.safe_load(value) if value else True)
-    OmegaConf.update(cfg, "search.stop", stop_kind)  # the objective scores the rungs the convergence stop reads
+    observe = stop_kind == "observe"  # to the budget; the converged stop's trial is read off afterwards
+    OmegaConf.update(cfg, "search.stop", "converged" if observe else stop_kind)  # the objective scores the rungs the stop reads
     exp.cfg, exp.setup = cfg, resolve(cfg.search)
     sampler = runner.make_sampler(exp, seed=1000 + seed)  # the sampler's seed varies; the search samples do not
     study = optuna.create_study(sampler=sampler, pruner=make_pruner(exp.setup.prune, exp.setup.evolution.num_parents))
@@ -84,8 +88,9 @@ def _run(job: tuple[str, int, float, str, dict[str, Any]]) -> dict[str, Any]:
     runner.seed_study(study, exp)
     unit = len(exp.samples) * exp.space.num_steps
     stop = ImageStepBudget(int(budget * unit), unit)
-    rule = StopRule(stop, unit, len(exp.samples), runner.converges(exp), float(cfg.search.patience), None)
+    rule = StopRule(stop, unit, len(exp.samples), runner.converges(exp) and not observe, float(cfg.search.patience), None)
     trace: list[tuple[float, str, float]] = []
+    times: list[float] = []
     best = (float("inf"), "")
 
     def record(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -93,15 +98,35 @@ def _run(job: tuple[str, int, float, str, dict[str, Any]]) -> dict[str, Any]:
         if trial.state == optuna.trial.TrialState.COMPLETE and trial.value is not None and trial.value < best[0]:
             best = (float(trial.value), json.dumps(genome_of(trial).to_json()))
         trace.append((stop.spent(study), best[1], best[0]))
+        times.append(time.perf_counter() - t0)
         if rule.should_stop(study):
             study.stop()
 
     t0 = time.perf_counter()
     study.optimize(runner.make_objective(exp), callbacks=[record], catch=(Exception,), gc_after_trial=False)
     states = [t.state.name for t in study.trials]
-    return {"sampler": name, "seed": seed, "stop": stop_kind, "trace": trace, "seconds": time.perf_counter() - t0,
-            "stop_reason": (rule.reason or {}).get("reason", "budget"),
-            "trials": len(states), "pruned": states.count("PRUNED"), "failed": states.count("FAIL")}
+    run = {"sampler": name, "seed": seed, "stop": stop_kind, "trace": trace, "seconds": time.perf_counter() - t0,
+           "stop_reason": (rule.reason or {}).get("reason", "budget"),
+           "trials": len(states), "pruned": states.count("PRUNED"), "failed": states.count("FAIL")}
+    if observe:
+        seen = Trace(unit, len(exp.samples), float(cfg.search.patience))
+        seen.feed(study.get_trials(deepcopy=False))
+        run["converged_at"] = seen.first.trial if seen.first is not None else None
+        run["times"], run["states"] = times, states
+    return run
+
+
+def _split(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """An ``observe`` run as its two rows: to the budget, and cut where the convergence stop fires."""
+    if run["stop"] != "observe":
+        return [run]
+    at = run["converged_at"]
+    converged = dict(run, stop="converged", stop_reason="budget" if at is None else "converged")
+    if at is not None:  # the callback ran once per trial, in trial order: trace[i] is after trial i
+        states = run["states"][:at + 1]
+        converged.update(trace=run["trace"][:at + 1], seconds=run["times"][at], trials=at + 1,
+                         pruned=states.count("PRUNED"), failed=states.count("FAIL"))
+    return [dict(run, stop="budget"), converged]
 
 
 def _fresh(job: tuple[str, int, int, int]) -> tuple[str, list[float]]:
@@ -192,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-seeds", default="0", help="seeds also run to --long-checkpoint")
     parser.add_argument("--long-checkpoint", type=float, default=500)
     parser.add_argument("--long-samplers", default=None, help="samplers run to --long-checkpoint (default: all)")
-    parser.add_argument("--stops", default="budget", help="search.stop rules to run every sampler under: budget,converged")
+    parser.add_argument("--stops", default="budget", help="search.stop rules to run every sampler under: budget,converged;"
+                        " observe: both rows from one run to the budget")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--final-samples", type=int, default=2000)
     parser.add_argument("--jobs", type=int, default=2)
@@ -228,11 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     ctx = mp.get_context("fork")
     with ctx.Pool(args.jobs, initializer=_init, initargs=init) as pool:
         runs = []
-        for run in pool.imap_unordered(_run, [(*j, peer) for j in jobs]):
-            runs.append(run)
-            print(f"{run['sampler']} ({run['stop']}, stopped by {run['stop_reason']}) seed {run['seed']}: {run['trials']} trials ({run['pruned']} pruned,"
-                  f" {run['failed']} failed), {run['trace'][-1][0]:.0f} cand., best search FID {run['trace'][-1][2]:.3f},"
-                  f" {run['seconds']:.0f}s", flush=True)
+        for observed in pool.imap_unordered(_run, [(*j, peer) for j in jobs]):
+            runs += (split := _split(observed))
+            for run in split:
+                print(f"{run['sampler']} ({run['stop']}, stopped by {run['stop_reason']}) seed {run['seed']}: {run['trials']} trials ({run['pruned']} pruned,"
+                      f" {run['failed']} failed), {run['trace'][-1][0]:.0f} cand., best search FID {run['trace'][-1][2]:.3f},"
+                      f" {run['seconds']:.0f}s", flush=True)
         earlier: dict[str, Any] = json.loads(Path(args.merge).read_text()) if args.merge else {"runs": [], "fresh": {}}
         if earlier.get("overrides", args.overrides) != args.overrides:
             raise SystemExit(f"--merge {args.merge} was run with overrides {earlier['overrides']}, not {args.overrides}")
