@@ -53,6 +53,7 @@ from autodiff_opt.search.space import (
     step_param,
 )
 from autodiff_opt.core.keys import ENQUEUED_GENOME_ATTR, PARENT_CACHE_PREFIX, SENSITIVITY_ATTR, STAGE2_START_ATTR
+from autodiff_opt.search.storage_compat import set_study_system_attr, study_storage, study_system_attrs, trial_id
 
 if TYPE_CHECKING:
     from autodiff_opt.search.sensitivity import SensitivityMapper
@@ -189,7 +190,7 @@ class AutoDiffusionSampler(BaseSampler):
         return {}
 
     def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution) -> Any:
-        genome = self._chosen.get(trial._trial_id) or genome_of(trial)
+        genome = self._chosen.get(trial_id(trial)) or genome_of(trial)
         if genome is not None:
             if param_name == "num_steps":
                 return genome.num_steps
@@ -204,7 +205,7 @@ class AutoDiffusionSampler(BaseSampler):
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
         claim_trial(study, trial)  # a beat and the owner record, before anything here can wait
         if GENOME_ATTR in trial.system_attrs:  # a retry of a stale trial: same genome, same slot, no lock
-            self._remember(trial._trial_id, genome_of(trial))
+            self._remember(trial_id(trial), genome_of(trial))
             return
         if any(d != StudyDirection.MINIMIZE for d in study.directions):
             raise ValueError("AutoDiffusionSampler minimises FID (and cost): create the study with direction='minimize'")
@@ -236,13 +237,13 @@ class AutoDiffusionSampler(BaseSampler):
             child = self._make(study, trials, generation, slot, seen, rng)
         attrs = {GENOME_ATTR: child.genome.key(), GENERATION_ATTR: generation, SLOT_ATTR: slot,
                  OPERATOR_ATTR: child.operator, PARENTS_ATTR: child.parents, STAGE_ATTR: child.stage}
-        set_trial_attrs(study._storage, trial._trial_id, system=attrs)
-        self._remember(trial._trial_id, child.genome)
+        set_trial_attrs(study_storage(study), trial_id(trial), system=attrs)
+        self._remember(trial_id(trial), child.genome)
 
     def _ensure_sensitivity(self, study: Study) -> None:
         """Stage 2 started or due at the next slot and no map yet: compute it (outside the lock, see
         search/sensitivity.py), so the first stage-2 candidate already draws from its prior."""
-        attrs = study._storage.get_study_system_attrs(study._study_id)
+        attrs = study_system_attrs(study)
         if SENSITIVITY_ATTR in attrs or self.sensitivity is None or self.stage2 is None:
             return
         trials = study.get_trials(deepcopy=False)
@@ -251,7 +252,7 @@ class AutoDiffusionSampler(BaseSampler):
             self.sensitivity.ensure(study, trials)
 
     def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
-        self._chosen.pop(trial._trial_id, None)
+        self._chosen.pop(trial_id(trial), None)
 
     def _remember(self, trial_id: int, genome: Genome | None) -> None:
         if genome is not None:
@@ -267,7 +268,7 @@ class AutoDiffusionSampler(BaseSampler):
     def parents(self, study: Study, trials: Sequence[FrozenTrial], generation: int) -> list[FrozenTrial]:
         """Top-k completed candidates of earlier generations, fixed (cached in storage) per generation."""
         key = f"{PARENT_CACHE_PREFIX}{generation}"
-        cached = study._storage.get_study_system_attrs(study._study_id).get(key)
+        cached = study_system_attrs(study).get(key)
         by_number = {t.number: t for t in trials}
         if cached is not None:
             return [by_number[n] for n in cached if n in by_number]
@@ -279,7 +280,7 @@ class AutoDiffusionSampler(BaseSampler):
         else:
             top = sorted(done, key=lambda t: (t.values[0], t.number))
         top = top[: self.evolution.num_parents]
-        study._storage.set_study_system_attr(study._study_id, key, [t.number for t in top])
+        set_study_system_attr(study, key, [t.number for t in top])
         return top
 
     def _operators(self, study: Study, trials: Sequence[FrozenTrial], generation: int) -> tuple[int, OperatorSet]:
