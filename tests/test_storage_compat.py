@@ -31,14 +31,17 @@ OPTUNA_PRIVATE_ATTRS = {"_storage", "_study_id", "_trial_id", "_backend", "_file
 
 # --- the scan: modules importing Optuna's private modules, uses of its private attributes --------------
 def _private_optuna_imports(tree: ast.AST) -> list[str]:
+    """One entry per import statement naming an optuna module or name that starts with an underscore."""
+    def private(name: str) -> bool:
+        return name.split(".")[0] == "optuna" and any(p.startswith("_") for p in name.split(".")[1:])
+
     found = []
     for node in ast.walk(tree):
-        names: list[str] = []
         if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
+            found += [a.name for a in node.names if private(a.name)]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        found += [n for n in names if n.split(".")[0] == "optuna" and any(p.startswith("_") for p in n.split(".")[1:])]
+            if private(node.module) or any(private(f"{node.module}.{a.name}") for a in node.names):
+                found.append(node.module)
     return found
 
 
