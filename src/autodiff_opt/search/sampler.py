@@ -37,6 +37,7 @@ from autodiff_opt.search.attrs import set_trial_attrs
 from autodiff_opt.search.lock import study_lock
 from autodiff_opt.search.operators import JointSpace, Operator, OperatorSet
 from autodiff_opt.search.recovery import beat, claim_trial
+from autodiff_opt.core.errors import ConfigError
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.stage2 import Stage2Policy
 from autodiff_opt.search.space import (
@@ -85,14 +86,16 @@ class EvolutionConfig:
 
     def __post_init__(self) -> None:
         if self.population < 1 or self.num_parents < 1:
-            raise ValueError("search.population and search.num_parents must be >= 1")
+            raise ConfigError(f"search.population={self.population} and search.num_parents={self.num_parents}"
+                              " must be >= 1: raise them")
         if self.num_mutants + self.num_crossovers > self.population:
-            raise ValueError(
+            raise ConfigError(
                 f"search.num_mutants + search.num_crossovers = {self.num_mutants + self.num_crossovers}"
-                f" exceeds search.population = {self.population}"
+                f" exceeds search.population = {self.population}: lower them or raise search.population"
             )
         if not 0 <= self.init_random <= self.population:
-            raise ValueError(f"search.init_random={self.init_random} must be in [0, population]")
+            raise ConfigError(f"search.init_random={self.init_random} must be in [0, search.population={self.population}]:"
+                              " set it within")
 
 
 def generation_of(trial: FrozenTrial) -> int | None:
@@ -208,7 +211,7 @@ class AutoDiffusionSampler(BaseSampler):
             self._remember(trial_id(trial), genome_of(trial))
             return
         if any(d != StudyDirection.MINIMIZE for d in study.directions):
-            raise ValueError("AutoDiffusionSampler minimises FID (and cost): create the study with direction='minimize'")
+            raise ConfigError("AutoDiffusionSampler minimises FID (and cost): create the study with direction='minimize'")
         if self.sensitivity is not None and self.stage2 is not None:
             self._ensure_sensitivity(study)
         if self.lock_timeout is None:
