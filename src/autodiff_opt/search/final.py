@@ -19,7 +19,7 @@ from autodiff_opt.search.space import best_fid_trial, pareto_front
 from autodiff_opt.core.keys import FINAL_ATTR
 
 if TYPE_CHECKING:
-    from autodiff_opt.runner import Experiment
+    from autodiff_opt.search.experiment_view import ExperimentView as Experiment  # runner.Experiment's fields
 
 log = logging.getLogger(__name__)
 
