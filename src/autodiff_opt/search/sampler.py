@@ -86,16 +86,14 @@ class EvolutionConfig:
 
     def __post_init__(self) -> None:
         if self.population < 1 or self.num_parents < 1:
-            raise ConfigError(f"search.population={self.population} and search.num_parents={self.num_parents}"
-                              " must be >= 1: raise them")
+            raise ConfigError("search.population and search.num_parents must be >= 1")
         if self.num_mutants + self.num_crossovers > self.population:
             raise ConfigError(
                 f"search.num_mutants + search.num_crossovers = {self.num_mutants + self.num_crossovers}"
-                f" exceeds search.population = {self.population}: lower them or raise search.population"
+                f" exceeds search.population = {self.population}"
             )
         if not 0 <= self.init_random <= self.population:
-            raise ConfigError(f"search.init_random={self.init_random} must be in [0, search.population={self.population}]:"
-                              " set it within")
+            raise ConfigError(f"search.init_random={self.init_random} must be in [0, population]")
 
 
 def generation_of(trial: FrozenTrial) -> int | None:
