@@ -19,14 +19,26 @@ from typing import Any, Callable, Iterable, Mapping
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
-from optuna.storages._cached_storage import _CachedStorage
-from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.study import Study
 from optuna.trial import FrozenTrial, Trial, TrialState
 from packaging.version import Version
 
 from autodiff_opt.core.errors import StudyError
 from autodiff_opt.core.keys import HEARTBEAT_ATTR
+
+try:
+    from optuna.storages._cached_storage import _CachedStorage
+    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+except ImportError:  # moved in an Optuna outside the supported range: the import must not fail before
+    # check_optuna (called when a storage is opened) can say so in one line
+    class _CachedStorage:  # type: ignore[no-redef]  # nothing is one
+        pass
+
+    class BaseHeartbeat:  # type: ignore[no-redef]
+        pass
+
+    def is_heartbeat_enabled(storage: BaseStorage) -> bool:  # type: ignore[misc]
+        return False
 
 # The Optuna versions this module is written for: the floor is pyproject.toml's (run by .ci/floors), the
 # ceiling the next major release, whose removals of deprecated names are where internals move.
