@@ -85,6 +85,15 @@ def test_supported_range_is_pyprojects_and_outside_it_is_one_line() -> None:
     assert compat.optuna_problem(compat.OPTUNA_FLOOR) is None
 
 
+def test_a_newer_release_in_range_is_run_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    major, minor = (int(p) for p in compat.NEWEST_TESTED.split("."))
+    with caplog.at_level("WARNING", logger=compat.__name__):
+        compat.check_optuna(compat.NEWEST_TESTED + ".0")
+        assert not caplog.records
+        compat.check_optuna(f"{major}.{minor + 1}.0")
+    assert len(caplog.records) == 1 and f"<{major}.{minor + 1}" in caplog.records[0].getMessage()
+
+
 # --- the adapter's functions on real storages -----------------------------------------------------
 def _storage(kind: str, tmp_path: Path, pg_url: str, **heartbeat: int) -> optuna.storages.BaseStorage:
     urls = {"sqlite": f"sqlite:///{tmp_path / 's.db'}", "postgresql": pg_url, "journal": f"journal:{tmp_path / 'j.log'}"}

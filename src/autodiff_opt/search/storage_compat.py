@@ -14,6 +14,7 @@ the newest, on SQLite and PostgreSQL).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any, Callable, Iterable, Mapping
 
@@ -25,6 +26,8 @@ from packaging.version import Version
 
 from autodiff_opt.core.errors import StudyError
 from autodiff_opt.core.keys import HEARTBEAT_ATTR
+
+log = logging.getLogger(__name__)
 
 try:
     from optuna.storages._cached_storage import _CachedStorage
@@ -43,6 +46,7 @@ except ImportError:  # moved in an Optuna outside the supported range: the impor
 # The Optuna versions this module is written for: the floor is pyproject.toml's (run by .ci/floors), the
 # ceiling the next major release, whose removals of deprecated names are where internals move.
 OPTUNA_FLOOR, OPTUNA_CEILING = "4.0.0", "6"
+NEWEST_TESTED = "5.1"  # the newest minor release the tests ran on; newer ones in range get a warning
 SUPPORTED_OPTUNA = f">={OPTUNA_FLOOR},<{OPTUNA_CEILING}"
 UPSERT_DIALECTS = ("sqlite", "postgresql")
 
@@ -64,6 +68,11 @@ def check_optuna(version: str | None = None) -> None:
     problem = optuna_problem(version)
     if problem is not None:
         raise StudyError(problem)
+    version = version or optuna.__version__
+    major, minor = Version(NEWEST_TESTED).release[:2]
+    if Version(version).release[:2] > (major, minor):
+        log.warning("optuna %s is newer than the newest release autodiff-opt was tested on (%s): if a storage"
+                    " call fails, pip install 'optuna>=%s,<%d.%d'", version, NEWEST_TESTED, OPTUNA_FLOOR, major, minor + 1)
 
 
 def _private(obj: Any, name: str) -> Any:
