@@ -95,14 +95,20 @@ def test_a_newer_release_in_range_is_run_with_a_warning(caplog: pytest.LogCaptur
 
 
 # --- the adapter's functions on real storages -----------------------------------------------------
-def _storage(kind: str, tmp_path: Path, pg_url: str, **heartbeat: int) -> optuna.storages.BaseStorage:
+def _storage(kind: str, tmp_path: Path, pg_url: str | None, **heartbeat: int) -> optuna.storages.BaseStorage:
     urls = {"sqlite": f"sqlite:///{tmp_path / 's.db'}", "postgresql": pg_url, "journal": f"journal:{tmp_path / 'j.log'}"}
-    return make_storage(urls[kind], **heartbeat) if kind in urls else optuna.storages.InMemoryStorage()
+    return make_storage(str(urls[kind]), **heartbeat) if kind in urls else optuna.storages.InMemoryStorage()
+
+
+def _pg_url(kind: str, request: pytest.FixtureRequest) -> str | None:
+    """A fresh PostgreSQL database (tests/pg.py) only where the case needs one."""
+    return request.getfixturevalue("pg_url") if kind == "postgresql" else None
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql", "journal", "memory"])
-def test_ids_storage_and_study_attrs_agree_with_optunas_public_api(kind: str, tmp_path: Path, pg_url: str) -> None:
-    storage = _storage(kind, tmp_path, pg_url, heartbeat_interval=5)
+def test_ids_storage_and_study_attrs_agree_with_optunas_public_api(kind: str, tmp_path: Path,
+                                                                  request: pytest.FixtureRequest) -> None:
+    storage = _storage(kind, tmp_path, _pg_url(kind, request), heartbeat_interval=5)
     study = optuna.create_study(storage=storage, study_name=f"compat-{kind}")
     other = optuna.create_study(storage=storage, study_name=f"other-{kind}")  # ids differ from 0 and 1 somewhere
     other.ask()
@@ -123,29 +129,33 @@ def test_ids_storage_and_study_attrs_agree_with_optunas_public_api(kind: str, tm
     assert (compat.upsert_backend(public) is backend) == (kind in ("sqlite", "postgresql"))
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "journal"])
-def test_heartbeats_through_the_adapter(kind: str, tmp_path: Path, pg_url: str) -> None:
-    storage = _storage(kind, tmp_path, pg_url, heartbeat_interval=1, grace_period=1)
-    study = optuna.create_study(storage=storage, study_name=f"beats-{kind}")
-    beaten, silent = study.ask(), study.ask()
-    public, ids = compat.study_storage(study), [compat.trial_id(beaten), compat.trial_id(silent)]
-    assert compat.heartbeat_enabled(public) and compat.heartbeat_enabled(compat.unwrap_storage(public))
-    compat.record_heartbeat(public, ids[0])
-    rdb = kind != "journal"
-    assert compat.trials_without_heartbeat(public, ids) == ([ids[1]] if rdb else [])
-    compat.record_heartbeat(public, ids[1])  # its last beat (an RDB storage ignores a trial that never beat)
-    assert compat.trials_without_heartbeat(public, ids) == []
-    time.sleep(2.1 if kind == "sqlite" else 1.3)  # SQLite's CURRENT_TIMESTAMP has whole seconds
-    compat.record_heartbeat(public, ids[0])
-    stale = compat.stale_trial_ids(compat.unwrap_storage(public), compat.study_id(study))
-    assert stale == [ids[1]]  # the silent one is stale after the grace period, the one that beat is not
-    plain = _storage(kind, tmp_path / "plain", pg_url, heartbeat_interval=0)  # no heartbeats: nothing is stale
-    assert not compat.heartbeat_enabled(plain) and compat.stale_trial_ids(plain, compat.study_id(study)) == []
+def test_heartbeats_through_the_adapter(tmp_path: Path, pg_url: str) -> None:
+    """SQLite, PostgreSQL and a journal file side by side (one wait for the three)."""
+    kinds = ("sqlite", "postgresql", "journal")
+    studies = {k: optuna.create_study(storage=_storage(k, tmp_path, pg_url, heartbeat_interval=1, grace_period=1),
+                                      study_name=f"beats-{k}") for k in kinds}
+    ids = {k: [compat.trial_id(study.ask()), compat.trial_id(study.ask())] for k, study in studies.items()}
+    for kind, study in studies.items():
+        public, (beaten, silent) = compat.study_storage(study), ids[kind]
+        assert compat.heartbeat_enabled(public) and compat.heartbeat_enabled(compat.unwrap_storage(public))
+        compat.record_heartbeat(public, beaten)
+        assert compat.trials_without_heartbeat(public, ids[kind]) == ([silent] if kind != "journal" else []), kind
+        compat.record_heartbeat(public, silent)  # its last beat (an RDB storage ignores a trial that never beat)
+        assert compat.trials_without_heartbeat(public, ids[kind]) == []
+    time.sleep(2.1)  # past the 1 s grace period; SQLite's CURRENT_TIMESTAMP has whole seconds
+    for kind, study in studies.items():
+        public, (beaten, silent) = compat.study_storage(study), ids[kind]
+        compat.record_heartbeat(public, beaten)
+        stale = compat.stale_trial_ids(compat.unwrap_storage(public), compat.study_id(study))
+        assert stale == [silent], kind  # the silent one is stale after the grace period, the one that beat is not
+        plain = _storage(kind, tmp_path / "plain", pg_url, heartbeat_interval=0)  # no heartbeats: nothing is stale
+        assert not compat.heartbeat_enabled(plain) and compat.stale_trial_ids(plain, compat.study_id(study)) == []
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
-def test_one_transaction_upsert_and_its_refusal_of_a_finished_trial(kind: str, tmp_path: Path, pg_url: str) -> None:
-    storage = _storage(kind, tmp_path, pg_url, heartbeat_interval=0)
+def test_one_transaction_upsert_and_its_refusal_of_a_finished_trial(kind: str, tmp_path: Path,
+                                                                    request: pytest.FixtureRequest) -> None:
+    storage = _storage(kind, tmp_path, _pg_url(kind, request), heartbeat_interval=0)
     study = optuna.create_study(storage=storage, study_name=f"upsert-{kind}")
     trial = study.ask()
     trial.set_user_attr("nfe", 99)
