@@ -63,8 +63,10 @@ def _count_statements(storage: Any) -> list[int]:
     """[SQL statements, commits] executed on an RDB storage from now on (stays [0, 0] in memory)."""
     import sqlalchemy
 
+    from autodiff_opt.search.storage_compat import unwrap_storage
+
     counts = [0, 0]
-    engine = getattr(getattr(storage, "_backend", storage), "engine", None)
+    engine = getattr(unwrap_storage(storage), "engine", None)
     if engine is not None:
         sqlalchemy.event.listen(engine, "before_cursor_execute", lambda *_a: counts.__setitem__(0, counts[0] + 1))
         sqlalchemy.event.listen(engine, "commit", lambda *_a: counts.__setitem__(1, counts[1] + 1))

@@ -64,6 +64,7 @@ def _run(job: tuple[str, int, float, str, dict[str, Any]]) -> dict[str, Any]:
 
     from autodiff_opt import runner
     from autodiff_opt.search.fidelity import PEER_COST_ATTR, ImageStepBudget, make_pruner
+    from autodiff_opt.search.storage_compat import set_study_system_attr
     from autodiff_opt.search.sampler import genome_of
     from autodiff_opt.search.samplers import resolve
     from autodiff_opt.search.stopping import StopRule, Trace
@@ -83,8 +84,8 @@ def _run(job: tuple[str, int, float, str, dict[str, Any]]) -> dict[str, Any]:
     sampler = runner.make_sampler(exp, seed=1000 + seed)  # the sampler's seed varies; the search samples do not
     study = optuna.create_study(sampler=sampler, pruner=make_pruner(exp.setup.prune, exp.setup.evolution.num_parents))
     exp.peers = {k: runner.Genome.from_json(g) for k, g in peers["genomes"].items()}
-    study._storage.set_study_system_attr(study._study_id, runner.PEERS_ATTR, peers["genomes"])
-    study._storage.set_study_system_attr(study._study_id, PEER_COST_ATTR, peers["image_steps"])
+    set_study_system_attr(study, runner.PEERS_ATTR, peers["genomes"])
+    set_study_system_attr(study, PEER_COST_ATTR, peers["image_steps"])
     runner.seed_study(study, exp)
     unit = len(exp.samples) * exp.space.num_steps
     stop = ImageStepBudget(int(budget * unit), unit)

@@ -42,8 +42,9 @@ def _stops(study: optuna.Study, unit: float, num_samples: int, patience: float) 
     last = trace[-1]
     out["noise"], out["reliability"], out["end"] = last.noise, last.reliability, trace[-1].trial
     from autodiff_opt.core.keys import PEER_COST_ATTR
+    from autodiff_opt.search.storage_compat import study_system_attrs
 
-    peers = float(study._storage.get_study_system_attrs(study._study_id).get(PEER_COST_ATTR, 0)) / unit  # the budget counts the peers' cost too
+    peers = float(study_system_attrs(study).get(PEER_COST_ATTR, 0)) / unit  # the budget counts the peers' cost too
     out["spent"] = {v.trial: v.spent + peers for v in trace}
     return out
 

@@ -131,3 +131,40 @@ def test_cli_searches_the_solver_with_the_steps_and_resumes(tiny_model_dir: Path
     other = run_cli(tiny_overrides(tiny_model_dir, tiny_reference, db, **{**gene, "search.solvers": "[ddim,ipndm]"}),
                     tmp_path, tmp_path / "run3", timeout=900)
     assert other.returncode == 2 and "search.solvers" in other.stderr
+
+
+def test_registering_a_solver_leaves_a_resumed_studys_decisions_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The surrogate's solver one-hot spans the solvers the study searches (its stored search space), not the
+    solver registry: a solver registered between two runs of a study changes neither the embedding nor the
+    next decisions."""
+    import optuna
+
+    from autodiff_opt import solvers as registry
+    from autodiff_opt.search.sampler import EvolutionConfig
+    from autodiff_opt.search.space import suggest_genome
+    from autodiff_opt.search.surrogate import embed
+    from autodiff_opt.search.surrogate_sampler import SurrogateConfig, SurrogateEvolutionSampler
+
+    space = SearchSpace(6, 1000, solvers=SOLVERS)
+    evolution = EvolutionConfig(population=6, num_parents=3, num_mutants=2, num_crossovers=1, init_random=2)
+
+    def objective(trial: optuna.Trial) -> float:
+        genome = suggest_genome(trial, space)
+        return 1.0 + sum(abs(t - 150 * i) for i, t in enumerate(reversed(genome.timesteps))) + 40.0 * (genome.solver == "heun")
+
+    def sampler() -> SurrogateEvolutionSampler:
+        return SurrogateEvolutionSampler(space, evolution, seed=3, surrogate=SurrogateConfig(32))
+
+    genome = Genome.from_steps((900, 500, 100), None, "heun")
+    code = embed(genome, 1000, space.max_steps, solvers=space.solvers)
+    assert code.shape == (space.max_steps + len(SOLVERS),) and code[space.max_steps:].sum() == 1.0
+    uninterrupted = optuna.create_study(sampler=sampler())
+    uninterrupted.optimize(objective, n_trials=14)
+    resumed = optuna.create_study(sampler=sampler())
+    resumed.optimize(objective, n_trials=9)
+    monkeypatch.setitem(registry.SOLVERS, "aaa_registered_later", registry.SOLVERS["ddim"])  # sorts first
+    assert np.array_equal(embed(genome, 1000, space.max_steps, solvers=space.solvers), code)
+    resumed.sampler = sampler()  # a new process, with the larger registry
+    resumed.optimize(objective, n_trials=5)
+    keys = [[genome_of(t).key() for t in s.trials] for s in (uninterrupted, resumed)]
+    assert keys[0] == keys[1] and len({genome_of(t).solver for t in resumed.trials}) > 1

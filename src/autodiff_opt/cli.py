@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+import autodiff_opt
 from autodiff_opt.config import register_configs
 
 log = logging.getLogger("autodiff_opt")
 
-CONFIG_DIR = os.environ.get("AUTODIFF_OPT_CONF", str(Path(__file__).resolve().parent / "conf"))  # shipped in the wheel
+CONFIG_DIR = autodiff_opt.CONFIG_DIR  # shipped in the wheel; AUTODIFF_OPT_CONF overrides (autodiff_opt/__init__.py)
 
 register_configs()
 

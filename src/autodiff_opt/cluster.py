@@ -232,7 +232,7 @@ def seed_main(overrides: list[str]) -> int:
     import hydra
     from omegaconf import DictConfig
 
-    from autodiff_opt.cli import CONFIG_DIR
+    from autodiff_opt import CONFIG_DIR
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
     def _seed(cfg: DictConfig) -> None:

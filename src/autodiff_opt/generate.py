@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from autodiff_opt.core.errors import ConfigError
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.arch.compiled import CompiledDenoiser, compile_denoiser
 from autodiff_opt.models.base import DiffusionModel, EpsFn, StepWrapper
@@ -94,7 +95,7 @@ class ImageGenerator:
     ) -> None:
         problem = precision_problem(precision, model.device)
         if problem is not None:
-            raise ValueError(problem)
+            raise ConfigError(problem)
         self.model = model
         check_solver(solver, model)
         self.solver_name = solver

@@ -31,6 +31,10 @@ from autodiff_opt.search.lock import study_lock
 from autodiff_opt.search.progress import Progress, SearchBudget
 from autodiff_opt.search.recovery import fail_dead_local_trials
 from autodiff_opt.search.stopping import SearchClock, StopRule, parse_timeout
+from autodiff_opt.search.storage_compat import (
+    record_heartbeat, set_study_system_attr, study_storage, study_system_attrs, trial_id, trials_without_heartbeat,
+    unwrap_storage,
+)
 from autodiff_opt.search.study import _redact, open_study
 from autodiff_opt.solvers import FLOW_HEURISTICS, flow_heuristic_schedule, heuristic_schedule
 from autodiff_opt.utils import pick_device
@@ -276,7 +280,7 @@ def compute_peers(study: optuna.Study, exp: Experiment) -> dict[str, Genome]:
     """The peer schedules, computed once per study and kept in it (their cost counts in the budget)."""
     from autodiff_opt.search.peers import ays_schedule, trajectory_dp
 
-    attrs = study._storage.get_study_system_attrs(study._study_id)
+    attrs = study_system_attrs(study)
     if PEERS_ATTR in attrs:
         return with_solvers({name: Genome.from_json(g) for name, g in attrs[PEERS_ATTR].items()}, exp.space)
     cfg, out, cost = exp.cfg, {}, 0
@@ -289,36 +293,29 @@ def compute_peers(study: optuna.Study, exp: Experiment) -> dict[str, Genome]:
             out["ays"] = ays_schedule(exp.space.num_steps, exp.model.alphas_cumprod)
         else:
             log.info("peer ays: published for Stable Diffusion only; not used for %s", cfg.model.name)
-    study._storage.set_study_system_attr(study._study_id, PEERS_ATTR, {k: g.to_json() for k, g in out.items()})
-    study._storage.set_study_system_attr(study._study_id, PEER_COST_ATTR, cost)
+    set_study_system_attr(study, PEERS_ATTR, {k: g.to_json() for k, g in out.items()})
+    set_study_system_attr(study, PEER_COST_ATTR, cost)
     return with_solvers(out, exp.space)
 
 
 def seed_study(study: optuna.Study, exp: Experiment) -> None:
     """Enqueue the heuristic, user and peer schedules once, as the first candidates of generation 0."""
-    if study._storage.get_study_system_attrs(study._study_id).get(SEEDED_ATTR):
+    if study_system_attrs(study).get(SEEDED_ATTR):
         return
     for name, genome in exp.all_baselines().items():
         study.enqueue_trial(exp.params_of(genome), skip_if_exists=True,
                             user_attrs={BASELINE_ATTR: name, ENQUEUED_GENOME_ATTR: genome.key()})
-    study._storage.set_study_system_attr(study._study_id, SEEDED_ATTR, True)
+    set_study_system_attr(study, SEEDED_ATTR, True)
 
 
 def _ensure_heartbeats(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> None:
     """A trial killed before its first heartbeat would stay RUNNING forever: give it one to go stale from."""
-    storage = getattr(study._storage, "_backend", study._storage)  # under Optuna's cache wrapper
-    if not isinstance(storage, optuna.storages.RDBStorage):
-        return
-    from optuna.storages._rdb.models import TrialHeartbeatModel
-
-    session = storage.scoped_session()
-    try:
-        missing = [t for t in trials if TrialHeartbeatModel.where_trial_id(t._trial_id, session) is None]
-    finally:
-        session.close()
-    for t in missing:
-        log.info("trial %d has no heartbeat (killed at its start): recording one so it can go stale", t.number)
-        storage.record_heartbeat(t._trial_id)
+    storage = unwrap_storage(study_storage(study))
+    missing = set(trials_without_heartbeat(storage, [trial_id(t) for t in trials]))
+    for t in trials:
+        if trial_id(t) in missing:
+            log.info("trial %d has no heartbeat (killed at its start): recording one so it can go stale", t.number)
+            record_heartbeat(storage, trial_id(t))
 
 
 def recover_stale_trials(study: optuna.Study, cfg: DictConfig) -> None:

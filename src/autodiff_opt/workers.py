@@ -141,7 +141,7 @@ def compose_config(overrides: list[str], url: str):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from autodiff_opt.cli import CONFIG_DIR
+    from autodiff_opt import CONFIG_DIR
 
     usable = [o for o in overrides if not _key(o).startswith("hydra")]
     GlobalHydra.instance().clear()

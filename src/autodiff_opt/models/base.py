@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 
@@ -20,9 +20,31 @@ class EpsFn(Protocol):
 StepWrapper = Callable[[EpsFn, Genome], EpsFn]
 """Wraps a batch's eps function for one genome (per-step layer skipping, guidance, ...)."""
 
-if TYPE_CHECKING:  # arch sits above models; the type is only named here
-    from autodiff_opt.arch.compiled import CompiledDenoiser
-    from autodiff_opt.arch.skip import LayerSkipper
+class Skipper(Protocol):
+    """What a model's ``skipper`` offers (arch.skip.LayerSkipper; arch sits above models, so it is a Protocol
+    here, not an import, even a type-only one)."""
+
+    @property
+    def layers(self) -> tuple[Any, ...]: ...
+
+    @property
+    def skipped(self) -> frozenset[int]: ...
+
+    def set_skipped(self, ids: Iterable[int]) -> None: ...
+
+    def clear(self) -> None: ...
+
+
+class Compiled(Protocol):
+    """What a model's ``compiled`` record offers (arch.compiled.CompiledDenoiser, a Protocol for the same reason)."""
+
+    @property
+    def mode(self) -> str | None: ...
+
+    @property
+    def cuda_graphs(self) -> bool: ...
+
+    def step_begin(self) -> None: ...
 
 
 class Guidance(Protocol):
@@ -57,8 +79,8 @@ class DiffusionModel:
     source: str = ""
     guidance: Guidance | None = None
     components: dict[str, torch.nn.Module] = field(default_factory=dict)
-    skipper: "LayerSkipper | None" = None
-    compiled: "CompiledDenoiser | None" = None
+    skipper: Skipper | None = None  # an arch.skip.LayerSkipper
+    compiled: Compiled | None = None  # an arch.compiled.CompiledDenoiser
     compiled_forward: Callable[..., Any] | None = None
 
     @property

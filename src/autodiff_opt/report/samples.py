@@ -13,7 +13,7 @@ from autodiff_opt.generate import NonFiniteSamples, SampleSet
 from autodiff_opt.core.genome import Genome
 
 if TYPE_CHECKING:
-    from autodiff_opt.runner import Experiment
+    from autodiff_opt.search.experiment_view import ExperimentView as Experiment  # runner.Experiment's fields
 
 log = logging.getLogger(__name__)
 

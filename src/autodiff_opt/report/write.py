@@ -32,7 +32,7 @@ from autodiff_opt.search.space import best_fid_trial, fid_of
 from autodiff_opt.search.study import _redact
 
 if TYPE_CHECKING:
-    from autodiff_opt.runner import Experiment
+    from autodiff_opt.search.experiment_view import ExperimentView as Experiment  # runner.Experiment's fields
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from optuna.pruners import BasePruner
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 from autodiff_opt.core.keys import BASELINE_ATTR, IMAGE_STEPS_ATTR, PEER_COST_ATTR, SENSITIVITY_COST_ATTR
+from autodiff_opt.search.storage_compat import study_system_attrs
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class ParentsPruner(BasePruner):
 def spent_image_steps(study: Study) -> int:
     """Image-steps of every finished candidate (complete, pruned, failed) and of the peer schedules."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
-    attrs = study._storage.get_study_system_attrs(study._study_id)
+    attrs = study_system_attrs(study)
     peers = int(attrs.get(PEER_COST_ATTR, 0)) + int(attrs.get(SENSITIVITY_COST_ATTR, 0))
     return peers + sum(int(t.user_attrs.get(IMAGE_STEPS_ATTR, 0)) for t in trials)
 

@@ -11,6 +11,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from autodiff_opt.generate import NonFiniteSamples, SampleSet
+from autodiff_opt.core.errors import ConfigError, StudyError
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.objective import evaluate
 from autodiff_opt.search.sampler import genome_of
@@ -18,7 +19,7 @@ from autodiff_opt.search.space import best_fid_trial, pareto_front
 from autodiff_opt.core.keys import FINAL_ATTR
 
 if TYPE_CHECKING:
-    from autodiff_opt.runner import Experiment
+    from autodiff_opt.search.experiment_view import ExperimentView as Experiment  # runner.Experiment's fields
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def best_genome(study: optuna.Study) -> Genome:
     best = best_fid_trial(study)
     genome = genome_of(best)
     if genome is None:
-        raise RuntimeError(f"best trial {best.number} has no genome attribute: was the study made by autodiff-opt?")
+        raise StudyError(f"best trial {best.number} has no genome attribute: was the study made by autodiff-opt?")
     return genome
 
 
@@ -153,9 +154,23 @@ def _row(exp: "Experiment", name: str, kind: str, genome: Genome, fids: list[flo
     }
 
 
+def final_seeds(final_seed: int, repeats: int, search_seed: int) -> list[int]:
+    """The seeds of the final comparison's repeats, final_seed + 7919 r; ConfigError (one line, exit 2) when
+    one is the search's seed (the images the search was scored on). preflight.check_seeds says the same
+    before any model work; this guards callers that skip preflight."""
+    seeds = [final_seed + 7919 * r for r in range(max(1, repeats))]
+    if search_seed in seeds:
+        r = seeds.index(search_seed)
+        which = "final.seed" if r == 0 else f"final.seed + 7919 x {r} (repeat {r})"
+        raise ConfigError(f"{which} = {search_seed} is search.seed: the final comparison needs fresh seeds:"
+                          " set final.seed to another value (the default is 1000003)")
+    return seeds
+
+
 def final_evaluation(study: optuna.Study, exp: "Experiment") -> pd.DataFrame:
     """Scores once per study and setting; stored in the study so workers and reruns reuse it."""
     cfg = exp.cfg
+    seeds = final_seeds(int(cfg.final.seed), int(cfg.final.repeats), int(cfg.search.seed))
     num_samples = int(cfg.final.num_samples or 2 * cfg.search.num_samples)
     setting = {"num_samples": num_samples, "seed": int(cfg.final.seed), "repeats": int(cfg.final.repeats), "best_trial": best_fid_trial(study).number,
                "trials": len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))}
@@ -163,11 +178,8 @@ def final_evaluation(study: optuna.Study, exp: "Experiment") -> pd.DataFrame:
     if stored and stored.get("setting") == setting:
         log.info("final evaluation already in the study: reused")
         return pd.DataFrame(stored["rows"])
-    if cfg.final.seed == cfg.search.seed:
-        raise ValueError("final.seed equals search.seed: the final comparison needs fresh seeds")
-    repeats = int(cfg.final.repeats)
-    sample_sets = [SampleSet.draw(num_samples, exp.model.sample_shape, exp.model.num_classes,
-                                  int(cfg.final.seed) + 7919 * r) for r in range(repeats)]
+    repeats = len(seeds)
+    sample_sets = [SampleSet.draw(num_samples, exp.model.sample_shape, exp.model.num_classes, seed) for seed in seeds]
     search_fid = search_fid_by_genome(study)
     rows: list[dict[str, Any]] = []
     for name, genome in final_candidates(study, exp).items():

@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from optuna.storages import JournalStorage, RDBStorage
+from optuna.storages import RDBStorage
 from optuna.study import Study
 
-from autodiff_opt.search.study import storage_backend
+from autodiff_opt.search.storage_compat import journal_file_path, study_id, study_storage, unwrap_storage
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +112,10 @@ def study_lock(study: Study, timeout: float = 120.0) -> contextlib.AbstractConte
     journal files: flock on '<file>.autodiff-lock' beside them (local file systems; NFS flock support
     varies). In-memory storages: a lock of this process.
     """
-    storage = storage_backend(study._storage)
+    storage = unwrap_storage(study_storage(study))
     if isinstance(storage, RDBStorage):
-        return _rdb_lock(storage, study._study_id, timeout)
-    if isinstance(storage, JournalStorage):
-        path = getattr(storage._backend, "_file_path", None)
-        if path:
-            return _file_lock(Path(path).with_name(Path(path).name + ".autodiff-lock"), timeout)
-    return _thread_lock(study._study_id, timeout)
+        return _rdb_lock(storage, study_id(study), timeout)
+    path = journal_file_path(storage)
+    if path:
+        return _file_lock(Path(path).with_name(Path(path).name + ".autodiff-lock"), timeout)
+    return _thread_lock(study_id(study), timeout)

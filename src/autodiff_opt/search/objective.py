@@ -17,6 +17,7 @@ from autodiff_opt.search.fidelity import IMAGE_STEPS_ATTR
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.space import GENOME_ATTR, SearchSpace, suggest_genome
 from autodiff_opt.core.keys import FAIL_REASON_ATTR
+from autodiff_opt.search.storage_compat import trial_id
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,9 @@ class Objective:
     def _genome(self, trial: optuna.Trial) -> Genome:
         if self.genome_fn is None:  # our samplers: the genome is already in the trial's system attribute
             chosen = getattr(trial.study.sampler, "chosen_genome", None)  # what the sampler just wrote
-            return suggest_genome(trial, self.space, chosen(trial._trial_id) if chosen else None)
+            return suggest_genome(trial, self.space, chosen(trial_id(trial)) if chosen else None)
         genome = self.genome_fn(trial)  # a built-in sampler's params: the genome gets its one home here
-        set_trial_attrs(trial.storage, trial._trial_id, system={GENOME_ATTR: genome.key()},
+        set_trial_attrs(trial.storage, trial_id(trial), system={GENOME_ATTR: genome.key()},
                         user={"timesteps": list(genome.timesteps)})
         return genome
 
@@ -106,12 +107,12 @@ class Objective:
             attrs[FAIL_REASON_ATTR] = f"{type(err).__name__}: {err}"[:500]
             if genome is not None:
                 attrs[IMAGE_STEPS_ATTR] = len(self.samples) * self.generator.nfe(genome)  # an upper bound
-            set_trial_attrs(trial.storage, trial._trial_id, user=attrs)
+            set_trial_attrs(trial.storage, trial_id(trial), user=attrs)
             log.warning("trial %d failed: %s: %s", trial.number, type(err).__name__, err)
             raise
         attrs[IMAGE_STEPS_ATTR] = int(result["num_samples"]) * self.generator.nfe(genome)
         attrs.update({key: round(result[key], 4) for key in ("gen_seconds", "fid_seconds", "image_steps_per_s")})
-        set_trial_attrs(trial.storage, trial._trial_id, user=attrs)
+        set_trial_attrs(trial.storage, trial_id(trial), user=attrs)
         if pruned["at"]:
             raise optuna.TrialPruned(f"FID {result['fid']:.4g} on the first {pruned['at']} samples: not among the parents")
         if self.cost_objective is not None:

@@ -28,7 +28,8 @@ from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
 from autodiff_opt.core.keys import OWNER_ATTR
-from autodiff_opt.search.study import FINISHED_TRIAL_ERROR, retry_callback
+from autodiff_opt.search.storage_compat import FINISHED_TRIAL_ERROR, record_heartbeat, study_storage, trial_id
+from autodiff_opt.search.study import retry_callback
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +65,14 @@ def record_owner(storage: BaseStorage, trial_id: int) -> None:
 
 def beat(study: Study, trial: FrozenTrial) -> None:
     """One heartbeat now, where the storage has heartbeats."""
-    from optuna.storages._heartbeat import is_heartbeat_enabled
-
-    storage = study._storage
-    if is_heartbeat_enabled(storage):
-        storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
+    record_heartbeat(study_storage(study), trial_id(trial))
 
 
 def claim_trial(study: Study, trial: FrozenTrial) -> None:
     """What every sampler does first in before_trial: a beat (a worker killed while it waits for the study
     lock or samples must leave a trial that goes stale), then the owner record."""
     beat(study, trial)
-    record_owner(study._storage, trial._trial_id)
+    record_owner(study_storage(study), trial_id(trial))
 
 
 class OwnerRecording:
@@ -104,13 +101,13 @@ def _fail_and_requeue(study: Study, trials: Sequence[FrozenTrial], max_retry: in
     failed = []
     for trial in trials:
         try:
-            if not study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+            if not study_storage(study).set_trial_state_values(trial_id(trial), state=TrialState.FAIL):
                 continue
         except FINISHED_TRIAL_ERROR:
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            callback(study, study._storage.get_trial(trial._trial_id))
+            callback(study, study_storage(study).get_trial(trial_id(trial)))
         failed.append(trial.number)
     return failed
 

@@ -37,6 +37,7 @@ from autodiff_opt.search.attrs import set_trial_attrs
 from autodiff_opt.search.lock import study_lock
 from autodiff_opt.search.operators import JointSpace, Operator, OperatorSet
 from autodiff_opt.search.recovery import beat, claim_trial
+from autodiff_opt.core.errors import ConfigError
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.stage2 import Stage2Policy
 from autodiff_opt.search.space import (
@@ -53,6 +54,7 @@ from autodiff_opt.search.space import (
     step_param,
 )
 from autodiff_opt.core.keys import ENQUEUED_GENOME_ATTR, PARENT_CACHE_PREFIX, SENSITIVITY_ATTR, STAGE2_START_ATTR
+from autodiff_opt.search.storage_compat import set_study_system_attr, study_storage, study_system_attrs, trial_id
 
 if TYPE_CHECKING:
     from autodiff_opt.search.sensitivity import SensitivityMapper
@@ -84,14 +86,14 @@ class EvolutionConfig:
 
     def __post_init__(self) -> None:
         if self.population < 1 or self.num_parents < 1:
-            raise ValueError("search.population and search.num_parents must be >= 1")
+            raise ConfigError("search.population and search.num_parents must be >= 1")
         if self.num_mutants + self.num_crossovers > self.population:
-            raise ValueError(
+            raise ConfigError(
                 f"search.num_mutants + search.num_crossovers = {self.num_mutants + self.num_crossovers}"
                 f" exceeds search.population = {self.population}"
             )
         if not 0 <= self.init_random <= self.population:
-            raise ValueError(f"search.init_random={self.init_random} must be in [0, population]")
+            raise ConfigError(f"search.init_random={self.init_random} must be in [0, population]")
 
 
 def generation_of(trial: FrozenTrial) -> int | None:
@@ -189,7 +191,7 @@ class AutoDiffusionSampler(BaseSampler):
         return {}
 
     def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution) -> Any:
-        genome = self._chosen.get(trial._trial_id) or genome_of(trial)
+        genome = self._chosen.get(trial_id(trial)) or genome_of(trial)
         if genome is not None:
             if param_name == "num_steps":
                 return genome.num_steps
@@ -204,10 +206,10 @@ class AutoDiffusionSampler(BaseSampler):
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
         claim_trial(study, trial)  # a beat and the owner record, before anything here can wait
         if GENOME_ATTR in trial.system_attrs:  # a retry of a stale trial: same genome, same slot, no lock
-            self._remember(trial._trial_id, genome_of(trial))
+            self._remember(trial_id(trial), genome_of(trial))
             return
         if any(d != StudyDirection.MINIMIZE for d in study.directions):
-            raise ValueError("AutoDiffusionSampler minimises FID (and cost): create the study with direction='minimize'")
+            raise ConfigError("AutoDiffusionSampler minimises FID (and cost): create the study with direction='minimize'")
         if self.sensitivity is not None and self.stage2 is not None:
             self._ensure_sensitivity(study)
         if self.lock_timeout is None:
@@ -236,13 +238,13 @@ class AutoDiffusionSampler(BaseSampler):
             child = self._make(study, trials, generation, slot, seen, rng)
         attrs = {GENOME_ATTR: child.genome.key(), GENERATION_ATTR: generation, SLOT_ATTR: slot,
                  OPERATOR_ATTR: child.operator, PARENTS_ATTR: child.parents, STAGE_ATTR: child.stage}
-        set_trial_attrs(study._storage, trial._trial_id, system=attrs)
-        self._remember(trial._trial_id, child.genome)
+        set_trial_attrs(study_storage(study), trial_id(trial), system=attrs)
+        self._remember(trial_id(trial), child.genome)
 
     def _ensure_sensitivity(self, study: Study) -> None:
         """Stage 2 started or due at the next slot and no map yet: compute it (outside the lock, see
         search/sensitivity.py), so the first stage-2 candidate already draws from its prior."""
-        attrs = study._storage.get_study_system_attrs(study._study_id)
+        attrs = study_system_attrs(study)
         if SENSITIVITY_ATTR in attrs or self.sensitivity is None or self.stage2 is None:
             return
         trials = study.get_trials(deepcopy=False)
@@ -251,7 +253,7 @@ class AutoDiffusionSampler(BaseSampler):
             self.sensitivity.ensure(study, trials)
 
     def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
-        self._chosen.pop(trial._trial_id, None)
+        self._chosen.pop(trial_id(trial), None)
 
     def _remember(self, trial_id: int, genome: Genome | None) -> None:
         if genome is not None:
@@ -267,7 +269,7 @@ class AutoDiffusionSampler(BaseSampler):
     def parents(self, study: Study, trials: Sequence[FrozenTrial], generation: int) -> list[FrozenTrial]:
         """Top-k completed candidates of earlier generations, fixed (cached in storage) per generation."""
         key = f"{PARENT_CACHE_PREFIX}{generation}"
-        cached = study._storage.get_study_system_attrs(study._study_id).get(key)
+        cached = study_system_attrs(study).get(key)
         by_number = {t.number: t for t in trials}
         if cached is not None:
             return [by_number[n] for n in cached if n in by_number]
@@ -279,7 +281,7 @@ class AutoDiffusionSampler(BaseSampler):
         else:
             top = sorted(done, key=lambda t: (t.values[0], t.number))
         top = top[: self.evolution.num_parents]
-        study._storage.set_study_system_attr(study._study_id, key, [t.number for t in top])
+        set_study_system_attr(study, key, [t.number for t in top])
         return top
 
     def _operators(self, study: Study, trials: Sequence[FrozenTrial], generation: int) -> tuple[int, OperatorSet]:

@@ -30,6 +30,7 @@ from autodiff_opt.search.lock import study_lock
 from autodiff_opt.search.objective import evaluate
 from autodiff_opt.search.skip_prior import SensitivityMap, SkipPrior
 from autodiff_opt.search.space import GENOME_ATTR, STAGE_ATTR
+from autodiff_opt.search.storage_compat import set_study_system_attr, study_system_attrs
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def compute_map(generator: ImageGenerator, scorer: FIDScorer, reference: FIDStat
 
 
 def stored_map(study: optuna.Study) -> SensitivityMap | None:
-    data = study._storage.get_study_system_attrs(study._study_id).get(SENSITIVITY_ATTR)
+    data = study_system_attrs(study).get(SENSITIVITY_ATTR)
     return SensitivityMap.from_json(data) if data is not None else None
 
 
@@ -75,8 +76,8 @@ def store_map(study: optuna.Study, smap: SensitivityMap) -> SensitivityMap:
             return current
         data = smap.to_json()
         data["delta"] = [[v if math.isfinite(v) else None for v in row] for row in data["delta"]]  # JSON has no inf
-        study._storage.set_study_system_attr(study._study_id, SENSITIVITY_ATTR, data)
-        study._storage.set_study_system_attr(study._study_id, SENSITIVITY_COST_ATTR, smap.image_steps)
+        set_study_system_attr(study, SENSITIVITY_ATTR, data)
+        set_study_system_attr(study, SENSITIVITY_COST_ATTR, smap.image_steps)
         return smap
 
 

@@ -9,6 +9,7 @@ import optuna
 
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.core.keys import GENERATION_ATTR, GENOME_ATTR, OPERATOR_ATTR, PARENTS_ATTR, SIGNATURE_ATTR, SLOT_ATTR, STAGE_ATTR
+from autodiff_opt.search.storage_compat import trial_id
 
 
 
@@ -124,7 +125,7 @@ def pareto_ranks(trials: list[optuna.trial.FrozenTrial]) -> dict[int, int]:
 def trial_system_attrs(trial: optuna.trial.Trial | optuna.trial.FrozenTrial) -> dict[str, Any]:
     if isinstance(trial, optuna.trial.FrozenTrial):
         return trial.system_attrs
-    return trial.storage.get_trial_system_attrs(trial._trial_id)
+    return trial.storage.get_trial_system_attrs(trial_id(trial))
 
 
 def suggest_genome(trial: optuna.trial.Trial, space: SearchSpace, stored_genome: Genome | None = None) -> Genome:

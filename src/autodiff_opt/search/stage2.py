@@ -18,6 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 from autodiff_opt.core.keys import STAGE2_START_ATTR
 from autodiff_opt.search.operators import JointSpace
 from autodiff_opt.search.space import GENERATION_ATTR
+from autodiff_opt.search.storage_compat import set_study_system_attr, study_system_attrs
 
 if TYPE_CHECKING:
     from autodiff_opt.arch.budget import Budget
@@ -41,13 +42,12 @@ class Stage2Policy:
 
     def start(self, study: optuna.Study, trials: Sequence[FrozenTrial], generation: int) -> int | None:
         """The generation stage 2 started at (deciding it now if this generation triggers it), or None."""
-        storage = study._storage
-        stored = storage.get_study_system_attrs(study._study_id).get(STAGE2_START_ATTR)
+        stored = study_system_attrs(study).get(STAGE2_START_ATTR)
         if stored is not None:
             return int(stored)
         if not self.due(trials, generation):
             return None
-        storage.set_study_system_attr(study._study_id, STAGE2_START_ATTR, generation)
+        set_study_system_attr(study, STAGE2_START_ATTR, generation)
         return generation
 
     def due(self, trials: Sequence[FrozenTrial], generation: int) -> bool:

@@ -45,6 +45,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autodiff_opt.core.keys import (BASELINE_ATTR, IMAGE_STEPS_ATTR, PEER_COST_ATTR, SEARCH_SECONDS_ATTR,
                                    SEARCH_SECONDS_PREFIX, STOP_ATTR)
+from autodiff_opt.search.storage_compat import set_study_system_attr, study_system_attrs
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ def process_key() -> str:
 
 def stored_seconds(study: Study, skip: str | None = None) -> float:
     """Search seconds of every process so far (all but ``skip``)."""
-    attrs = study._storage.get_study_system_attrs(study._study_id)
+    attrs = study_system_attrs(study)
     return sum(float(v) for k, v in attrs.items() if k.startswith(SEARCH_SECONDS_PREFIX) and k != skip)
 
 
@@ -220,7 +221,7 @@ class SearchClock:
 
     def save(self, force: bool = False) -> None:
         if force or self.now() - self.written >= self.every:
-            self.study._storage.set_study_system_attr(self.study._study_id, self.key, round(self.mine(), 3))
+            set_study_system_attr(self.study, self.key, round(self.mine(), 3))
             self.written = self.now()
 
 
@@ -277,7 +278,7 @@ class StopRule:
         trials = study.get_trials(deepcopy=False, states=FINISHED)
         last = verdict.trial if verdict else max((t.number for t in trials), default=-1)
         spent = (sum(int(t.user_attrs.get(IMAGE_STEPS_ATTR, 0)) for t in trials if t.number <= last)
-                 + int(study._storage.get_study_system_attrs(study._study_id).get(PEER_COST_ATTR, 0))) / self.unit
+                 + int(study_system_attrs(study).get(PEER_COST_ATTR, 0))) / self.unit
         seconds = self.clock.total() if self.clock is not None else None
         record = {"reason": reason, "text": text.replace("{spent:.1f}", f"{spent:.1f}"), "trial": last,
                   "candidates": round(spent, 2), "seconds": round(seconds, 1) if seconds is not None else None}

@@ -1,8 +1,8 @@
 """Storage and study: SQLite by default, PostgreSQL/MySQL for many workers, journal files for many local processes.
 
-Journal files get heartbeats here: Optuna's heartbeat (fail a RUNNING trial whose worker stopped
+Journal files get heartbeats: Optuna's heartbeat (fail a RUNNING trial whose worker stopped
 beating, then queue it again with ``RetryHeartbeatStaleTrialCallback``) exists only for RDB storages.
-``HeartbeatJournalStorage`` adds it to the journal file storage: the beat is a trial system attribute,
+``HeartbeatJournalStorage`` (in storage_compat.py: it implements Optuna's private heartbeat protocol) adds it to the journal file storage: the beat is a trial system attribute,
 and a trial is stale when neither its last beat nor its start is younger than the grace period (a retry
 copies the attributes of the trial it retries, so a beat older than the retry's own start is ignored).
 """
@@ -12,20 +12,20 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
-from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.study import Study
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from autodiff_opt.core.errors import StudyError
-from autodiff_opt.core.keys import HEARTBEAT_ATTR
 from autodiff_opt.search.space import SIGNATURE_ATTR
+from autodiff_opt.search.storage_compat import (  # noqa: F401  (FINISHED_TRIAL_ERROR: recovery.py imports it here)
+    FINISHED_TRIAL_ERROR, HeartbeatJournalStorage, check_optuna,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,21 +33,11 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 JOURNAL_PREFIX = "journal:"
 
-# what Optuna raises on a write to a finished trial (its own class since Optuna 4.5, a RuntimeError before)
-FINISHED_TRIAL_ERROR: type[Exception] = getattr(optuna.exceptions, "UpdateFinishedTrialError", RuntimeError)
-
 
 def retry_callback(max_retry: int | None) -> Callable[[Study, FrozenTrial], None]:
     """Optuna's callback that queues a failed trial again with its attributes (renamed in Optuna 4.9)."""
     cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
     return cls(max_retry=max_retry)
-
-
-def storage_backend(storage: BaseStorage) -> BaseStorage:
-    """The storage under Optuna's cache wrapper (RDB storages are wrapped by create_study)."""
-    from optuna.storages._cached_storage import _CachedStorage
-
-    return storage._backend if isinstance(storage, _CachedStorage) else storage
 
 
 def _rdb_storage(url: str, heartbeat_interval: int | None, grace_period: int | None, max_retry: int) -> RDBStorage:
@@ -119,6 +109,7 @@ def make_storage(
     url: str, heartbeat_interval: int | None = 5, grace_period: int | None = 20, max_retry: int = 3
 ) -> BaseStorage:
     """'sqlite:///file.db', 'postgresql://user@host/db', or 'journal:/path/file.log'; a clear error when unreachable."""
+    check_optuna()  # outside the supported versions: one line naming them
     try:
         if url.startswith(JOURNAL_PREFIX):  # heartbeats kept as trial attributes (HeartbeatJournalStorage)
             return journal_storage(url[len(JOURNAL_PREFIX):], heartbeat_interval, grace_period, max_retry)
@@ -137,56 +128,6 @@ def _redact(url: str) -> str:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return url
-
-
-# --- heartbeats for journal files ----------------------------------------------------------------
-class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
-    """Optuna's JournalStorage with the heartbeat protocol RDBStorage has.
-
-    With it, `study.optimize` records a beat every `heartbeat_interval` seconds while a trial runs,
-    fails RUNNING trials whose last sign of life (beat or start) is older than `grace_period`, and hands
-    them to `heartbeat_stale_trial_callback` (e.g. RetryHeartbeatStaleTrialCallback, which re-queues
-    the trial with the same system attributes: same genome, generation and slot).
-    Clocks: beats are wall-clock times of the writing process, so workers sharing a journal file must
-    share a clock (one machine, which is what journal files are for).
-    """
-
-    def __init__(self, backend: Any, heartbeat_interval: int | None = None, grace_period: int | None = None,
-                 heartbeat_stale_trial_callback: Callable[[Study, FrozenTrial], None] | None = None) -> None:
-        super().__init__(backend)
-        if heartbeat_interval is not None and heartbeat_interval <= 0:
-            raise ValueError("heartbeat_interval must be a positive integer or None")
-        if grace_period is not None and grace_period <= 0:
-            raise ValueError("grace_period must be a positive integer or None")
-        self.heartbeat_interval = heartbeat_interval
-        self.grace_period = grace_period if grace_period is not None else (2 * heartbeat_interval if heartbeat_interval else None)
-        self.heartbeat_stale_trial_callback = heartbeat_stale_trial_callback
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        try:
-            self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
-        except (FINISHED_TRIAL_ERROR, KeyError):
-            pass  # finished (or failed as stale by another worker) meanwhile: nothing left to keep alive
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        if self.grace_period is None:
-            return []
-        now = time.time()
-        stale = []
-        for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
-            last = max(float(trial.system_attrs.get(HEARTBEAT_ATTR, 0.0)), started)
-            if now - last > self.grace_period:
-                stale.append(trial._trial_id)
-        return stale
-
-    def get_heartbeat_interval(self) -> int | None:
-        return self.heartbeat_interval
-
-    def get_heartbeat_stale_trial_callback(self) -> Callable[[Study, FrozenTrial], None] | None:
-        return self.heartbeat_stale_trial_callback
-
-    get_failed_trial_callback = get_heartbeat_stale_trial_callback  # the name before Optuna 4.9
 
 
 def journal_storage(path: str | Path, heartbeat_interval: int | None = 5, grace_period: int | None = 20,

@@ -24,22 +24,23 @@ LENGTH_SCALES = (0.04, 0.08, 0.16, 0.32, 0.64)
 NOISES = (1e-4, 1e-2, 1e-1)
 
 
-def solver_code(solver: str | None) -> np.ndarray:
-    """The solver gene as a one-hot over every registered solver (empty without the gene)."""
-    from autodiff_opt.solvers import SOLVERS
-
+def solver_code(solver: str | None, solvers: Sequence[str]) -> np.ndarray:
+    """The solver gene as a one-hot over the solvers the study searches (search.solvers, part of the stored
+    search space), not over the solver registry: registering a solver leaves a study's decisions alone.
+    Empty without the gene."""
     if solver is None:
         return np.zeros(0)
-    return np.array([float(name == solver) for name in sorted(SOLVERS)])
+    return np.array([float(name == solver) for name in sorted(solvers)])
 
 
-def embed(genome: Genome, num_train_timesteps: int, k_max: int, num_layers: int | None = None) -> np.ndarray:
+def embed(genome: Genome, num_train_timesteps: int, k_max: int, num_layers: int | None = None,
+          solvers: Sequence[str] = ()) -> np.ndarray:
     """One genome -> a vector in [0, 1]^k_max (stage 1) or [0, 1]^(2 k_max) (with skip fractions), followed
-    by the solver's one-hot code when the solver is a gene."""
+    by the solver's one-hot code over `solvers` (the searched ones) when the solver is a gene."""
     steps = np.zeros(k_max)
     steps[: genome.num_steps] = np.asarray(genome.timesteps[:k_max], dtype=float) / max(num_train_timesteps - 1, 1)
     if num_layers is None:
-        return np.concatenate([steps, solver_code(genome.solver)])
+        return np.concatenate([steps, solver_code(genome.solver, solvers)])
     skipped = np.ones(k_max)
     skipped[: genome.num_steps] = [len(s) / num_layers for s in genome.skips[:k_max]]
     return np.concatenate([steps, skipped])

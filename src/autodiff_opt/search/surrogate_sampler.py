@@ -95,9 +95,9 @@ class SurrogateEvolutionSampler(AutoDiffusionSampler):
             return self._unseen(ops.random, stage, seen, rng)
         fit = sorted(data, key=lambda gv: gv[1])[: self.surrogate.max_observations]
         k_max, layers = self._embedding_shape()
-        x = np.stack([embed(g, self.space.num_train_timesteps, k_max, layers) for g, _ in fit])
+        x = np.stack([embed(g, self.space.num_train_timesteps, k_max, layers, self.space.solvers) for g, _ in fit])
         model = GaussianProcess.fit(x, [v for _, v in fit], self._kernel(data, k_max, layers))
-        cand = np.stack([embed(g, self.space.num_train_timesteps, k_max, layers) for g, _, _ in pool])
+        cand = np.stack([embed(g, self.space.num_train_timesteps, k_max, layers, self.space.solvers) for g, _, _ in pool])
         genome, operator, used = pool[int(np.argmax(model.expected_improvement(cand)))]
         return Offspring(genome, operator, used, stage)
 
@@ -111,7 +111,7 @@ class SurrogateEvolutionSampler(AutoDiffusionSampler):
         subset = sorted(data[:n], key=lambda gv: gv[1])[: self.surrogate.max_observations]  # of the first n
         key = (n, k_max, layers, hash(tuple(g.key() for g, _ in subset)))
         if key not in self._kernels:
-            x = np.stack([embed(g, self.space.num_train_timesteps, k_max, layers) for g, _ in subset])
+            x = np.stack([embed(g, self.space.num_train_timesteps, k_max, layers, self.space.solvers) for g, _ in subset])
             self._kernels[key] = GaussianProcess.fit(x, [v for _, v in subset]).kernel
         return self._kernels[key]
 
