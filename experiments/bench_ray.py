@@ -111,12 +111,12 @@ def main() -> int:
     p.add_argument("--workers", default="1,2")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs the Ray head declares")
     args = p.parse_args()
-    import ray
-
     server = pg.start_server()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     head = ray_cluster.start_head(env, num_cpus=args.num_cpus)
-    os.environ.update(head.env({}))
+    os.environ.update(head.env({}))  # before Ray is imported: its core reads the token once
+    import ray
+
     folder = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     try:
         ray.init(address=head.address, logging_level="WARNING", log_to_driver=False)
