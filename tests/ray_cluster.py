@@ -72,6 +72,7 @@ def start_head(env: dict[str, str], num_cpus: int = 2, timeout: float = 90.0) ->
     head = RayHead(root, f"127.0.0.1:{port}", secrets.token_hex(16), None)  # type: ignore[arg-type]
     command = [program, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
                f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
+               "--object-store-memory=100000000",  # 100 MB, not 30% of the memory: the tasks pass no data
                f"--temp-dir={root}"]
     log = open(root / "head.log", "w")
     head.proc = subprocess.Popen(command, env=head.env(env), stdout=log, stderr=subprocess.STDOUT,

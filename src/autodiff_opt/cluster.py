@@ -1,4 +1,4 @@
-"""A search on a SLURM cluster, through submitit: one command submits everything.
+"""A search on a cluster's scheduler: SLURM (through submitit) or Ray. One command starts everything.
 
     python -m autodiff_opt.cluster slurm --workers 16 --storage postgresql://user@dbhost/autodiff \\
         --partition gpu --gpus-per-worker 1 --time 720 -- +experiment=imagenet64
@@ -17,6 +17,11 @@ It submits three things, chained by SLURM dependencies, and returns at once:
 3. the final run (one job, `afterok` on 1 and `afterany` on 2): the CLI once more in <run dir>: it
    finishes what dead workers left, scores the best schedule and the baselines on fresh seeds once
    and writes the report there.
+
+On Ray (`python -m autodiff_opt.cluster ray --workers N --storage URL [--address HOST:PORT] -- ...`) the
+same three stages are Ray tasks (`ray_task` running a `CliJob`), the command waits for them as the job's
+driver, and a worker whose process is killed is run again by Ray (`WorkerLost`, `--max-retries`); see
+docs/workers.md.
 
 `python -m autodiff_opt.cluster seed` is that first job's entry point (a Hydra app with the CLI's
 config); it is not meant to be typed.
@@ -83,7 +88,8 @@ class CliJob:
         else:
             Path(self.log).parent.mkdir(parents=True, exist_ok=True)
             with open(self.log, "a", buffering=1) as out:
-                out.write(f"{header}\n[autodiff-opt] started {dt.datetime.now():%Y-%m-%d %H:%M:%S} on {os.uname().nodename}\n")
+                started = f"[autodiff-opt] started {dt.datetime.now():%Y-%m-%d %H:%M:%S} on {os.uname().nodename}"
+                out.write(f"{header}\n{started}\n")
                 code = subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT,
                                       preexec_fn=preexec).returncode
         if code < 0:
@@ -130,7 +136,8 @@ class ClusterPlan:
     workers: int
 
 
-def make_plan(args: argparse.Namespace, overrides: list[str], cfg: Any, run_dir: Path, logs: str = "slurm") -> ClusterPlan:
+def make_plan(args: argparse.Namespace, overrides: list[str], cfg: Any, run_dir: Path,
+              logs: str = "slurm") -> ClusterPlan:
     url = args.storage
     keys = {_key(o) for o in overrides}
     common = [*overrides, f"storage.url={hydra_value(url)}"]
