@@ -409,7 +409,11 @@ def ray_main(args: argparse.Namespace, overrides: list[str]) -> int:
         print("# final run\n" + " ".join(_redact_command(plan.final_command)))
         return 0
     ray = import_ray()
-    open_storage(args.storage, cfg)  # unreachable or wrong credentials: refused before anything starts
+    storage = open_storage(args.storage, cfg)  # unreachable or wrong credentials: refused before anything starts
+    engine = getattr(storage, "engine", None)
+    if engine is not None:
+        engine.dispose()  # the driver waits for hours: it holds no connection meanwhile
+    del storage
     connect_ray(ray, args.address)
     try:
         resources = task_resources(args, overrides, ray.cluster_resources())
