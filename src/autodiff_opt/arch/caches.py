@@ -28,10 +28,10 @@ import torch
 
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.models.base import DiffusionModel, EpsFn
+from autodiff_opt.specs.options import CACHES
 
 log = logging.getLogger(__name__)
 
-CACHES = ("first_block", "taylorseer", "pab", "faster", "mag")
 # TaylorSeer's attention modules. diffusers' default patterns (``^transformer_blocks.*attn``, matched with
 # re.fullmatch) end at "attn": they hook Flux's and SD3's ``attn`` but not DiT's ``attn1``, where TaylorSeer
 # then silently cached nothing (tests/test_caches_reference.py); the same modules, attn1 / attn2 included.

@@ -94,6 +94,22 @@ class EvolutionConfig:
             raise ValueError(f"search.init_random={self.init_random} must be in [0, population]")
 
 
+@dataclass(frozen=True)
+class SamplerInputs:
+    """What a sampler factory (``SamplerSpec.factory``) is given: the setting's name, the space, the resolved
+    evolution, the seed, the anchor schedule, stage 2's policy and sensitivity mapper (None without stage 2),
+    the surrogate's pool."""
+
+    name: str
+    space: SearchSpace
+    evolution: EvolutionConfig
+    seed: int
+    anchor: Genome | None = None
+    stage2: Stage2Policy | None = None
+    sensitivity: "SensitivityMapper | None" = None
+    pool_size: int = 256
+
+
 def generation_of(trial: FrozenTrial) -> int | None:
     return trial.system_attrs.get(GENERATION_ATTR)
 
@@ -356,3 +372,9 @@ def count_by_generation(study: optuna.Study) -> dict[int, int]:
         if g is not None:
             counts[g] += 1
     return dict(sorted(counts.items()))
+
+
+def make_sampler(inputs: SamplerInputs) -> AutoDiffusionSampler:
+    """``search.sampler=autodiffusion_paper``: the authors' evolution (specs/samplers.py)."""
+    return AutoDiffusionSampler(inputs.space, inputs.evolution, anchor=inputs.anchor, seed=inputs.seed,
+                                stage2=inputs.stage2, sensitivity=inputs.sensitivity)

@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.operators import Initialization, Operator, OperatorSet
-from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig, Offspring, genome_of
+from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig, Offspring, SamplerInputs, genome_of
 from autodiff_opt.search.stage2 import Stage2Policy
 from autodiff_opt.search.space import SearchSpace
 from autodiff_opt.search.surrogate import GaussianProcess, embed
@@ -145,3 +145,10 @@ class SurrogateEvolutionSampler(AutoDiffusionSampler):
             genome, _ = self._breed(op, [], rng)
             if genome is not None and genome.key() not in seen:
                 return Offspring(genome, op.name, [], stage)
+
+
+def make_sampler(inputs: SamplerInputs) -> SurrogateEvolutionSampler:
+    """``search.sampler=autodiffusion`` (the default): the surrogate-guided evolution (specs/samplers.py)."""
+    return SurrogateEvolutionSampler(inputs.space, inputs.evolution, anchor=inputs.anchor, seed=inputs.seed,
+                                     stage2=inputs.stage2, surrogate=SurrogateConfig(pool_size=inputs.pool_size),
+                                     sensitivity=inputs.sensitivity)
