@@ -161,7 +161,7 @@ def genome_of(trial: FrozenTrial) -> Genome | None:
     return _parsed(stored) if isinstance(stored, str) else Genome.from_json(stored)
 
 
-class AutoDiffusionSampler(BaseSampler):
+class AutoDiffusionPaperSampler(BaseSampler):
     """Two-stage evolutionary sampler (stage 1: time steps; stage 2 adds per-step layer skipping)."""
 
     def __init__(
@@ -223,7 +223,7 @@ class AutoDiffusionSampler(BaseSampler):
             self._remember(trial._trial_id, genome_of(trial))
             return
         if any(d != StudyDirection.MINIMIZE for d in study.directions):
-            raise ValueError("AutoDiffusionSampler minimises FID (and cost): create the study with direction='minimize'")
+            raise ValueError("AutoDiffusionPaperSampler minimises FID (and cost): create the study with direction='minimize'")
         if self.sensitivity is not None and self.stage2 is not None:
             self._ensure_sensitivity(study)
         if self.lock_timeout is None:
@@ -374,7 +374,7 @@ def count_by_generation(study: optuna.Study) -> dict[int, int]:
     return dict(sorted(counts.items()))
 
 
-def make_sampler(inputs: SamplerInputs) -> AutoDiffusionSampler:
+def make_sampler(inputs: SamplerInputs) -> AutoDiffusionPaperSampler:
     """``search.sampler=autodiffusion_paper``: the authors' evolution (specs/samplers.py)."""
-    return AutoDiffusionSampler(inputs.space, inputs.evolution, anchor=inputs.anchor, seed=inputs.seed,
+    return AutoDiffusionPaperSampler(inputs.space, inputs.evolution, anchor=inputs.anchor, seed=inputs.seed,
                                 stage2=inputs.stage2, sensitivity=inputs.sensitivity)

@@ -1,8 +1,9 @@
 """`search.sampler`: which sampler runs the study, its defaults, and how it sees a schedule.
 
 - ``autodiffusion`` (default): the two-stage evolution with surrogate-selected offspring and pruning
-  on sample prefixes (multi-fidelity); ``SurrogateEvolutionSampler``.
-- ``autodiffusion_paper``: the authors' evolution as published (population 50, ...); no pruning.
+  on sample prefixes (multi-fidelity); ``AutoDiffusionSampler``.
+- ``autodiffusion_paper``: the authors' evolution as published (population 50, ...); no pruning;
+  ``AutoDiffusionPaperSampler`` (the base of the other: each class is named after its setting).
 - ``tpe``, ``cmaes``, ``gp``, ``random``: Optuna's own samplers on the stick-breaking fractions of
   ``coding.py`` (stage 1 only: they have no notion of a per-step skip mask). They run as shipped, with
   one addition: each trial's owner is recorded as it is taken up (``recovery.OwnerRecording``), so a
