@@ -194,9 +194,9 @@ def cache_baselines(cfg: DictConfig, model: DiffusionModel, num_steps: int) -> d
     names = list(cfg.search.stage2.caches or [])
     if not names:
         return {}
-    if not is_transformer(model.unet):
+    if not is_transformer(model.denoiser):
         raise ConfigError(f"search.stage2.caches={names}: diffusers' caches hook transformer blocks; this model's"
-                          f" denoiser is a {type(model.unet).__name__}: set search.stage2.caches=[]")
+                          f" denoiser is a {type(model.denoiser).__name__}: set search.stage2.caches=[]")
     if not cfg.search.baselines:
         raise ConfigError("search.stage2.caches needs a heuristic schedule to run on: list one in search.baselines")
     base = str(cfg.search.baselines[0])

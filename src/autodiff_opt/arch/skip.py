@@ -367,11 +367,11 @@ def model_skipper(model: DiffusionModel, units: SkipUnits | None = None) -> Laye
     the export all use this one; a later request for other units raises ``SkipperConflictError``
     instead of silently handing back layers the caller did not ask for."""
     if model.skipper is None:
-        model.skipper = LayerSkipper(model.unet, discover_layers(model.unet, units or "blocks"))
-    elif units is not None and discover_layers(model.unet, units) != model.skipper.layers:
+        model.skipper = LayerSkipper(model.denoiser, discover_layers(model.denoiser, units or "blocks"))
+    elif units is not None and discover_layers(model.denoiser, units) != model.skipper.layers:
         raise SkipperConflictError(
             f"the denoiser's layer skipper was made with other units than units={units!r} asks for"
-            f" ({model.skipper.num_layers} layers, not {len(discover_layers(model.unet, units))}): make the skipper"
+            f" ({model.skipper.num_layers} layers, not {len(discover_layers(model.denoiser, units))}): make the skipper"
             " once, with the units the whole run uses (search.stage2.units), before anything else asks for it")
     return model.skipper
 
