@@ -3,7 +3,7 @@
     .venv/bin/python experiments/bench_cluster.py            # as root, with Debian's SLURM and PostgreSQL
 
 Starts a throwaway one-node SLURM cluster (tests/slurm.py, 4 CPUs declared) and PostgreSQL server
-(tests/pg.py), and submits tests/cheap_worker.py (the real AutoDiffusionSampler, study lock, heartbeats
+(tests/pg.py), and submits tests/cheap_worker.py (the real AutoDiffusionPaperSampler, study lock, heartbeats
 and the 2-connection pool; an objective that sleeps `--sleep` s) through submitit, wrapped as
 autodiff_opt.cluster wraps the CLI (`CliJob`).
 

@@ -6,7 +6,7 @@
 (a) Overhead per trial with a no-op objective, `--trials` trials in one process, the storage opened as
     the CLI opens it (heartbeat every 5 s): SQLite file, PostgreSQL, journal file, in memory for reference. The
     sampler reads every trial at each ask, so the cost grows with the study: first and last 10% shown.
-(b) Throughput of 1, 2, 4 worker processes (tests/cheap_worker.py: the real AutoDiffusionSampler, an
+(b) Throughput of 1, 2, 4 worker processes (tests/cheap_worker.py: the real AutoDiffusionPaperSampler, an
     objective that sleeps `--sleep` s) on PostgreSQL: candidates per minute and the ratio to ideal
     scaling (N workers x 60/sleep). Workers start together after their imports (a file barrier).
 (c) Races across workers: genomes evaluated twice, slots taken twice, candidates past the last

@@ -1,4 +1,4 @@
-"""One worker process on a shared study: the real AutoDiffusionSampler, a pure-Python objective.
+"""One worker process on a shared study: the real AutoDiffusionPaperSampler, a pure-Python objective.
 
 Used by tests/test_workers.py and experiments/bench_storage.py to run several workers on one
 PostgreSQL or journal study without loading a diffusion model. The objective sleeps a fixed time
@@ -24,7 +24,7 @@ import optuna  # noqa: E402
 
 from autodiff_opt.core.genome import Genome  # noqa: E402
 from autodiff_opt.search.progress import SearchBudget  # noqa: E402
-from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig  # noqa: E402
+from autodiff_opt.search.sampler import AutoDiffusionPaperSampler, EvolutionConfig  # noqa: E402
 from autodiff_opt.search.space import SearchSpace, genome_params, suggest_genome  # noqa: E402
 from autodiff_opt.search.study import journal_storage, make_storage  # noqa: E402
 
@@ -50,7 +50,7 @@ def open_storage(url: str, heartbeat: int, grace: int) -> optuna.storages.BaseSt
     return make_storage(url, heartbeat or None, grace, max_retry=3)
 
 
-class RendezvousSampler(AutoDiffusionSampler):
+class RendezvousSampler(AutoDiffusionPaperSampler):
     """The real sampler, paused after choosing its slot until `parties` workers have chosen one (at most
     `pause` s): the interleaving in which workers race for one slot, made certain for a test."""
 
@@ -70,12 +70,12 @@ class RendezvousSampler(AutoDiffusionSampler):
 
 
 def make_sampler(population: int, lock: bool, seed: int = 0, rendezvous: str | None = None, name: str = "",
-                 pause: float = 4.0) -> AutoDiffusionSampler:
+                 pause: float = 4.0) -> AutoDiffusionPaperSampler:
     """The real sampler; `lock=False` decides without the study lock (the race it prevents)."""
     timeout = 120.0 if lock else None
     if rendezvous:
         return RendezvousSampler(population, Path(rendezvous), name, 2, pause, timeout)
-    return AutoDiffusionSampler(SPACE, evolution(population), anchor=ANCHOR, seed=seed, lock_timeout=timeout)
+    return AutoDiffusionPaperSampler(SPACE, evolution(population), anchor=ANCHOR, seed=seed, lock_timeout=timeout)
 
 
 def create(storage: optuna.storages.BaseStorage, name: str, population: int) -> optuna.Study:

@@ -14,7 +14,7 @@ import optuna
 import pytest
 
 from autodiff_opt.core.genome import Genome
-from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig
+from autodiff_opt.search.sampler import AutoDiffusionPaperSampler, EvolutionConfig
 from autodiff_opt.search.space import SearchSpace, suggest_genome
 from ports import held_port
 
@@ -42,7 +42,7 @@ def _wait_for(port: int, proc: subprocess.Popen[bytes]) -> dict:
 
 def test_dashboard_lists_the_study_and_its_genome_params(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 's.db'}"
-    sampler = AutoDiffusionSampler(SPACE, EvolutionConfig(population=5, num_parents=2, num_mutants=2,
+    sampler = AutoDiffusionPaperSampler(SPACE, EvolutionConfig(population=5, num_parents=2, num_mutants=2,
                                                           num_crossovers=1, init_random=2),
                                    anchor=Genome((750, 500, 250, 0)), seed=0)
     study = optuna.create_study(storage=url, study_name="digits-ddim-k4", sampler=sampler)

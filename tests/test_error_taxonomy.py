@@ -61,10 +61,10 @@ def test_evolution_sizes_are_config_errors(sizes: dict[str, int], message: str) 
 
 
 def test_a_maximising_study_is_refused_by_the_sampler() -> None:
-    from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig
+    from autodiff_opt.search.sampler import AutoDiffusionPaperSampler, EvolutionConfig
     from autodiff_opt.search.space import SearchSpace
 
-    sampler = AutoDiffusionSampler(SearchSpace(4, 1000), EvolutionConfig(6, 3, 2, 0.25, 1, 2), seed=0)
+    sampler = AutoDiffusionPaperSampler(SearchSpace(4, 1000), EvolutionConfig(6, 3, 2, 0.25, 1, 2), seed=0)
     study = optuna.create_study(sampler=sampler, direction="maximize")
     with pytest.raises(ConfigError, match="direction='minimize'") as err:
         study.ask()

@@ -26,7 +26,7 @@ from autodiff_opt.models.loading import load_model
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.core.keys import OWNER_ATTR
 from autodiff_opt.search.objective import FAIL_REASON_ATTR, Objective
-from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig, count_by_generation, genome_of
+from autodiff_opt.search.sampler import AutoDiffusionPaperSampler, EvolutionConfig, count_by_generation, genome_of
 from autodiff_opt.search.space import GENOME_ATTR, SearchSpace, genome_params
 from cli_helpers import run_cli, tiny_overrides
 from conftest import make_tiny_unet
@@ -175,7 +175,7 @@ def test_out_of_memory_at_batch_one_fails_only_that_candidate(tiny_model_dir: Pa
     reference = reference_statistics(str(tiny_reference), scorer, tmp_path / "cache")
     objective = Objective(ImageGenerator(model, batch_size=8), scorer, reference,
                           SampleSet.draw(8, model.sample_shape, None, seed=0), space)
-    study = optuna.create_study(sampler=AutoDiffusionSampler(space, EvolutionConfig(population=4, num_parents=2,
+    study = optuna.create_study(sampler=AutoDiffusionPaperSampler(space, EvolutionConfig(population=4, num_parents=2,
                                 num_mutants=2, num_crossovers=1, init_random=2), seed=0))
     for steps in ((999, 749, 499, 249), (750, 500, 250, 0)):
         study.enqueue_trial(genome_params(Genome(steps), space))

@@ -10,7 +10,7 @@ import pytest
 from optuna.trial import TrialState
 
 from autodiff_opt.core.genome import Genome, GenomeError
-from autodiff_opt.search.sampler import PARENT_CACHE_PREFIX, AutoDiffusionSampler, EvolutionConfig, count_by_generation, genome_of
+from autodiff_opt.search.sampler import PARENT_CACHE_PREFIX, AutoDiffusionPaperSampler, EvolutionConfig, count_by_generation, genome_of
 from autodiff_opt.search.study import make_storage
 from autodiff_opt.search.space import GENERATION_ATTR, OPERATOR_ATTR, SLOT_ATTR, SearchSpace, genome_params, suggest_genome
 
@@ -30,7 +30,7 @@ def objective(trial: optuna.Trial) -> float:
 
 
 def make_study(storage: str | None = None, evolution: EvolutionConfig = SMALL, seed: int = 0) -> optuna.Study:
-    sampler = AutoDiffusionSampler(SPACE, evolution, anchor=Genome((750, 500, 250, 0)), seed=seed)
+    sampler = AutoDiffusionPaperSampler(SPACE, evolution, anchor=Genome((750, 500, 250, 0)), seed=seed)
     return optuna.create_study(sampler=sampler, storage=storage, direction="minimize")
 
 
@@ -102,7 +102,7 @@ def test_ask_tell_interface_and_failed_trials_free_their_slot() -> None:
 def test_resume_in_new_process_objects_continues_generations(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 's.db'}"
     make_study(url).optimize(objective, n_trials=15)
-    sampler = AutoDiffusionSampler(SPACE, SMALL, anchor=Genome((750, 500, 250, 0)), seed=0)
+    sampler = AutoDiffusionPaperSampler(SPACE, SMALL, anchor=Genome((750, 500, 250, 0)), seed=0)
     resumed = optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url, sampler=sampler)
     resumed.optimize(objective, n_trials=15)
     assert count_by_generation(resumed) == {0: 10, 1: 10, 2: 10}
@@ -119,7 +119,7 @@ def test_same_seed_gives_same_candidates() -> None:
 def test_retry_of_a_stale_trial_keeps_genome_generation_and_slot(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 's.db'}"
     storage = make_storage(url, heartbeat_interval=1, grace_period=1)
-    sampler = AutoDiffusionSampler(SPACE, SMALL, anchor=Genome((750, 500, 250, 0)), seed=0)
+    sampler = AutoDiffusionPaperSampler(SPACE, SMALL, anchor=Genome((750, 500, 250, 0)), seed=0)
     study = optuna.create_study(storage=storage, sampler=sampler)
     study.optimize(objective, n_trials=3)
     dead = study.ask()  # a worker that dies: RUNNING, no heartbeat ever recorded after this
@@ -151,7 +151,7 @@ def test_genome_validation_messages() -> None:
 
 
 def test_sampler_refuses_maximize() -> None:
-    study = optuna.create_study(sampler=AutoDiffusionSampler(SPACE, SMALL, seed=0), direction="maximize")
+    study = optuna.create_study(sampler=AutoDiffusionPaperSampler(SPACE, SMALL, seed=0), direction="maximize")
     with pytest.raises(ValueError, match="minimi"):
         study.optimize(objective, n_trials=1)
 

@@ -25,7 +25,7 @@ from autodiff_opt.search.sampler import EvolutionConfig, genome_of
 from autodiff_opt.search.samplers import SAMPLERS, SamplerChoiceError, resolve
 from autodiff_opt.search.space import PARENTS_ATTR, SearchSpace
 from autodiff_opt.search.surrogate import GaussianProcess, embed
-from autodiff_opt.search.surrogate_sampler import SurrogateConfig, SurrogateEvolutionSampler
+from autodiff_opt.search.surrogate_sampler import SurrogateConfig, AutoDiffusionSampler
 from cli_helpers import compose_cfg, kill_when, run_cli, tiny_overrides
 from cli_helpers import load_study as _load
 
@@ -113,7 +113,7 @@ def test_embedding_pads_missing_steps_as_fully_skipped() -> None:
 class TestSurrogateSamplerOptunaSuite(BasicSamplerTestCase):
     @pytest.fixture
     def sampler(self):  # type: ignore[no-untyped-def]
-        return lambda: SurrogateEvolutionSampler(SPACE, SMALL, seed=0, surrogate=SurrogateConfig(pool_size=32))
+        return lambda: AutoDiffusionSampler(SPACE, SMALL, seed=0, surrogate=SurrogateConfig(pool_size=32))
 
 
 def test_surrogate_sampler_answers_genome_params_from_its_own_choice(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -124,7 +124,7 @@ def test_surrogate_sampler_answers_genome_params_from_its_own_choice(monkeypatch
     from autodiff_opt.search import surrogate_sampler as module
     from autodiff_opt.search.space import suggest_genome
 
-    sampler = SurrogateEvolutionSampler(SPACE, SMALL, seed=0, surrogate=SurrogateConfig(pool_size=32))
+    sampler = AutoDiffusionSampler(SPACE, SMALL, seed=0, surrogate=SurrogateConfig(pool_size=32))
     fallback: list[str] = []
     fits: list[int] = []
     real_fallback, real_fit = sampler._fallback.sample_independent, module.GaussianProcess.fit
@@ -160,11 +160,11 @@ def _distance(trial: optuna.Trial) -> float:
 
 
 def test_surrogate_evolution_beats_the_papers_evolution_at_equal_candidates() -> None:
-    from autodiff_opt.search.sampler import AutoDiffusionSampler
+    from autodiff_opt.search.sampler import AutoDiffusionPaperSampler
 
     best = {}
-    for name, make in (("surrogate", lambda s: SurrogateEvolutionSampler(SPACE, SMALL, seed=s, surrogate=SurrogateConfig(64))),
-                       ("paper", lambda s: AutoDiffusionSampler(SPACE, SMALL, seed=s))):
+    for name, make in (("surrogate", lambda s: AutoDiffusionSampler(SPACE, SMALL, seed=s, surrogate=SurrogateConfig(64))),
+                       ("paper", lambda s: AutoDiffusionPaperSampler(SPACE, SMALL, seed=s))):
         values = []
         for seed in range(3):
             study = optuna.create_study(sampler=make(seed))
@@ -178,11 +178,11 @@ def test_surrogate_evolution_beats_the_papers_evolution_at_equal_candidates() ->
 
 def test_resumed_decisions_equal_uninterrupted_ones() -> None:
     """The surrogate is a pure function of the stored trials: a new process decides the same."""
-    a = optuna.create_study(sampler=SurrogateEvolutionSampler(SPACE, SMALL, seed=3, surrogate=SurrogateConfig(32)))
+    a = optuna.create_study(sampler=AutoDiffusionSampler(SPACE, SMALL, seed=3, surrogate=SurrogateConfig(32)))
     a.optimize(_distance, n_trials=14)
-    b = optuna.create_study(sampler=SurrogateEvolutionSampler(SPACE, SMALL, seed=3, surrogate=SurrogateConfig(32)))
+    b = optuna.create_study(sampler=AutoDiffusionSampler(SPACE, SMALL, seed=3, surrogate=SurrogateConfig(32)))
     b.optimize(_distance, n_trials=8)
-    b.sampler = SurrogateEvolutionSampler(SPACE, SMALL, seed=3, surrogate=SurrogateConfig(32))  # "restarted"
+    b.sampler = AutoDiffusionSampler(SPACE, SMALL, seed=3, surrogate=SurrogateConfig(32))  # "restarted"
     b.optimize(_distance, n_trials=6)
     assert [genome_of(t).key() for t in a.trials] == [genome_of(t).key() for t in b.trials]
 

@@ -143,7 +143,7 @@ def test_registering_a_solver_leaves_a_resumed_studys_decisions_alone(monkeypatc
     from autodiff_opt.search.sampler import EvolutionConfig
     from autodiff_opt.search.space import suggest_genome
     from autodiff_opt.search.surrogate import embed
-    from autodiff_opt.search.surrogate_sampler import SurrogateConfig, SurrogateEvolutionSampler
+    from autodiff_opt.search.surrogate_sampler import SurrogateConfig, AutoDiffusionSampler
 
     space = SearchSpace(6, 1000, solvers=SOLVERS)
     evolution = EvolutionConfig(population=6, num_parents=3, num_mutants=2, num_crossovers=1, init_random=2)
@@ -152,8 +152,8 @@ def test_registering_a_solver_leaves_a_resumed_studys_decisions_alone(monkeypatc
         genome = suggest_genome(trial, space)
         return 1.0 + sum(abs(t - 150 * i) for i, t in enumerate(reversed(genome.timesteps))) + 40.0 * (genome.solver == "heun")
 
-    def sampler() -> SurrogateEvolutionSampler:
-        return SurrogateEvolutionSampler(space, evolution, seed=3, surrogate=SurrogateConfig(32))
+    def sampler() -> AutoDiffusionSampler:
+        return AutoDiffusionSampler(space, evolution, seed=3, surrogate=SurrogateConfig(32))
 
     genome = Genome.from_steps((900, 500, 100), None, "heun")
     code = embed(genome, 1000, space.max_steps, solvers=space.solvers)

@@ -13,10 +13,10 @@ import torch
 from autodiff_opt.arch.budget import Budget
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.operators import skip_cap
-from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig, genome_of
+from autodiff_opt.search.sampler import AutoDiffusionPaperSampler, EvolutionConfig, genome_of
 from autodiff_opt.search.space import GENERATION_ATTR, STAGE_ATTR, SearchSpace, suggest_genome
 from autodiff_opt.search.stage2 import STAGE2_START_ATTR, Stage2Policy, ramp_max_skip_frac
-from autodiff_opt.search.surrogate_sampler import SurrogateEvolutionSampler
+from autodiff_opt.search.surrogate_sampler import AutoDiffusionSampler
 from cli_helpers import load_study, run_cli, tiny_overrides
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -33,12 +33,12 @@ def objective(trial: optuna.Trial) -> float:
     return 10.0 / g.num_steps + 0.01 * sum(len(s) for s in g.skips) + 0.001 * sum(g.timesteps) / 1000
 
 
-def make_sampler(start: int = 2, patience: int = 100, cls: type = AutoDiffusionSampler) -> AutoDiffusionSampler:
+def make_sampler(start: int = 2, patience: int = 100, cls: type = AutoDiffusionPaperSampler) -> AutoDiffusionPaperSampler:
     policy = Stage2Policy(BUDGET, max_prun=0.4, ramp_steps=2, start_generation=start, patience=patience, max_steps=5)
     return cls(SPACE, EVO, anchor=Genome((750, 500, 250, 0)), seed=0, stage2=policy)
 
 
-@pytest.mark.parametrize("cls", [AutoDiffusionSampler, SurrogateEvolutionSampler])
+@pytest.mark.parametrize("cls", [AutoDiffusionPaperSampler, AutoDiffusionSampler])
 def test_stage2_starts_ramps_respects_budget_and_resumes(cls: type, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 's.db'}"
     study = optuna.create_study(storage=url, sampler=make_sampler(cls=cls), study_name="s2")

@@ -289,6 +289,22 @@ def test_skipped_branches_leave_the_residual_stream(which: str, dit_dir: Path, s
     assert not torch.allclose(skipped, plain)
 
 
+def test_a_conflicting_skipper_request_raises(dit_dir: Path) -> None:
+    """The model's one skipper is made once: asking for other units later raises (it used to hand back the
+    first units' layers silently); asking again for the same units, or for whatever exists, returns it."""
+    from autodiff_opt.arch.skip import SkipperConflictError, model_skipper
+
+    model = _load(dit_dir, 1.0)
+    skipper = model_skipper(model, "blocks")
+    assert model_skipper(model) is skipper and model_skipper(model, "blocks") is skipper
+    with pytest.raises(SkipperConflictError, match="units='sub_blocks'"):
+        model_skipper(model, "sub_blocks")
+    fresh = _load(dit_dir, 1.0)
+    assert [layer.kind for layer in model_skipper(fresh, "sub_blocks").layers][:2] == ["block_attention", "block_ff"]
+    with pytest.raises(SkipperConflictError):
+        model_skipper(fresh, "blocks")
+
+
 @pytest.mark.slow
 def test_dit_stage2_through_the_cli_skips_branches_within_the_budget(dit_dir: Path, tmp_path: Path) -> None:
     import json

@@ -1,6 +1,6 @@
 """Several worker processes on one study: real PostgreSQL server, journal files, SIGKILL, the launcher.
 
-The cheap workers (tests/cheap_worker.py) run the real AutoDiffusionSampler with a pure-Python
+The cheap workers (tests/cheap_worker.py) run the real AutoDiffusionPaperSampler with a pure-Python
 objective that sleeps, so generations fill in seconds. What is checked, per storage:
   * every trial accounted for: only COMPLETE trials (and the killed one, FAIL) remain;
   * each generation 0..G-1 has exactly `population` COMPLETE trials, none beyond G;

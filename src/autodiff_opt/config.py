@@ -41,7 +41,7 @@ class DatasetConfig:
 
 @dataclass
 class SolverConfig:
-    name: str = "ddim"  # ddim | dpmpp_2m | dpmpp_3m | ipndm | unipc | euler | heun (solvers/__init__.py)
+    name: str = "ddim"  # a SolverSpec name (specs/solvers.py): ddim, dpmpp_2m, dpmpp_3m, ipndm, unipc, euler, heun, flow_*
     clip_x0: bool = True
 
 
@@ -81,7 +81,7 @@ class SearchConfig:
     num_steps: int = 4
     num_samples: int = 1000
     batch_size: Any = 500  # images per network call, or "auto": from free CUDA memory (docs/gpu.md); CPU: 256
-    # autodiffusion (default) | autodiffusion_paper | tpe | cmaes | gp | random (search/samplers.py)
+    # a SamplerSpec name (specs/samplers.py): autodiffusion (default), autodiffusion_paper, tpe, cmaes, gp, random
     sampler: str = "autodiffusion"
     budget: Optional[float] = None  # candidate-equivalents of image-steps; null: population x generations
     # converged: end once the best FID improved by less than its own noise over the last `patience`
@@ -89,7 +89,7 @@ class SearchConfig:
     stop: str = "converged"
     patience: float = 30.0
     timeout: Optional[str] = None  # search time across resumes: 2h, 30m, 1h30m, 90s or seconds; null: none
-    # null: the chosen sampler's default (search/samplers.py PRESETS; the paper's are 50/10/25/0.25/15/25/0.1)
+    # null: the chosen sampler's preset (specs/samplers.py; the paper's are 50/10/25/0.25/15/25/0.1)
     generations: Optional[int] = None
     population: Optional[int] = None
     num_parents: Optional[int] = None

@@ -12,6 +12,9 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 from autodiff_opt.core.errors import ConfigError
+from autodiff_opt.specs.options import CACHES, PEERS, SKIP_UNITS
+from autodiff_opt.specs.samplers import SAMPLER_SPECS
+from autodiff_opt.specs.solvers import SOLVER_SPECS, solver_mismatch
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                 "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json",
@@ -76,14 +79,14 @@ def check_search(search: Any) -> None:
     except StopChoiceError as err:
         raise _config_error(str(err)) from err
     stage2 = search.get("stage2") if hasattr(search, "get") else None
-    if not setup.evolutionary and stage2 is not None and stage2.get("enabled"):
-        raise _config_error(f"search.stage2.enabled=true needs search.sampler=autodiffusion or autodiffusion_paper:"
+    if not setup.spec.stage2 and stage2 is not None and stage2.get("enabled"):
+        raise _config_error(f"search.stage2.enabled=true needs search.sampler={' or '.join(STAGE2_SAMPLERS)}:"
                             f" {setup.sampler} searches the time steps only")
     if stage2 is not None:
         check_stage2(stage2)
-    unknown = [p for p in (search.get("peers") or []) if p not in ("gits_dp", "ays")]
+    unknown = [p for p in (search.get("peers") or []) if p not in PEERS]
     if unknown:
-        raise _config_error(f"search.peers: {unknown} unknown: use gits_dp and/or ays")
+        raise _config_error(f"search.peers: {unknown} unknown: use {' and/or '.join(PEERS)}")
     from autodiff_opt.solvers import FLOW_HEURISTICS, HEURISTICS
 
     known = [*HEURISTICS, *FLOW_HEURISTICS]  # which family fits the model is checked once it is loaded
@@ -92,18 +95,17 @@ def check_search(search: Any) -> None:
         raise _config_error(f"search.baselines: {unknown} unknown: use any of {', '.join(known)} (or [] for none)")
 
 
-STAGE2_UNITS = ("blocks", "sub_blocks")
-CACHE_BASELINES = ("first_block", "taylorseer", "pab", "faster", "mag")
+STAGE2_SAMPLERS = tuple(name for name, spec in SAMPLER_SPECS.items() if spec.stage2)
 
 
 def check_stage2(stage2: Any) -> None:
     """search.stage2.units and search.stage2.caches: known names; the sensitivity map's prefix a fraction."""
     units = stage2.get("units", "blocks")
-    if units not in STAGE2_UNITS:
+    if units not in SKIP_UNITS:
         raise _config_error(f"search.stage2.units={units}: use blocks or sub_blocks (transformer branches)")
-    unknown = [c for c in (stage2.get("caches") or []) if c not in CACHE_BASELINES]
+    unknown = [c for c in (stage2.get("caches") or []) if c not in CACHES]
     if unknown:
-        raise _config_error(f"search.stage2.caches: {unknown} unknown: use any of {', '.join(CACHE_BASELINES)}")
+        raise _config_error(f"search.stage2.caches: {unknown} unknown: use any of {', '.join(CACHES)}")
     fraction = float(stage2.get("sensitivity_fraction", 0.1))
     if not 0.0 < fraction <= 1.0:
         raise _config_error(f"search.stage2.sensitivity_fraction={fraction}: use a fraction of the search samples"
@@ -161,7 +163,7 @@ def check_budget(search: Any) -> None:
     from autodiff_opt.search.samplers import resolve
 
     setup = resolve(search)
-    if setup.sampler == "autodiffusion_paper" or "gits_dp" not in (search.get("peers") or []):
+    if setup.spec.counts == "generations" or "gits_dp" not in (search.get("peers") or []):
         return  # the paper's evolution counts generations, not image-steps
     teacher = int(search.peer_grid) * int(search.peer_samples)
     candidate = int(search.num_samples) * int(search.num_steps)
@@ -320,7 +322,6 @@ def check_solver_fits_model(solver: str, pretrained: str, subfolder: str | None 
     folder's scheduler config (hub ids and absent folders are checked once the model is loaded); AYS
     publishes time steps of VP models only."""
     from autodiff_opt.models.flow import is_flow_scheduler
-    from autodiff_opt.solvers.flow import solver_mismatch
     from autodiff_opt.models.loading import resolve_pretrained
 
     root = Path(resolve_pretrained(pretrained))
@@ -421,25 +422,22 @@ def check_config(cfg: Any) -> None:
 
 def check_solver_gene(cfg: Any) -> None:
     """search.solvers: known names, no repeats, and a sampler that carries the gene."""
-    from autodiff_opt.solvers import SOLVERS
-
     solvers = list(cfg.search.solvers)
-    unknown = [s for s in solvers if s not in SOLVERS]
+    unknown = [s for s in solvers if s not in SOLVER_SPECS]
     if unknown:
-        raise _config_error(f"search.solvers={solvers}: {unknown} unknown; use names from {sorted(SOLVERS)}")
+        raise _config_error(f"search.solvers={solvers}: {unknown} unknown; use names from {sorted(SOLVER_SPECS)}")
     if len(set(solvers)) != len(solvers):
         raise _config_error(f"search.solvers={solvers} lists a solver twice: list each once")
-    from autodiff_opt.search.samplers import EVOLUTIONARY, resolve
+    from autodiff_opt.search.samplers import resolve
 
-    if solvers and resolve(cfg.search).sampler not in EVOLUTIONARY:
-        raise _config_error(f"search.solvers needs search.sampler=autodiffusion or autodiffusion_paper"
+    if solvers and not resolve(cfg.search).spec.solver_gene:
+        genes = " or ".join(n for n, spec in SAMPLER_SPECS.items() if spec.solver_gene)
+        raise _config_error(f"search.solvers needs search.sampler={genes}"
                           f" (got {cfg.search.sampler}): the built-in samplers see steps only")
     if solvers and cfg.search.stage2.enabled:
         raise _config_error("search.solvers with search.stage2.enabled=true is not supported: leave one of them off")
     if solvers:
-        from autodiff_opt.solvers import steps_for_nfe
-
-        lengths = {steps_for_nfe(s, cfg.search.num_steps) for s in solvers}
+        lengths = {SOLVER_SPECS[s].steps_for_nfe(cfg.search.num_steps) for s in solvers}
         for i, steps in enumerate(cfg.search.schedules):
             if len(steps) not in lengths:
                 raise _config_error(f"search.schedules[{i}] has {len(steps)} steps but the solvers of search.solvers"

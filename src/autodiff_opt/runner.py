@@ -24,8 +24,8 @@ from autodiff_opt.core.genome import Genome, GenomeError, validate_timesteps
 from autodiff_opt.search import coding
 from autodiff_opt.search.fidelity import PEER_COST_ATTR, ImageStepBudget, make_pruner, rung_sizes
 from autodiff_opt.search.objective import Objective
-from autodiff_opt.search.sampler import AutoDiffusionSampler
-from autodiff_opt.search.samplers import EVOLUTION_KEYS, EVOLUTIONARY, SearchSetup, builtin_sampler, resolve
+from autodiff_opt.search.sampler import SamplerInputs
+from autodiff_opt.search.samplers import EVOLUTION_KEYS, SearchSetup, resolve
 from autodiff_opt.search.space import SearchSpace, best_fid_trial, fid_of, genome_params
 from autodiff_opt.search.lock import study_lock
 from autodiff_opt.search.progress import Progress, SearchBudget
@@ -198,9 +198,9 @@ def cache_baselines(cfg: DictConfig, model: DiffusionModel, num_steps: int) -> d
     names = list(cfg.search.stage2.caches or [])
     if not names:
         return {}
-    if not is_transformer(model.unet):
+    if not is_transformer(model.denoiser):
         raise ConfigError(f"search.stage2.caches={names}: diffusers' caches hook transformer blocks; this model's"
-                          f" denoiser is a {type(model.unet).__name__}: set search.stage2.caches=[]")
+                          f" denoiser is a {type(model.denoiser).__name__}: set search.stage2.caches=[]")
     if not cfg.search.baselines:
         raise ConfigError("search.stage2.caches needs a heuristic schedule to run on: list one in search.baselines")
     base = str(cfg.search.baselines[0])
@@ -350,24 +350,16 @@ def make_objective(exp: Experiment) -> Objective:
 
 
 def make_sampler(exp: Experiment, seed: int | None = None) -> optuna.samplers.BaseSampler:
-    """The configured sampler (seeded by search.seed unless given); ours decide under the study lock."""
-    from autodiff_opt.search.surrogate_sampler import SurrogateConfig, SurrogateEvolutionSampler
+    """The configured sampler (seeded by search.seed unless given), built by its spec's factory
+    (specs/samplers.py); ours decide under the study lock."""
+    from autodiff_opt.search.samplers import make_sampler as build
 
     setup = exp.search_setup
-    seed = exp.cfg.search.seed if seed is None else seed
     anchor = exp.baselines.get("ddim_uniform") or exp.baselines.get("flow_uniform") or next(
         (g for name, g in exp.baselines.items() if name.startswith("ddim_uniform@")), None)
-    sensitivity = sensitivity_mapper(exp)
-    if setup.sampler == "autodiffusion_paper":
-        sampler: optuna.samplers.BaseSampler = AutoDiffusionSampler(exp.space, setup.evolution, anchor=anchor,
-                                                                    seed=seed, stage2=exp.stage2, sensitivity=sensitivity)
-    elif setup.sampler == "autodiffusion":
-        sampler = SurrogateEvolutionSampler(exp.space, setup.evolution, anchor=anchor, seed=seed,
-                                            stage2=exp.stage2, surrogate=SurrogateConfig(pool_size=setup.pool_size),
-                                            sensitivity=sensitivity)
-    else:
-        sampler = builtin_sampler(setup.sampler, seed)
-    return sampler
+    return build(SamplerInputs(setup.sampler, exp.space, setup.evolution, exp.cfg.search.seed if seed is None else seed,
+                               anchor=anchor, stage2=exp.stage2, sensitivity=sensitivity_mapper(exp),
+                               pool_size=setup.pool_size))
 
 
 def sensitivity_mapper(exp: Experiment) -> Any:
@@ -383,7 +375,7 @@ def sensitivity_mapper(exp: Experiment) -> Any:
 
 def _stop_rule(study: optuna.Study, exp: Experiment) -> SearchBudget | ImageStepBudget:
     setup, cfg = exp.search_setup, exp.cfg
-    if setup.sampler == "autodiffusion_paper":  # whole generations, waiting for other workers' last trials
+    if setup.spec.counts == "generations":  # whole generations, waiting for other workers' last trials
         return SearchBudget(setup.evolution.population, setup.generations, poll=max(1, cfg.storage.heartbeat_interval or 1))
     unit = len(exp.samples) * exp.space.num_steps
     return ImageStepBudget(int(round(setup.budget * unit)), unit)

@@ -28,10 +28,10 @@ import torch
 
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.models.base import DiffusionModel, EpsFn
+from autodiff_opt.specs.options import CACHES
 
 log = logging.getLogger(__name__)
 
-CACHES = ("first_block", "taylorseer", "pab", "faster", "mag")
 # TaylorSeer's attention modules. diffusers' default patterns (``^transformer_blocks.*attn``, matched with
 # re.fullmatch) end at "attn": they hook Flux's and SD3's ``attn`` but not DiT's ``attn1``, where TaylorSeer
 # then silently cached nothing (tests/test_caches_reference.py); the same modules, attn1 / attn2 included.
@@ -114,7 +114,7 @@ class CacheBaseline:
     @contextmanager
     def applied(self, calibrate: bool = False) -> Iterator["CacheBaseline"]:
         """The cache's hooks on the transformer inside the block, removed after."""
-        unet = self.model.unet
+        unet = self.model.denoiser
         with _cache_methods(unet):
             unet.enable_cache(self.config(calibrate))
             try:
@@ -129,7 +129,7 @@ class CacheBaseline:
     def wrap(self, eps_fn: EpsFn, genome: Genome) -> EpsFn:
         """A step wrapper (inside ``applied``): each evaluation in diffusers' cache context, the state
         reset at step 0."""
-        unet = self.model.unet
+        unet = self.model.denoiser
 
         def eps(x_t: torch.Tensor, t: int, step_index: int) -> torch.Tensor:
             if step_index == 0:
@@ -147,7 +147,7 @@ class CacheBaseline:
             return
         with self.applied(calibrate=True):
             run()
-            measured = [list(state.calibration_ratios) for state in _hook_states(self.model.unet)
+            measured = [list(state.calibration_ratios) for state in _hook_states(self.model.denoiser)
                         if getattr(state, "calibration_ratios", None)]
         ratios = measured[-1] if measured else []
         if len(ratios) < self.num_steps:

@@ -73,7 +73,7 @@ def _whole_unet(model: DiffusionModel, mode: str, backend: str, clone: bool) -> 
     """The whole UNet compiled; with CUDA graphs its output is copied out of the graph's memory
     (a solver may keep an eps across the next evaluation)."""
     kwargs = {"mode": mode} if backend == "inductor" else {}
-    compiled = torch.compile(model.unet, backend=backend, dynamic=False, **kwargs)
+    compiled = torch.compile(model.denoiser, backend=backend, dynamic=False, **kwargs)
 
     def forward(*args: Any, **kw: Any) -> torch.Tensor:
         out = compiled(*args, **kw)
@@ -106,7 +106,7 @@ def compile_denoiser(model: DiffusionModel, compile: str = "default", cuda_graph
     if mode is None:
         return result
     if layout:
-        model.unet.to(memory_format=torch.channels_last)
+        model.denoiser.to(memory_format=torch.channels_last)
     if scope == "unet":
         _whole_unet(model, mode, backend, clone=result.cuda_graphs)
         model.compiled = result

@@ -276,9 +276,9 @@ def measure_model_costs(model: DiffusionModel, skipper: LayerSkipper, cache_path
     ``model_step`` (the CFG pair and packing included)."""
     from autodiff_opt.arch.layers import is_transformer
 
-    if not is_transformer(model.unet):
-        return measure_layer_costs(model.unet, skipper, cache_path=cache_path)
+    if not is_transformer(model.denoiser):
+        return measure_layer_costs(model.denoiser, skipper, cache_path=cache_path)
     guidance = getattr(model, "guidance_scale", 1.0)
     step_key = json.dumps({"model": type(model).__name__, "sample": list(model.sample_shape), "guidance": guidance,
                            "layers": [layer.path for layer in skipper.layers]})
-    return measure_layer_costs(model.unet, skipper, cache_path=cache_path, step=model_step(model), step_key=step_key)
+    return measure_layer_costs(model.denoiser, skipper, cache_path=cache_path, step=model_step(model), step_key=step_key)

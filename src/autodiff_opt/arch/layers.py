@@ -25,12 +25,12 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
 from autodiff_opt.core.genome import Genome
+from autodiff_opt.specs.options import SKIP_UNITS
 
 log = logging.getLogger(__name__)
 
 LayerKind = Literal["resnet", "attention", "block", "block_attention", "block_ff"]
 SkipUnits = Literal["blocks", "sub_blocks"]
-SKIP_UNITS: tuple[str, ...] = ("blocks", "sub_blocks")
 
 # (short name used in layer names, attribute of the UNet)
 _BLOCK_GROUPS: tuple[tuple[str, str], ...] = (("down", "down_blocks"), ("mid", "mid_block"), ("up", "up_blocks"))

@@ -44,13 +44,7 @@ from autodiff_opt.arch.layers import Layer, SkipUnits, discover_layers, layer_mo
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.models.base import DiffusionModel, StepWrapper
 
-try:  # diffusers >= 0.33 ships the hook system; older releases get the thin forward wrapper
-    from diffusers.hooks import HookRegistry, ModelHook
-
-    HAS_DIFFUSERS_HOOKS = True
-except ImportError:  # pragma: no cover - depends on the installed diffusers
-    HookRegistry = ModelHook = None  # type: ignore[assignment,misc]
-    HAS_DIFFUSERS_HOOKS = False
+from diffusers.hooks import HookRegistry, ModelHook  # diffusers >= 0.33 (the declared floor is above it)
 
 log = logging.getLogger(__name__)
 
@@ -156,37 +150,27 @@ def skip_function(module: nn.Module, kind: str | None = None) -> SkipFn:
     raise TypeError(f"{type(module).__name__} is not a skippable layer")
 
 
-if HAS_DIFFUSERS_HOOKS:
+class SkipHook(ModelHook):
+    """A diffusers hook that replaces the module's forward by its skip function."""
 
-    class SkipHook(ModelHook):
-        """A diffusers hook that replaces the module's forward by its skip function."""
+    def __init__(self, skip_fn: SkipFn) -> None:
+        super().__init__()
+        self.skip_fn = skip_fn
 
-        def __init__(self, skip_fn: SkipFn) -> None:
-            super().__init__()
-            self.skip_fn = skip_fn
-
-        def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            return self.skip_fn(module, *args, **kwargs)
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self.skip_fn(module, *args, **kwargs)
 
 
-def _attach(module: nn.Module, skip_fn: SkipFn, use_hooks: bool) -> None:
-    if use_hooks:
-        HookRegistry.check_if_exists_or_initialize(module).register_hook(SkipHook(skip_fn), HOOK_NAME)
-    else:
-        if "forward" in module.__dict__:
-            raise RuntimeError(f"{type(module).__name__} already has a patched forward; cannot wrap it")
-        module.forward = functools.partial(skip_fn, module)
+def _attach(module: nn.Module, skip_fn: SkipFn) -> None:
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(SkipHook(skip_fn), HOOK_NAME)
 
 
-def _detach(module: nn.Module, use_hooks: bool) -> None:
-    if use_hooks:
-        registry = module._diffusers_hook
-        registry.remove_hook(HOOK_NAME, recurse=False)
-        patched = module.__dict__.get("forward")
-        if not registry.hooks and getattr(patched, "__func__", None) is type(module).forward:
-            del module.forward  # the registry leaves the bound original behind: restore the class's own
-    else:
-        del module.forward
+def _detach(module: nn.Module) -> None:
+    registry = module._diffusers_hook
+    registry.remove_hook(HOOK_NAME, recurse=False)
+    patched = module.__dict__.get("forward")
+    if not registry.hooks and getattr(patched, "__func__", None) is type(module).forward:
+        del module.forward  # the registry leaves the bound original behind: restore the class's own
 
 
 def _in_layout(value: Any, layout: torch.memory_format) -> Any:
@@ -230,15 +214,12 @@ class LayerSkipper:
     sets it for a block and restores the previous one. Not thread-safe: one mask per model at a time.
     """
 
-    def __init__(self, unet: nn.Module, layers: Sequence[Layer] | None = None, use_hooks: bool | None = None) -> None:
+    def __init__(self, unet: nn.Module, layers: Sequence[Layer] | None = None) -> None:
         self.unet = unet
         self.layers: tuple[Layer, ...] = tuple(layers) if layers is not None else discover_layers(unet)
         self._modules = layer_modules(unet, self.layers)
         kinds = {layer.id: layer.kind for layer in self.layers}
         self._skip_fns = {i: skip_function(m, kinds[i]) for i, m in self._modules.items()}
-        self.use_hooks = HAS_DIFFUSERS_HOOKS if use_hooks is None else use_hooks
-        if self.use_hooks and not HAS_DIFFUSERS_HOOKS:
-            raise RuntimeError("the installed diffusers has no diffusers.hooks; use use_hooks=False")
         self._skipped: frozenset[int] = frozenset()
         self._gates: dict[int, LayerGate] = {}
 
@@ -285,9 +266,9 @@ class LayerSkipper:
             self._skipped = mask
             return
         for i in self._skipped - mask:
-            _detach(self._modules[i], self.use_hooks)
+            _detach(self._modules[i])
         for i in mask - self._skipped:
-            _attach(self._modules[i], self._skip_fns[i], self.use_hooks)
+            _attach(self._modules[i], self._skip_fns[i])
         self._skipped = mask
 
     def clear(self) -> None:
@@ -376,11 +357,22 @@ def per_step_skipping(unet: nn.Module, skipper: LayerSkipper | None = None
     return wrap
 
 
-def model_skipper(model: DiffusionModel, units: SkipUnits = "blocks") -> LayerSkipper:
-    """The model's one ``LayerSkipper`` (``model.skipper``), made on first use with ``units``.
-    The step wrapper, the cost model, the compiled path and the export all use this one."""
+class SkipperConflictError(RuntimeError):
+    """A second request for the model's skipper asked for other layers than the first one made."""
+
+
+def model_skipper(model: DiffusionModel, units: SkipUnits | None = None) -> LayerSkipper:
+    """The model's one ``LayerSkipper`` (``model.skipper``), made on the first request with ``units``
+    (None: the existing one, else ``"blocks"``). The step wrapper, the cost model, the compiled path and
+    the export all use this one; a later request for other units raises ``SkipperConflictError``
+    instead of silently handing back layers the caller did not ask for."""
     if model.skipper is None:
-        model.skipper = LayerSkipper(model.unet, discover_layers(model.unet, units))
+        model.skipper = LayerSkipper(model.denoiser, discover_layers(model.denoiser, units or "blocks"))
+    elif units is not None and discover_layers(model.denoiser, units) != model.skipper.layers:
+        raise SkipperConflictError(
+            f"the denoiser's layer skipper was made with other units than units={units!r} asks for"
+            f" ({model.skipper.num_layers} layers, not {len(discover_layers(model.denoiser, units))}): make the skipper"
+            " once, with the units the whole run uses (search.stage2.units), before anything else asks for it")
     return model.skipper
 
 

@@ -69,7 +69,7 @@ class DiffusionModel:
     """
 
     name: str
-    unet: torch.nn.Module
+    denoiser: torch.nn.Module  # a UNet, or a DiT / SD3 / Flux transformer
     alphas_cumprod: torch.Tensor
     prediction_type: str
     sample_shape: tuple[int, int, int]
@@ -84,21 +84,26 @@ class DiffusionModel:
     compiled_forward: Callable[..., Any] | None = None
 
     @property
+    def unet(self) -> torch.nn.Module:
+        """The denoiser under its old name (deprecated: a DiT, SD3 or Flux denoiser is a transformer)."""
+        return self.denoiser
+
+    @property
     def num_train_timesteps(self) -> int:
         return int(self.alphas_cumprod.shape[0])
 
     @property
     def network(self) -> Callable[..., Any]:
         """What a network evaluation calls: the UNet, or the UNet compiled whole (``compiled_forward``,
-        arch/compiled.py); ``unet`` itself stays the plain module (layers, costs, export use it)."""
-        return self.compiled_forward or self.unet
+        arch/compiled.py); ``denoiser`` itself stays the plain module (layers, costs, export use it)."""
+        return self.compiled_forward or self.denoiser
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(self.denoiser.parameters()).device
 
     def to(self, device: torch.device) -> "DiffusionModel":
-        self.unet.to(device)
+        self.denoiser.to(device)
         for module in self.components.values():
             module.to(device)
         return self

@@ -81,7 +81,7 @@ class FlowModel(DiffusionModel):
             kwargs = dict(unet_kwargs)
             if class_labels is not None:
                 kwargs["class_labels"] = class_labels
-            out = self.unet(x_t, t, **kwargs)
+            out = self.denoiser(x_t, t, **kwargs)
             out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
             return out.float()
 
@@ -93,7 +93,7 @@ def flow_model_from(unet: torch.nn.Module, scheduler_config: dict[str, Any], nam
     """A FlowModel for a pixel-space network and its FlowMatch scheduler config (static shift)."""
     shift, dynamic = model_shift(scheduler_config, image_seq_len=sample_shape[1] * sample_shape[2])
     train_steps = int(scheduler_config.get("num_train_timesteps", GRID_SIZE))
-    return FlowModel(name=name, unet=unet, alphas_cumprod=vp_alphas_cumprod(GRID_SIZE), prediction_type=FLOW_PREDICTION,
+    return FlowModel(name=name, denoiser=unet, alphas_cumprod=vp_alphas_cumprod(GRID_SIZE), prediction_type=FLOW_PREDICTION,
                      sample_shape=sample_shape, num_classes=num_classes, shift=shift, dynamic_shift=dynamic,
                      time_scale=float(train_steps))
 

@@ -152,7 +152,7 @@ class TextToImageModel(DiffusionModel):
     def _context(self, class_labels: torch.Tensor | None, batch: int, device: torch.device) -> tuple[torch.Tensor, bool]:
         """Encoder hidden states for one solver batch: [uncond; cond] under guidance, else cond (or uncond) alone."""
         assert self.prompt_encoder is not None
-        dtype = next(self.unet.parameters()).dtype
+        dtype = next(self.denoiser.parameters()).dtype
         empty = self.prompt_encoder.unconditional().expand(batch, -1, -1)
         if class_labels is None:
             return empty.to(device, dtype), False
@@ -252,7 +252,7 @@ def load_text_to_image(
     size = unet.config.sample_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     model = TextToImageModel(
-        name=name or root.name, unet=unet, alphas_cumprod=_alphas_cumprod(sched),
+        name=name or root.name, denoiser=unet, alphas_cumprod=_alphas_cumprod(sched),
         prediction_type=sched.get("prediction_type", "epsilon"),
         sample_shape=(int(unet.config.in_channels), int(height), int(width)),
         num_classes=len(pool), decode=VaeDecoder(vae, decode_batch_size),

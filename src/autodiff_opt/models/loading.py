@@ -189,7 +189,7 @@ def load_model(
     learned = int(config.out_channels) == 2 * in_channels or sched.get("variance_type") in ("learned", "learned_range")
     model = DiffusionModel(
         name=name or root.name,
-        unet=unet,
+        denoiser=unet,
         alphas_cumprod=_alphas_cumprod(sched),
         prediction_type=sched.get("prediction_type", "epsilon"),
         sample_shape=(in_channels, int(height), int(width)),

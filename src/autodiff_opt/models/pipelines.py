@@ -141,8 +141,8 @@ class ClassGuidedModel(DiffusionModel):
             x_in = torch.cat([x_t, x_t]) if guided else x_t
             labels_in = torch.cat([labels, null]) if guided else labels
             t_batch = torch.full((x_in.shape[0],), t, device=x_t.device, dtype=torch.long)
-            dtype = next(self.unet.parameters()).dtype
-            out = self.unet(x_in.to(dtype), timestep=t_batch, class_labels=labels_in, **unet_kwargs).sample
+            dtype = next(self.denoiser.parameters()).dtype
+            out = self.denoiser(x_in.to(dtype), timestep=t_batch, class_labels=labels_in, **unet_kwargs).sample
             e = out[:, :channels].float()
             if guided:
                 cond, uncond = e.chunk(2)
@@ -163,7 +163,7 @@ def load_dit(root: Path, guidance_scale: float, decode_batch_size: int, device: 
     channels, size = int(config.in_channels), int(config.sample_size)
     num_classes = int(config.num_embeds_ada_norm)
     model = ClassGuidedModel(
-        name=name or root.name, unet=transformer, alphas_cumprod=_alphas_cumprod(dict(pipe.scheduler.config)),
+        name=name or root.name, denoiser=transformer, alphas_cumprod=_alphas_cumprod(dict(pipe.scheduler.config)),
         prediction_type="epsilon", sample_shape=_sample_shape(channels, size, size), num_classes=num_classes,
         learned_sigma=int(config.out_channels) == 2 * channels,
         decode=VaeDecoder(vae, decode_batch_size) if vae is not None else None,
@@ -233,7 +233,7 @@ class PromptFlowModel(FlowModel):
 
     def _sd3(self, x: torch.Tensor, t: float, state: dict[str, Any], kwargs: dict[str, Any]) -> torch.Tensor:
         seq, pooled = state["cond"]
-        dtype = next(self.unet.parameters()).dtype
+        dtype = next(self.denoiser.parameters()).dtype
         if self.guided:
             empty_seq, empty_pooled = self._empty()
             b = x.shape[0]
@@ -241,7 +241,7 @@ class PromptFlowModel(FlowModel):
             pooled = torch.cat([empty_pooled.expand(b, -1), pooled])
             x = torch.cat([x, x])
         timestep = torch.full((x.shape[0],), t * self.time_scale, device=x.device, dtype=dtype)
-        out = self.unet(hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=seq.to(dtype),
+        out = self.denoiser(hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=seq.to(dtype),
                         pooled_projections=pooled.to(dtype), return_dict=False, **kwargs)[0].float()
         if self.guided:
             uncond, cond = out.chunk(2)
@@ -251,13 +251,13 @@ class PromptFlowModel(FlowModel):
     def _flux(self, x: torch.Tensor, t: float, state: dict[str, Any], kwargs: dict[str, Any]) -> torch.Tensor:
         seq, pooled = state["cond"]
         b, c, h, w = x.shape
-        dtype = next(self.unet.parameters()).dtype
+        dtype = next(self.denoiser.parameters()).dtype
         packed = self.pipe._pack_latents(x.to(dtype), b, c, h, w)
         img_ids = self.pipe._prepare_latent_image_ids(b, h // 2, w // 2, x.device, dtype)
         guidance = (torch.full((b,), self.guidance_scale, device=x.device, dtype=torch.float32)
-                    if self.unet.config.guidance_embeds else None)
+                    if self.denoiser.config.guidance_embeds else None)
         timestep = torch.full((b,), t, device=x.device, dtype=dtype)
-        out = self.unet(hidden_states=packed, timestep=timestep, guidance=guidance, pooled_projections=pooled.to(dtype),
+        out = self.denoiser(hidden_states=packed, timestep=timestep, guidance=guidance, pooled_projections=pooled.to(dtype),
                         encoder_hidden_states=seq.to(dtype), txt_ids=state["ids"], img_ids=img_ids, return_dict=False,
                         **kwargs)[0]
         scale = self.pipe.vae_scale_factor
@@ -290,7 +290,7 @@ def load_prompt_flow(root: Path, kind: str, prompts: str | Path | Sequence[str] 
     sched = dict(pipe.scheduler.config)
     shift, dynamic = model_shift(sched, image_seq_len=image_seq_len)
     model = PromptFlowModel(
-        name=name or root.name, unet=transformer, alphas_cumprod=vp_alphas_cumprod(GRID_SIZE),
+        name=name or root.name, denoiser=transformer, alphas_cumprod=vp_alphas_cumprod(GRID_SIZE),
         prediction_type=FLOW_PREDICTION, sample_shape=_sample_shape(channels, lh, lw), num_classes=len(pool),
         decode=VaeDecoder(vae, decode_batch_size), components={"vae": vae}, shift=shift, dynamic_shift=dynamic,
         time_scale=float(sched.get("num_train_timesteps", 1000)) if kind == "sd3" else 1.0,

@@ -9,6 +9,9 @@ from typing import Any
 
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.solvers import nfe
+from autodiff_opt.specs.solvers import DPM_SOLVER, SOLVER_SPECS
+
+_FLOW_EULER = "FlowMatchEulerDiscreteScheduler"
 
 _HEADER = '''# Apply the searched schedule ({solver}, {nfe} NFE) with plain diffusers: {scheduler} runs the same update.
 import torch
@@ -22,34 +25,25 @@ _LOOP = '''with torch.no_grad():
         x = scheduler.step(eps, t, x).prev_sample
 images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 '''
-_SCHEDULERS = {  # solver -> (diffusers scheduler, how it is set up on our steps, model input)
-    "ddim": ("DPMSolverMultistepScheduler", '''scheduler = DPMSolverMultistepScheduler.from_pretrained("{model}"{sched_subfolder},
-    algorithm_type="dpmsolver++", solver_order=1, final_sigmas_type="zero", lower_order_final=False{clip})
-scheduler.set_timesteps(timesteps={timesteps})  # DPM-Solver++ of order 1 is DDIM (eta=0)
+_SETUPS = {  # diffusers scheduler (SolverSpec.scheduler) -> how it is set up on our steps, model input
+    DPM_SOLVER: ('''scheduler = DPMSolverMultistepScheduler.from_pretrained("{model}"{sched_subfolder},
+    algorithm_type="dpmsolver++", solver_order={order}, final_sigmas_type="zero", lower_order_final=False{clip})
+scheduler.set_timesteps(timesteps={timesteps}){ddim_note}
 x = torch.randn(16, *{shape}, generator=torch.Generator().manual_seed(0))
 ''', "x"),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", '''scheduler = DPMSolverMultistepScheduler.from_pretrained("{model}"{sched_subfolder},
-    algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero", lower_order_final=False{clip})
-scheduler.set_timesteps(timesteps={timesteps})
-x = torch.randn(16, *{shape}, generator=torch.Generator().manual_seed(0))
-''', "x"),
-    "dpmpp_3m": ("DPMSolverMultistepScheduler", '''scheduler = DPMSolverMultistepScheduler.from_pretrained("{model}"{sched_subfolder},
-    algorithm_type="dpmsolver++", solver_order=3, final_sigmas_type="zero", lower_order_final=False{clip})
-scheduler.set_timesteps(timesteps={timesteps})
-x = torch.randn(16, *{shape}, generator=torch.Generator().manual_seed(0))
-''', "x"),
-    "euler": ("EulerDiscreteScheduler", '''scheduler = EulerDiscreteScheduler.from_pretrained("{model}"{sched_subfolder})
+    "EulerDiscreteScheduler": ('''scheduler = EulerDiscreteScheduler.from_pretrained("{model}"{sched_subfolder})
 alpha_bar = scheduler.alphas_cumprod.double()
 sigmas = [float(((1 - alpha_bar[t]) / alpha_bar[t]) ** 0.5) for t in {timesteps}] + [0.0]
 scheduler.set_timesteps(sigmas=sigmas)
 x = torch.randn(16, *{shape}, generator=torch.Generator().manual_seed(0)) * (1 + sigmas[0] ** 2) ** 0.5  # x_t / alpha
 ''', "scheduler.scale_model_input(x, t)"),
-    "heun": ("HeunDiscreteScheduler", '''scheduler = HeunDiscreteScheduler.from_pretrained("{model}"{sched_subfolder}, clip_sample=False)
+    "HeunDiscreteScheduler": ('''scheduler = HeunDiscreteScheduler.from_pretrained("{model}"{sched_subfolder}, clip_sample=False)
 scheduler.set_timesteps(timesteps={timesteps})
 sigma_max = float(scheduler.sigmas[0])
 x = torch.randn(16, *{shape}, generator=torch.Generator().manual_seed(0)) * (1 + sigma_max**2) ** 0.5  # x_t / alpha
 ''', "scheduler.scale_model_input(x, t)"),
 }
+_DDIM_NOTE = "  # DPM-Solver++ of order 1 is DDIM (eta=0)"
 _APPLY = '''# Apply the searched schedule ({solver}, {nfe} NFE{clip}): {reason}, so it runs with autodiff_opt.apply
 # (this file is the schedule: its solver, steps and layer skipping).
 from autodiff_opt.apply import generate_from_schedule, save_grid
@@ -59,15 +53,15 @@ save_grid(images, "samples.png")
 '''
 
 
-_CLIPS = ("ddim", "dpmpp_2m", "dpmpp_3m")  # thresholding with sample_max_value=1 is clamp(x0, -1, 1) exactly
 _CLIP_ARGS = ",\n    thresholding=True, sample_max_value=1.0"  # threshold s = clamp(quantile, 1, 1) = 1: x0 clamped to [-1, 1]
 
 
 def diffusers_scheduler(solver: str, clip_x0: bool) -> str | None:
-    """The diffusers scheduler that runs our solver's exact update on custom steps, or None."""
-    if solver not in _SCHEDULERS or (clip_x0 and solver not in _CLIPS):
+    """The diffusers scheduler that runs our solver's exact update on custom steps of a UNet, or None."""
+    spec = SOLVER_SPECS.get(solver)
+    if spec is None or spec.scheduler not in _SETUPS or (clip_x0 and not spec.clips_exactly):
         return None
-    return _SCHEDULERS[solver][0]
+    return spec.scheduler
 
 
 _SD_SNIPPET = '''# Apply the searched schedule to a Stable Diffusion pipeline ({solver}, CFG {guidance}{skips}).
@@ -84,7 +78,7 @@ _SKIP_IMPORT = "from autodiff_opt.apply import skip_blocks\n"
 _SKIP_LINE = 'skip_blocks({denoiser}, "best_schedule.json")  # the searched {units} off, per step\n'
 
 
-SD_ORDERS = {"ddim": 1, "dpmpp_2m": 2, "dpmpp_3m": 3}  # DPMSolverMultistepScheduler's solver_order for each
+SD_ORDERS = {n: s.dpm_order for n, s in SOLVER_SPECS.items() if s.dpm_order}  # DPM-Solver++'s solver_order
 
 
 def sd_snippet(genome: Genome, model: str, solver: str, guidance: float) -> str:
@@ -114,9 +108,10 @@ def diffusers_snippet(genome: Genome, model: str, solver: str, shape: tuple[int,
                   f"no diffusers scheduler runs {solver} on custom steps")
         return _APPLY.format(solver=solver, nfe=nfe(solver, len(steps)), clip=", x0 clipped" if clip_x0 else "",
                              reason=reason)
-    _, setup, model_input = _SCHEDULERS[solver]
-    fields = dict(solver=solver, nfe=nfe(solver, len(steps)), scheduler=scheduler, model=model, timesteps=steps,
-                  shape=tuple(shape), channels=shape[0], model_input=model_input,
+    setup, model_input = _SETUPS[scheduler]
+    order = SOLVER_SPECS[solver].dpm_order
+    fields = dict(order=order, ddim_note=_DDIM_NOTE if order == 1 else "", solver=solver, nfe=nfe(solver, len(steps)),
+                  scheduler=scheduler, model=model, timesteps=steps, shape=tuple(shape), channels=shape[0], model_input=model_input,
                   subfolder=f', subfolder="{subfolder}"' if subfolder else "",
                   sched_subfolder=', subfolder="scheduler"' if subfolder == "unet" else "",
                   labels=", class_labels=torch.randint(0, %d, (16,))" % num_classes if num_classes else "",
@@ -148,7 +143,7 @@ def flow_snippet(genome: Genome, model: str, solver: str, shape: tuple[int, ...]
     """FlowMatchEulerDiscreteScheduler on the searched times (the grid index i is t = (i + 1) / 1000)."""
     from autodiff_opt.solvers.flow import GRID_SIZE, grid_time
 
-    exact = solver == "flow_euler" and not clip_x0
+    exact = SOLVER_SPECS[solver].scheduler == _FLOW_EULER and not clip_x0
     note = ("the same samples as the search's solver" if exact else
             f"the search ran {solver}{' with x0 clipping' if clip_x0 else ''}, which this loop approximates")
     return _FLOW_SNIPPET.format(
@@ -190,7 +185,7 @@ def pipeline_snippet(kind: str, genome: Genome, model: str, solver: str, guidanc
     through ``autodiff_opt.apply.skip_blocks``. Other solvers (or x0 clipping) go through autodiff_opt.apply."""
     from autodiff_opt.solvers.flow import GRID_SIZE, grid_time
 
-    exact = solver == "flow_euler" if kind != "dit" else solver in SD_ORDERS
+    exact = SOLVER_SPECS[solver].scheduler == _FLOW_EULER if kind != "dit" else solver in SD_ORDERS
     if not exact or clip_x0:
         reason = (f"{PIPELINE_CLASSES[kind]} runs no {solver} on custom steps" if not exact else
                   "the pipeline does not clip x0")

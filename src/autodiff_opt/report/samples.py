@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import TYPE_CHECKING
-
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from autodiff_opt.generate import NonFiniteSamples, SampleSet
+from autodiff_opt.generate import ImageGenerator, NonFiniteSamples, SampleSet
 from autodiff_opt.core.genome import Genome
-
-if TYPE_CHECKING:
-    from autodiff_opt.search.experiment_view import ExperimentView as Experiment  # runner.Experiment's fields
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +36,19 @@ def grid_image(images: torch.Tensor, nrow: int) -> Image.Image:
     return grid
 
 
-def grid_samples(exp: "Experiment", grid_size: int, seed: int) -> SampleSet:
-    return SampleSet.draw(grid_size * grid_size, exp.model.sample_shape, exp.model.num_classes, seed)
+def grid_samples(generator: ImageGenerator, grid_size: int, seed: int) -> SampleSet:
+    model = generator.model
+    return SampleSet.draw(grid_size * grid_size, model.sample_shape, model.num_classes, seed)
 
 
-def sample_grids(exp: "Experiment", schedules: dict[str, Genome], grid_size: int, seed: int) -> dict[str, Image.Image]:
+def sample_grids(generator: ImageGenerator, schedules: dict[str, Genome], grid_size: int, seed: int) -> dict[str, Image.Image]:
     """One grid per schedule, all from the same noise and labels (seed); a schedule whose samples are not
     finite gets no grid (a warning says which)."""
-    samples = grid_samples(exp, grid_size, seed)
+    samples = grid_samples(generator, grid_size, seed)
     out: dict[str, Image.Image] = {}
     for name, genome in schedules.items():
         try:
-            out[name] = grid_image(exp.generator.generate(genome, samples), grid_size)
+            out[name] = grid_image(generator.generate(genome, samples), grid_size)
         except NonFiniteSamples as err:
             log.warning("sample grid of %s skipped: %s", name, err)
     return out

@@ -69,7 +69,7 @@ def _write_grids(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | N
         return [], []
     schedules = final_candidates(study, exp)
     log.info("sample grids: %d schedules x %d images (seed %d)", len(schedules), size * size, seed)
-    images = sample_grids(exp, schedules, size, seed)
+    images = sample_grids(exp.generator, schedules, size, seed)
     captions = {name: _caption(name, kind_of(name, exp), schedules[name], final) for name in images}
     folder = out_dir / "samples"
     folder.mkdir(exist_ok=True)

@@ -96,6 +96,22 @@ class EvolutionConfig:
             raise ConfigError(f"search.init_random={self.init_random} must be in [0, population]")
 
 
+@dataclass(frozen=True)
+class SamplerInputs:
+    """What a sampler factory (``SamplerSpec.factory``) is given: the setting's name, the space, the resolved
+    evolution, the seed, the anchor schedule, stage 2's policy and sensitivity mapper (None without stage 2),
+    the surrogate's pool."""
+
+    name: str
+    space: SearchSpace
+    evolution: EvolutionConfig
+    seed: int
+    anchor: Genome | None = None
+    stage2: Stage2Policy | None = None
+    sensitivity: "SensitivityMapper | None" = None
+    pool_size: int = 256
+
+
 def generation_of(trial: FrozenTrial) -> int | None:
     return trial.system_attrs.get(GENERATION_ATTR)
 
@@ -147,7 +163,7 @@ def genome_of(trial: FrozenTrial) -> Genome | None:
     return _parsed(stored) if isinstance(stored, str) else Genome.from_json(stored)
 
 
-class AutoDiffusionSampler(BaseSampler):
+class AutoDiffusionPaperSampler(BaseSampler):
     """Two-stage evolutionary sampler (stage 1: time steps; stage 2 adds per-step layer skipping)."""
 
     def __init__(
@@ -209,7 +225,7 @@ class AutoDiffusionSampler(BaseSampler):
             self._remember(trial_id(trial), genome_of(trial))
             return
         if any(d != StudyDirection.MINIMIZE for d in study.directions):
-            raise ConfigError("AutoDiffusionSampler minimises FID (and cost): create the study with direction='minimize'")
+            raise ConfigError("AutoDiffusionPaperSampler minimises FID (and cost): create the study with direction='minimize'")
         if self.sensitivity is not None and self.stage2 is not None:
             self._ensure_sensitivity(study)
         if self.lock_timeout is None:
@@ -358,3 +374,9 @@ def count_by_generation(study: optuna.Study) -> dict[int, int]:
         if g is not None:
             counts[g] += 1
     return dict(sorted(counts.items()))
+
+
+def make_sampler(inputs: SamplerInputs) -> AutoDiffusionPaperSampler:
+    """``search.sampler=autodiffusion_paper``: the authors' evolution (specs/samplers.py)."""
+    return AutoDiffusionPaperSampler(inputs.space, inputs.evolution, anchor=inputs.anchor, seed=inputs.seed,
+                                stage2=inputs.stage2, sensitivity=inputs.sensitivity)

@@ -1,36 +1,33 @@
 """`search.sampler`: which sampler runs the study, its defaults, and how it sees a schedule.
 
 - ``autodiffusion`` (default): the two-stage evolution with surrogate-selected offspring and pruning
-  on sample prefixes (multi-fidelity); ``SurrogateEvolutionSampler``.
-- ``autodiffusion_paper``: the authors' evolution as published (population 50, ...); no pruning.
+  on sample prefixes (multi-fidelity); ``AutoDiffusionSampler``.
+- ``autodiffusion_paper``: the authors' evolution as published (population 50, ...); no pruning;
+  ``AutoDiffusionPaperSampler`` (the base of the other: each class is named after its setting).
 - ``tpe``, ``cmaes``, ``gp``, ``random``: Optuna's own samplers on the stick-breaking fractions of
   ``coding.py`` (stage 1 only: they have no notion of a per-step skip mask). They run as shipped, with
   one addition: each trial's owner is recorded as it is taken up (``recovery.OwnerRecording``), so a
   restart fails a dead worker's trial at once. They take no study lock: their ``before_trial`` writes
   nothing (TPE's constant liar handles trials running elsewhere), so there is no section to guard.
 
-A setting left null takes the sampler's default here, so the defaults live in one place.
+A setting left null takes the sampler's preset (``specs/samplers.py``, the one place the defaults live).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
 
 from autodiff_opt.search.recovery import OwnerRecording
-from autodiff_opt.search.sampler import EvolutionConfig
+from autodiff_opt.search.sampler import EvolutionConfig, SamplerInputs
+from autodiff_opt.specs.samplers import GENOME_SAMPLERS, SAMPLER_SPECS, SamplerSpec
 
-EVOLUTIONARY = ("autodiffusion", "autodiffusion_paper")
-BUILTIN = ("tpe", "cmaes", "gp", "random")
-SAMPLERS = EVOLUTIONARY + BUILTIN
-
-PRESETS: dict[str, tuple[EvolutionConfig, int, bool]] = {  # evolution, generations, prune
-    "autodiffusion": (EvolutionConfig(population=10, num_parents=5, num_mutants=5, num_crossovers=3, init_random=5), 15, True),
-    "autodiffusion_paper": (EvolutionConfig(), 10, False),
-}
+EVOLUTIONARY = GENOME_SAMPLERS  # the samplers of whole genomes (stage 2, the solver gene)
+BUILTIN = tuple(n for n, spec in SAMPLER_SPECS.items() if spec.factory.endswith(":make_builtin"))
+SAMPLERS = tuple(SAMPLER_SPECS)
 EVOLUTION_KEYS = ("population", "num_parents", "num_mutants", "mutation_prob", "num_crossovers", "init_random",
                   "init_mutation_prob", "max_attempts")
 
@@ -52,8 +49,13 @@ class SearchSetup:
     pool_size: int
 
     @property
+    def spec(self) -> SamplerSpec:
+        return SAMPLER_SPECS[self.sampler]
+
+    @property
     def evolutionary(self) -> bool:
-        return self.sampler in EVOLUTIONARY
+        """Samples whole genomes (stage 2, the solver gene); False: Optuna's samplers on step fractions."""
+        return self.spec.genome
 
     def signature(self) -> dict[str, Any]:
         return {"sampler": self.sampler, "population": self.evolution.population,
@@ -70,16 +72,16 @@ def resolve(search: Any) -> SearchSetup:
     name = str(_get(search, "sampler", "autodiffusion"))
     if name not in SAMPLERS:
         raise SamplerChoiceError(f"search.sampler={name!r} is unknown: use one of {', '.join(SAMPLERS)}")
-    preset, generations, prune = PRESETS.get(name, PRESETS["autodiffusion"])
-    prune = prune and name in EVOLUTIONARY  # Optuna's samplers run as shipped unless search.prune=true
+    spec = SAMPLER_SPECS[name]
+    generations, prune = spec.generations, spec.prune  # Optuna's samplers run as shipped unless search.prune=true
     given = {k: _get(search, k) for k in EVOLUTION_KEYS if _get(search, k) is not None}
     try:
-        evolution = replace(preset, **given)
+        evolution = EvolutionConfig(**{**spec.evolution, **given})
     except ValueError as err:
         raise SamplerChoiceError(f"{err}: lower them or raise search.population") from err
     generations = int(_get(search, "generations", generations))
     budget = _get(search, "budget")
-    if budget is not None and name == "autodiffusion_paper":
+    if budget is not None and spec.counts == "generations":
         generations = max(1, math.ceil(float(budget) / evolution.population))
     budget = float(budget) if budget is not None else float(evolution.population * generations)
     if budget <= 0:
@@ -105,6 +107,19 @@ class GPSampler(OwnerRecording, optuna.samplers.GPSampler):
 
 class RandomSampler(OwnerRecording, optuna.samplers.RandomSampler):
     """Optuna's random sampler, recording each trial's owner."""
+
+
+def make_sampler(inputs: SamplerInputs) -> optuna.samplers.BaseSampler:
+    """The sampler of ``search.sampler=inputs.name``, built by its spec's factory."""
+    import importlib
+
+    module, _, attr = SAMPLER_SPECS[inputs.name].factory.partition(":")
+    return getattr(importlib.import_module(module), attr)(inputs)
+
+
+def make_builtin(inputs: SamplerInputs) -> optuna.samplers.BaseSampler:
+    """The factory of Optuna's samplers (specs/samplers.py)."""
+    return builtin_sampler(inputs.name, inputs.seed)
 
 
 def builtin_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:

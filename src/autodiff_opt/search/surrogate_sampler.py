@@ -4,7 +4,7 @@ Per candidate, the operators of the evolution (search/operators.py: local Gaussi
 mutation, crossover, random genomes, over steps and, in stage 2, masks) make a pool of unseen offspring
 of the current best candidates, and a Gaussian process fitted on every finished candidate picks the
 one with the largest expected improvement. Only that one is evaluated. Generations, slots, stage 2's
-start and ramp, and every decision's record stay as in ``AutoDiffusionSampler``: all in the storage.
+start and ramp, and every decision's record stay as in ``AutoDiffusionPaperSampler``: all in the storage.
 
 Pruned candidates (multi-fidelity) join the fit with their prefix FID moved to full-sample scale by the
 median log ratio that completed candidates show between that prefix and the full set; they are never
@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.operators import Initialization, Operator, OperatorSet
-from autodiff_opt.search.sampler import AutoDiffusionSampler, EvolutionConfig, Offspring, genome_of
+from autodiff_opt.search.sampler import AutoDiffusionPaperSampler, EvolutionConfig, Offspring, SamplerInputs, genome_of
 from autodiff_opt.search.stage2 import Stage2Policy
 from autodiff_opt.search.space import SearchSpace
 from autodiff_opt.search.surrogate import GaussianProcess, embed
@@ -67,7 +67,7 @@ def observations(trials: Sequence[FrozenTrial]) -> list[tuple[Genome, float]]:
     return out
 
 
-class SurrogateEvolutionSampler(AutoDiffusionSampler):
+class AutoDiffusionSampler(AutoDiffusionPaperSampler):
     """Two-stage evolution whose offspring are chosen by expected improvement under a GP on all candidates."""
 
     def __init__(self, space: SearchSpace, evolution: EvolutionConfig | None = None, anchor: Genome | None = None,
@@ -145,3 +145,13 @@ class SurrogateEvolutionSampler(AutoDiffusionSampler):
             genome, _ = self._breed(op, [], rng)
             if genome is not None and genome.key() not in seen:
                 return Offspring(genome, op.name, [], stage)
+
+
+def make_sampler(inputs: SamplerInputs) -> AutoDiffusionSampler:
+    """``search.sampler=autodiffusion`` (the default): the surrogate-guided evolution (specs/samplers.py)."""
+    return AutoDiffusionSampler(inputs.space, inputs.evolution, anchor=inputs.anchor, seed=inputs.seed,
+                                     stage2=inputs.stage2, surrogate=SurrogateConfig(pool_size=inputs.pool_size),
+                                     sensitivity=inputs.sensitivity)
+
+
+SurrogateEvolutionSampler = AutoDiffusionSampler  # the class's name before it was named after its setting (deprecated)

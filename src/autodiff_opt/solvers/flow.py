@@ -55,6 +55,7 @@ from autodiff_opt.models.base import DiffusionModel, ModelLoadError
 from autodiff_opt.models.flow import (FLOW_PREDICTION, GRID_SIZE, grid_index, grid_time,  # noqa: F401 (the grid,
                                       vp_alphas_cumprod)  # defined with the flow model, re-exported for solver users)
 from autodiff_opt.solvers.schedules import make_distinct
+from autodiff_opt.specs.solvers import solver_mismatch
 
 VelocityFn = Callable[[torch.Tensor, int, int], torch.Tensor]
 def _times(timesteps: Sequence[int], alphas_cumprod: torch.Tensor) -> list[float]:
@@ -121,14 +122,6 @@ def flow_ab2_sample(velocity_fn: VelocityFn, x_T: torch.Tensor, timesteps: Seque
             x = x + h * ((1.0 + 0.5 * r) * v - 0.5 * r * v_prev)
         v_prev, h_prev = v, h
     return x
-
-
-FLOW_SOLVERS = {"flow_euler": flow_euler_sample, "flow_heun": flow_heun_sample, "flow_ab2": flow_ab2_sample}
-
-
-def flow_nfe(solver: str, num_steps: int) -> int:
-    """Network evaluations of K times: 2K - 1 for Heun, K for the others."""
-    return 2 * num_steps - 1 if solver == "flow_heun" else num_steps
 
 
 # ---- heuristic schedules: K times in (0, 1], descending ----
@@ -203,17 +196,6 @@ def flow_heuristic_schedule(name: str, num_steps: int, num_grid: int = GRID_SIZE
     """The named flow heuristic as K distinct grid indices, descending (sampling order)."""
     times = flow_times(name, num_steps, num_grid, shift, dynamic_shift)
     return make_distinct([grid_index(t, num_grid) for t in times if math.isfinite(t)], num_grid)
-
-
-def solver_mismatch(solver: str, is_flow: bool) -> str | None:
-    """Why a solver cannot run on this kind of model (None when it can)."""
-    if is_flow and solver not in FLOW_SOLVERS:
-        return (f"solver.name={solver} integrates noise-prediction (VP) models, and this model is a rectified flow"
-                f" (velocity prediction): use solver={' or solver='.join(sorted(FLOW_SOLVERS))}")
-    if not is_flow and solver in FLOW_SOLVERS:
-        return (f"solver.name={solver} integrates rectified flows, and this model predicts noise (a VP diffusion"
-                " model): use solver=ddim or solver=dpmpp_2m")
-    return None
 
 
 def check_solver(solver: str, model: DiffusionModel) -> None:
