@@ -411,23 +411,96 @@ def test_dit_pipeline_pinned_to_the_searched_steps_with_skipped_branches(dit_dir
     torch.testing.assert_close(ours, torch.as_tensor(theirs).float(), atol=2e-5, rtol=1e-4)
 
 
-def test_pipeline_snippet_runs_on_the_replica(sd3_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import json
+SNIPPET_PROMPT = "a photo of a cat"  # the prompt the SD3 / Flux snippets run
+DIT_SNIPPET_LABELS = [207, 360, 387, 974]  # the classes the DiT snippet runs
 
+
+def _run_snippet(code: str, folder: Path, genome, units: str, layers, tmp_path: Path,  # type: ignore[no-untyped-def]
+                 monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
+    """The snippet run as written next to its best_schedule.json (export_schedule's file): uint8 (N, 3, H, W)."""
+    from autodiff_opt.report.export import export_schedule
+
+    export_schedule(tmp_path / "best_schedule.json", genome, {"model_config": {"skip_units": units}},
+                    layer_names=[layer.name for layer in layers])
+    monkeypatch.chdir(tmp_path)
+    scope: dict[str, object] = {}
+    offline = code.replace('from_pretrained("%s")' % folder, 'from_pretrained("%s", local_files_only=True)' % folder)
+    exec(compile(offline, "snippet", "exec"), scope)  # noqa: S102 - our own generated code
+    return torch.stack([torch.as_tensor(np.array(image)).permute(2, 0, 1) for image in scope["images"]])  # type: ignore[attr-defined]
+
+
+def _our_images(model, solver: str, genome, labels: list[int]) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Our sampler (generate.ImageGenerator with the per-step skipper) on the pipeline's draw of the noise
+    (torch.Generator().manual_seed(0), latents unpacked)."""
+    from autodiff_opt.arch.skip import step_wrapper_for
+    from autodiff_opt.generate import ImageGenerator, SampleSet
+
+    noise = torch.randn((len(labels), *model.sample_shape), generator=torch.Generator().manual_seed(0))
+    generator = ImageGenerator(model, solver, clip_x0=False, batch_size=len(labels), step_wrapper=step_wrapper_for(model))
+    return generator.generate(genome, SampleSet(noise, torch.tensor(labels), 0))
+
+
+def _assert_snippet_gives_ours(theirs: torch.Tensor, ours: torch.Tensor, plain: torch.Tensor) -> None:
+    """Tolerance: 1 grey level (uint8 rounding of the pipeline's PIL images against ours of the same floats);
+    the plain schedule (no skips) must differ by more, or the comparison could not see a dropped skip."""
+    assert theirs.shape == ours.shape and float(theirs.float().std()) > 10  # not a blank image
+    assert (ours.int() - theirs.int()).abs().max() <= 1
+    assert (plain.int() - theirs.int()).abs().max() > 8
+
+
+def test_dit_snippet_runs_and_gives_our_sampler(dit_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DiT export of a stage-2 result (DPM-Solver++(2M) on uneven steps, blocks skipped at some steps), run
+    as written: DiTPipeline's images equal our sampler's on the same noise and classes."""
+    from autodiff_opt.arch.skip import model_skipper
     from autodiff_opt.core.genome import Genome
     from autodiff_opt.report.export import pipeline_snippet
 
-    genome = Genome.from_steps([999, 600, 200], [[0], [], [1]])
-    code = pipeline_snippet("sd3", genome, str(sd3_dir), "flow_euler", 1.0, clip_x0=False)
+    model = _load(dit_dir, guidance=4.0)
+    layers = model_skipper(model, "blocks").layers
+    steps = [950, 610, 300, 40]
+    genome = Genome.from_steps(steps, [[layers[1].id], [], [layers[0].id, layers[1].id], []])
+    code = pipeline_snippet("dit", genome, str(dit_dir), "dpmpp_2m", 4.0, clip_x0=False)
+    assert "DiTPipeline" in code.splitlines()[0] and "skip_blocks(pipe.transformer" in code and "solver_order=2" in code
+    theirs = _run_snippet(code, dit_dir, genome, "blocks", layers, tmp_path, monkeypatch)
+    _assert_snippet_gives_ours(theirs, _our_images(model, "dpmpp_2m", genome, DIT_SNIPPET_LABELS),
+                               _our_images(model, "dpmpp_2m", Genome.from_steps(steps), DIT_SNIPPET_LABELS))
+
+
+def test_flux_snippet_runs_and_gives_our_sampler(flux_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Flux export (flow Euler on uneven times, the double and the single block skipped at some steps, at
+    the searched image size), run as written: FluxPipeline's image equals our sampler's on the same noise."""
+    from autodiff_opt.arch.skip import model_skipper
+    from autodiff_opt.core.genome import Genome
+    from autodiff_opt.report.export import pipeline_snippet
+
+    model = _load(flux_dir, guidance=3.5, prompts=[SNIPPET_PROMPT])
+    layers = model_skipper(model, "blocks").layers
+    assert [layer.name for layer in layers] == ["blocks.0", "single.0"]
+    steps = [999, 700, 380, 90]
+    genome = Genome.from_steps(steps, [[layers[0].id], [], [layers[0].id, layers[1].id], [layers[1].id]])
+    code = pipeline_snippet("flux", genome, str(flux_dir), "flow_euler", 3.5, clip_x0=False, image_size=IMAGE_SIZE)
+    assert "FluxPipeline" in code.splitlines()[0] and f"height={IMAGE_SIZE}, width={IMAGE_SIZE}" in code
+    theirs = _run_snippet(code, flux_dir, genome, "blocks", layers, tmp_path, monkeypatch)
+    _assert_snippet_gives_ours(theirs, _our_images(model, "flow_euler", genome, [0]),
+                               _our_images(model, "flow_euler", Genome.from_steps(steps), [0]))
+
+
+def test_sd3_snippet_runs_and_gives_our_sampler(sd3_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from autodiff_opt.arch.skip import model_skipper
+    from autodiff_opt.core.genome import Genome
+    from autodiff_opt.report.export import pipeline_snippet
+
+    model = _load(sd3_dir, guidance=5.0, prompts=[SNIPPET_PROMPT])
+    layers = model_skipper(model, "blocks").layers
+    steps = [999, 600, 200]
+    genome = Genome.from_steps(steps, [[layers[0].id], [], [layers[1].id]])
+    code = pipeline_snippet("sd3", genome, str(sd3_dir), "flow_euler", 5.0, clip_x0=False)
     assert "StableDiffusion3Pipeline" in code.splitlines()[0] and "skip_blocks(pipe.transformer" in code
-    assert "sigmas=[1.0, 0.601, 0.201]" in code and "guidance_scale=1.0" in code
-    (tmp_path / "best_schedule.json").write_text(json.dumps(_schedule_doc([999, 600, 200], [["blocks.0"], [], ["blocks.1"]])))
-    monkeypatch.chdir(tmp_path)
-    scope: dict[str, object] = {}
-    exec(compile(code.replace("from_pretrained(\"%s\")" % sd3_dir, "from_pretrained(\"%s\", local_files_only=True)" % sd3_dir),
-                 "snippet", "exec"), scope)  # noqa: S102 - our own generated code
-    assert len(scope["images"]) == 1  # type: ignore[arg-type]
-    plain = pipeline_snippet("sd3", Genome.from_steps([999, 600, 200]), str(sd3_dir), "flow_euler", 1.0, False)
-    assert "skip_blocks" not in plain
-    other = pipeline_snippet("sd3", genome, str(sd3_dir), "flow_heun", 1.0, False)
+    assert "sigmas=[1.0, 0.601, 0.201]" in code and "guidance_scale=5.0" in code
+    theirs = _run_snippet(code, sd3_dir, genome, "blocks", layers, tmp_path, monkeypatch)
+    _assert_snippet_gives_ours(theirs, _our_images(model, "flow_euler", genome, [0]),
+                               _our_images(model, "flow_euler", Genome.from_steps(steps), [0]))
+    plain = pipeline_snippet("sd3", Genome.from_steps(steps), str(sd3_dir), "flow_euler", 5.0, False)
+    assert "skip_blocks" not in plain and "height=" not in plain  # no image size: the pipeline's default
+    other = pipeline_snippet("sd3", genome, str(sd3_dir), "flow_heun", 5.0, False)
     assert "autodiff_opt.apply" in other.splitlines()[0] and "runs no flow_heun" in other.splitlines()[0]

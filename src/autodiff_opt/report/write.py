@@ -151,7 +151,8 @@ def snippet_for(exp: "Experiment", genome: Genome, solver: str) -> str:
     source = resolve_pretrained(str(model.source or cfg.model.pretrained))
     kind = getattr(model, "kind", None)
     if kind in PIPELINE_CLASSES:
-        return pipeline_snippet(kind, genome, source, solver, float(cfg.model.guidance_scale), bool(cfg.solver.clip_x0))
+        return pipeline_snippet(kind, genome, source, solver, float(cfg.model.guidance_scale), bool(cfg.solver.clip_x0),
+                                cfg.model.get("image_size"))
     if cfg.model.prompts:
         return sd_snippet(genome, str(cfg.model.pretrained), solver, cfg.model.guidance_scale)
     if model.prediction_type == "flow":
