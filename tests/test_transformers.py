@@ -222,6 +222,44 @@ def test_transformer_blocks_skip_per_step_with_the_residual_passing(which: str, 
         assert torch.equal(fn(x, 100, 1), model.eps_fn(class_labels=labels)(x, 100, 1))  # the second step: no skips
 
 
+class _FluxSinglePassThrough(torch.nn.Module):
+    """Flux's single block with its residual branch zero, written out: the block runs on the concatenated
+    [text; image] stream, which passes unchanged and is split back at the text length."""
+
+    def forward(self, hidden_states, encoder_hidden_states, *args, **kwargs):  # type: ignore[no-untyped-def]
+        joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        text_len = encoder_hidden_states.shape[1]
+        return joint[:, :text_len], joint[:, text_len:]
+
+
+@pytest.mark.parametrize("skipped", [["blocks.0"], ["single.0"], ["blocks.0", "single.0"]])
+def test_flux_blocks_skip_as_a_hand_written_pass_through(skipped: list[str], flux_dir: Path) -> None:
+    """Skipping Flux's double block (both streams pass) and single block (the joint stream passes) through
+    our skipper equals the transformer with those blocks replaced by pass-throughs, and changes the output."""
+    import copy
+
+    from autodiff_opt.arch.skip import model_skipper
+
+    model = _load(flux_dir, guidance=3.5, prompts=PROMPTS)
+    skipper = model_skipper(model, "blocks")
+    ids = [next(layer.id for layer in skipper.layers if layer.name == name) for name in skipped]
+    x = torch.randn(2, *model.sample_shape, generator=torch.Generator().manual_seed(1))
+    labels, step = torch.tensor([0, 2]), 600
+    reference = copy.deepcopy(model)
+    if "blocks.0" in skipped:
+        reference.unet.transformer_blocks[0] = _PassThrough(joint=True)
+    if "single.0" in skipped:
+        reference.unet.single_transformer_blocks[0] = _FluxSinglePassThrough()
+    with torch.no_grad():
+        plain = model.eps_fn(class_labels=labels)(x, step, 0)
+        with skipper.skipping(ids):
+            skipped_out = model.eps_fn(class_labels=labels)(x, step, 0)
+        expected = reference.eps_fn(class_labels=labels)(x, step, 0)
+        after = model.eps_fn(class_labels=labels)(x, step, 0)
+    torch.testing.assert_close(skipped_out, expected, atol=1e-6, rtol=1e-6)
+    assert (skipped_out - plain).abs().max() > 1e-3 and torch.equal(after, plain)
+
+
 class _ZeroBranch(torch.nn.Module):
     """An attention or feed-forward branch that adds nothing, written out: what a skipped branch must equal."""
 
