@@ -138,7 +138,7 @@ def test_folder_without_weights_names_the_files(sd3_dir: Path, tmp_path: Path) -
 
 
 def _tiny_cli_run(name: str, model: Path, tmp: Path, **extra: object):  # type: ignore[no-untyped-def]
-    from cli_helpers import run_cli, tiny_overrides
+    from cli_helpers import DEFAULT_SAMPLER, run_cli, tiny_overrides
     from replicas import blob_images, write_image_npz
 
     reference = write_image_npz(tmp / "reference.npz", blob_images(64, IMAGE_SIZE))
@@ -146,7 +146,7 @@ def _tiny_cli_run(name: str, model: Path, tmp: Path, **extra: object):  # type: 
         "search.num_samples": 8, "search.batch_size": 8, "search.population": 3, "search.generations": 1,
         "search.num_parents": 2, "search.num_mutants": 1, "search.num_crossovers": 1, "search.init_random": 1,
         "final.num_samples": 8, "final.repeats": 2, "metric.weights_path": "null", "metric.feature_layer": "null",
-        "model.dtype": "float32", "model.image_size": IMAGE_SIZE, **extra})
+        "model.dtype": "float32", "model.image_size": IMAGE_SIZE, **DEFAULT_SAMPLER, **extra})
     return run_cli([f"+experiment={name}", *overrides], tmp, tmp / "run", timeout=400)
 
 
