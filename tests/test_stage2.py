@@ -91,7 +91,7 @@ def test_stage2_waits_while_the_best_still_improves(patience: int, expected_star
 def test_stage2_end_to_end_through_the_cli(multi_objective: bool, tiny_model_dir: Path, tiny_reference: Path,
                                            tmp_path: Path) -> None:
     extra = {**DEFAULT_SAMPLER, "search.stage2.enabled": "true", "search.stage2.start_generation": 1,
-             "search.stage2.max_prun": 0.5, "search.stage2.ramp_steps": 1, "search.generations": 3,
+             "search.stage2.max_prun": 0.5, "search.stage2.ramp_steps": 1, "search.generations": 3, "final.num_samples": 32,
              "search.stage2.multi_objective": str(multi_objective).lower()}
     proc = run_cli(tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "s.db", **extra), tmp_path, tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -164,6 +164,7 @@ def test_sd3_coco_through_the_cli_on_a_replica(sd3_dir: Path, tmp_path: Path) ->
     rows = {row["schedule"]: row for row in doc["final"]}
     assert {"searched", "flow_default", "flow_uniform"} <= set(rows)
     assert rows["flow_default"]["timesteps"] == flow_heuristic_schedule("flow_default", 4, shift=3.0)
+    assert f"height={IMAGE_SIZE}, width={IMAGE_SIZE}," in doc["diffusers_snippet"]  # the searched model.image_size
 
 
 @pytest.mark.slow
