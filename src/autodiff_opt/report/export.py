@@ -184,6 +184,12 @@ pipe.scheduler.set_timesteps = lambda num_inference_steps=None, device=None: pin
 PIPELINE_CLASSES = {"dit": "DiTPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 
 
+def apply_snippet(genome: Genome, solver: str, clip_x0: bool, reason: str) -> str:
+    """The snippet that samples the schedule file with ``autodiff_opt.apply`` (``reason``: why not diffusers)."""
+    return _APPLY.format(solver=solver, nfe=nfe(solver, genome.num_steps), clip=", x0 clipped" if clip_x0 else "",
+                         reason=reason)
+
+
 def pipeline_snippet(kind: str, genome: Genome, model: str, solver: str, guidance: float, clip_x0: bool,
                      image_size: int | None = None) -> str:
     """Code that runs the schedule in the model's own diffusers pipeline: SD3 / Flux with ``sigmas=`` on a
