@@ -15,6 +15,7 @@ import optuna
 TESTS_DIR = Path(__file__).resolve().parent
 REPORT_FINAL_SEED = 4242  # final.seed and report.grid_size of the report_run fixture (conftest.py)
 REPORT_GRID = 4
+DEFAULT_SAMPLER = {"search.sampler": "autodiffusion"}  # what a user's run searches with (tiny_overrides runs the EA)
 
 
 def tiny_overrides(model_dir: Path, reference: Path, db: Path, **extra: object) -> list[str]:

@@ -57,8 +57,8 @@ def _counts(db: Path) -> Counter[str]:
 
 def test_sigkill_mid_study_then_resume(tiny_model_dir: Path, tiny_reference: Path, tmp_path: Path) -> None:
     db = tmp_path / "s.db"
-    overrides = tiny_overrides(tiny_model_dir, tiny_reference, db, **{"search.num_samples": 400, "search.batch_size": 25,
-                                                                      "search.generations": 3})
+    overrides = tiny_overrides(tiny_model_dir, tiny_reference, db, **{"search.num_samples": 200, "search.batch_size": 25,
+                                                                      "search.generations": 3})  # 8 batches a candidate
     kill_when(lambda: (c := _counts(db))["COMPLETE"] >= 4 and c["EVALUATING"] == 1, overrides, tmp_path, tmp_path / "run1")
     killed = _load(db)
     running = [t for t in killed.trials if t.state == TrialState.RUNNING]

@@ -334,8 +334,9 @@ def _running_with_owner(db: Path) -> int:
 def test_every_sampler_runs_resumes_after_sigkill_and_refuses_another(sampler: str, tiny_model_dir: Path,
                                                                      tiny_reference: Path, tmp_path: Path) -> None:
     db = tmp_path / "s.db"
+    samples, batch, budget = 120, 20, 10  # a candidate runs in 6 batches: time to be killed mid-candidate
     overrides = tiny_overrides(tiny_model_dir, tiny_reference, db, **{
-        "search.sampler": sampler, "search.num_samples": 240, "search.batch_size": 20, "search.budget": 10,
+        "search.sampler": sampler, "search.num_samples": samples, "search.batch_size": batch, "search.budget": budget,
         "search.peers": "[gits_dp]", "search.peer_samples": 16, "search.peer_grid": 20, "final.num_samples": 48,
         "final.repeats": 1, "storage.study_name": "s"})
     kill_when(lambda: (s := _states(db)).get("COMPLETE", 0) >= 4 and s.get("RUNNING", 0) == 1
@@ -358,7 +359,7 @@ def test_every_sampler_runs_resumes_after_sigkill_and_refuses_another(sampler: s
     final = pd.read_csv(tmp_path / "run2" / "final.csv")
     assert set(final.kind) == {"searched", "heuristic", "peer"}
     spent = sum(t.user_attrs.get(IMAGE_STEPS_ATTR, 0) for t in study.trials if t.state != TrialState.RUNNING)
-    assert spent + 20 * 16 >= 10 * 240 * 4, "the search stopped before its budget"
+    assert spent + 20 * 16 >= budget * samples * 4, "the search stopped before its budget"
     other = "tpe" if sampler != "tpe" else "random"
     refused = run_cli([o for o in overrides if not o.startswith("search.sampler=")] + [f"search.sampler={other}"],
                       tmp_path, tmp_path / "run3", timeout=120)

@@ -17,7 +17,7 @@ from autodiff_opt.search.sampler import AutoDiffusionPaperSampler, EvolutionConf
 from autodiff_opt.search.space import GENERATION_ATTR, STAGE_ATTR, SearchSpace, suggest_genome
 from autodiff_opt.search.stage2 import STAGE2_START_ATTR, Stage2Policy, ramp_max_skip_frac
 from autodiff_opt.search.surrogate_sampler import AutoDiffusionSampler
-from cli_helpers import load_study, run_cli, tiny_overrides
+from cli_helpers import DEFAULT_SAMPLER, load_study, run_cli, tiny_overrides
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -90,8 +90,8 @@ def test_stage2_waits_while_the_best_still_improves(patience: int, expected_star
 @pytest.mark.parametrize("multi_objective", [False, True])
 def test_stage2_end_to_end_through_the_cli(multi_objective: bool, tiny_model_dir: Path, tiny_reference: Path,
                                            tmp_path: Path) -> None:
-    extra = {"search.stage2.enabled": "true", "search.stage2.start_generation": 1, "search.stage2.max_prun": 0.5,
-             "search.stage2.ramp_steps": 1, "search.generations": 3,
+    extra = {**DEFAULT_SAMPLER, "search.stage2.enabled": "true", "search.stage2.start_generation": 1,
+             "search.stage2.max_prun": 0.5, "search.stage2.ramp_steps": 1, "search.generations": 3, "final.num_samples": 32,
              "search.stage2.multi_objective": str(multi_objective).lower()}
     proc = run_cli(tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "s.db", **extra), tmp_path, tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -138,7 +138,7 @@ def test_folder_without_weights_names_the_files(sd3_dir: Path, tmp_path: Path) -
 
 
 def _tiny_cli_run(name: str, model: Path, tmp: Path, **extra: object):  # type: ignore[no-untyped-def]
-    from cli_helpers import run_cli, tiny_overrides
+    from cli_helpers import DEFAULT_SAMPLER, run_cli, tiny_overrides
     from replicas import blob_images, write_image_npz
 
     reference = write_image_npz(tmp / "reference.npz", blob_images(64, IMAGE_SIZE))
@@ -146,7 +146,7 @@ def _tiny_cli_run(name: str, model: Path, tmp: Path, **extra: object):  # type: 
         "search.num_samples": 8, "search.batch_size": 8, "search.population": 3, "search.generations": 1,
         "search.num_parents": 2, "search.num_mutants": 1, "search.num_crossovers": 1, "search.init_random": 1,
         "final.num_samples": 8, "final.repeats": 2, "metric.weights_path": "null", "metric.feature_layer": "null",
-        "model.dtype": "float32", "model.image_size": IMAGE_SIZE, **extra})
+        "model.dtype": "float32", "model.image_size": IMAGE_SIZE, **DEFAULT_SAMPLER, **extra})
     return run_cli([f"+experiment={name}", *overrides], tmp, tmp / "run", timeout=400)
 
 
@@ -164,6 +164,7 @@ def test_sd3_coco_through_the_cli_on_a_replica(sd3_dir: Path, tmp_path: Path) ->
     rows = {row["schedule"]: row for row in doc["final"]}
     assert {"searched", "flow_default", "flow_uniform"} <= set(rows)
     assert rows["flow_default"]["timesteps"] == flow_heuristic_schedule("flow_default", 4, shift=3.0)
+    assert f"height={IMAGE_SIZE}, width={IMAGE_SIZE}," in doc["diffusers_snippet"]  # the searched model.image_size
 
 
 @pytest.mark.slow
@@ -220,6 +221,44 @@ def test_transformer_blocks_skip_per_step_with_the_residual_passing(which: str, 
         fn = wrap(model.eps_fn(class_labels=labels), genome)
         torch.testing.assert_close(fn(x, step, 0), expected, atol=1e-6, rtol=1e-6)
         assert torch.equal(fn(x, 100, 1), model.eps_fn(class_labels=labels)(x, 100, 1))  # the second step: no skips
+
+
+class _FluxSinglePassThrough(torch.nn.Module):
+    """Flux's single block with its residual branch zero, written out: the block runs on the concatenated
+    [text; image] stream, which passes unchanged and is split back at the text length."""
+
+    def forward(self, hidden_states, encoder_hidden_states, *args, **kwargs):  # type: ignore[no-untyped-def]
+        joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        text_len = encoder_hidden_states.shape[1]
+        return joint[:, :text_len], joint[:, text_len:]
+
+
+@pytest.mark.parametrize("skipped", [["blocks.0"], ["single.0"], ["blocks.0", "single.0"]])
+def test_flux_blocks_skip_as_a_hand_written_pass_through(skipped: list[str], flux_dir: Path) -> None:
+    """Skipping Flux's double block (both streams pass) and single block (the joint stream passes) through
+    our skipper equals the transformer with those blocks replaced by pass-throughs, and changes the output."""
+    import copy
+
+    from autodiff_opt.arch.skip import model_skipper
+
+    model = _load(flux_dir, guidance=3.5, prompts=PROMPTS)
+    skipper = model_skipper(model, "blocks")
+    ids = [next(layer.id for layer in skipper.layers if layer.name == name) for name in skipped]
+    x = torch.randn(2, *model.sample_shape, generator=torch.Generator().manual_seed(1))
+    labels, step = torch.tensor([0, 2]), 600
+    reference = copy.deepcopy(model)
+    if "blocks.0" in skipped:
+        reference.unet.transformer_blocks[0] = _PassThrough(joint=True)
+    if "single.0" in skipped:
+        reference.unet.single_transformer_blocks[0] = _FluxSinglePassThrough()
+    with torch.no_grad():
+        plain = model.eps_fn(class_labels=labels)(x, step, 0)
+        with skipper.skipping(ids):
+            skipped_out = model.eps_fn(class_labels=labels)(x, step, 0)
+        expected = reference.eps_fn(class_labels=labels)(x, step, 0)
+        after = model.eps_fn(class_labels=labels)(x, step, 0)
+    torch.testing.assert_close(skipped_out, expected, atol=1e-6, rtol=1e-6)
+    assert (skipped_out - plain).abs().max() > 1e-3 and torch.equal(after, plain)
 
 
 class _ZeroBranch(torch.nn.Module):
@@ -427,23 +466,120 @@ def test_dit_pipeline_pinned_to_the_searched_steps_with_skipped_branches(dit_dir
     torch.testing.assert_close(ours, torch.as_tensor(theirs).float(), atol=2e-5, rtol=1e-4)
 
 
-def test_pipeline_snippet_runs_on_the_replica(sd3_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import json
+SNIPPET_PROMPT = "a photo of a cat"  # the prompt the SD3 / Flux snippets run
+DIT_SNIPPET_LABELS = [207, 360, 387, 974]  # the classes the DiT snippet runs
 
+
+def _run_snippet(code: str, folder: Path, genome, units: str, layers, tmp_path: Path,  # type: ignore[no-untyped-def]
+                 monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
+    """The snippet run as written next to its best_schedule.json (export_schedule's file): uint8 (N, 3, H, W)."""
+    from autodiff_opt.report.export import export_schedule
+
+    export_schedule(tmp_path / "best_schedule.json", genome, {"model_config": {"skip_units": units}},
+                    layer_names=[layer.name for layer in layers])
+    monkeypatch.chdir(tmp_path)
+    scope: dict[str, object] = {}
+    offline = code.replace('from_pretrained("%s")' % folder, 'from_pretrained("%s", local_files_only=True)' % folder)
+    exec(compile(offline, "snippet", "exec"), scope)  # noqa: S102 - our own generated code
+    return torch.stack([torch.as_tensor(np.array(image)).permute(2, 0, 1) for image in scope["images"]])  # type: ignore[attr-defined]
+
+
+def _our_images(model, solver: str, genome, labels: list[int]) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Our sampler (generate.ImageGenerator with the per-step skipper) on the pipeline's draw of the noise
+    (torch.Generator().manual_seed(0), latents unpacked)."""
+    from autodiff_opt.arch.skip import step_wrapper_for
+    from autodiff_opt.generate import ImageGenerator, SampleSet
+
+    noise = torch.randn((len(labels), *model.sample_shape), generator=torch.Generator().manual_seed(0))
+    generator = ImageGenerator(model, solver, clip_x0=False, batch_size=len(labels), step_wrapper=step_wrapper_for(model))
+    return generator.generate(genome, SampleSet(noise, torch.tensor(labels), 0))
+
+
+def _assert_snippet_gives_ours(theirs: torch.Tensor, ours: torch.Tensor, plain: torch.Tensor) -> None:
+    """Tolerance: 1 grey level (uint8 rounding of the pipeline's PIL images against ours of the same floats);
+    the plain schedule (no skips) must differ by more, or the comparison could not see a dropped skip."""
+    assert theirs.shape == ours.shape and float(theirs.float().std()) > 10  # not a blank image
+    off, off_plain = int((ours.int() - theirs.int()).abs().max()), int((plain.int() - theirs.int()).abs().max())
+    assert off <= 1, f"the snippet's images are {off} grey levels off ours"
+    assert off_plain > 8, f"the snippet's images are within {off_plain} grey levels of the unskipped schedule's"
+
+
+def test_dit_snippet_runs_and_gives_our_sampler(dit_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DiT export of a stage-2 result (DPM-Solver++(2M) on uneven steps, blocks skipped at some steps), run
+    as written: DiTPipeline's images equal our sampler's on the same noise and classes."""
+    from autodiff_opt.arch.skip import model_skipper
     from autodiff_opt.core.genome import Genome
     from autodiff_opt.report.export import pipeline_snippet
 
-    genome = Genome.from_steps([999, 600, 200], [[0], [], [1]])
-    code = pipeline_snippet("sd3", genome, str(sd3_dir), "flow_euler", 1.0, clip_x0=False)
+    model = _load(dit_dir, guidance=4.0)
+    layers = model_skipper(model, "blocks").layers
+    steps = [950, 610, 300, 40]
+    genome = Genome.from_steps(steps, [[layers[1].id], [], [layers[0].id, layers[1].id], []])
+    code = pipeline_snippet("dit", genome, str(dit_dir), "dpmpp_2m", 4.0, clip_x0=False)
+    assert "DiTPipeline" in code.splitlines()[0] and "skip_blocks(pipe.transformer" in code and "solver_order=2" in code
+    theirs = _run_snippet(code, dit_dir, genome, "blocks", layers, tmp_path, monkeypatch)
+    _assert_snippet_gives_ours(theirs, _our_images(model, "dpmpp_2m", genome, DIT_SNIPPET_LABELS),
+                               _our_images(model, "dpmpp_2m", Genome.from_steps(steps), DIT_SNIPPET_LABELS))
+
+
+def test_flux_snippet_runs_and_gives_our_sampler(flux_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Flux export (flow Euler on uneven times, the double and the single block skipped at some steps, at
+    the searched image size), run as written: FluxPipeline's image equals our sampler's on the same noise."""
+    from autodiff_opt.arch.skip import model_skipper
+    from autodiff_opt.core.genome import Genome
+    from autodiff_opt.report.export import pipeline_snippet
+
+    model = _load(flux_dir, guidance=3.5, prompts=[SNIPPET_PROMPT])
+    layers = model_skipper(model, "blocks").layers
+    assert [layer.name for layer in layers] == ["blocks.0", "single.0"]
+    steps = [999, 700, 380, 90]
+    genome = Genome.from_steps(steps, [[layers[0].id], [], [layers[0].id, layers[1].id], [layers[1].id]])
+    code = pipeline_snippet("flux", genome, str(flux_dir), "flow_euler", 3.5, clip_x0=False, image_size=IMAGE_SIZE)
+    assert "FluxPipeline" in code.splitlines()[0] and f"height={IMAGE_SIZE}, width={IMAGE_SIZE}" in code
+    theirs = _run_snippet(code, flux_dir, genome, "blocks", layers, tmp_path, monkeypatch)
+    _assert_snippet_gives_ours(theirs, _our_images(model, "flow_euler", genome, [0]),
+                               _our_images(model, "flow_euler", Genome.from_steps(steps), [0]))
+
+
+def test_sd3_snippet_runs_and_gives_our_sampler(sd3_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from autodiff_opt.arch.skip import model_skipper
+    from autodiff_opt.core.genome import Genome
+    from autodiff_opt.report.export import pipeline_snippet
+
+    model = _load(sd3_dir, guidance=5.0, prompts=[SNIPPET_PROMPT])
+    layers = model_skipper(model, "blocks").layers
+    steps = [999, 600, 200]
+    genome = Genome.from_steps(steps, [[layers[0].id], [], [layers[1].id]])
+    code = pipeline_snippet("sd3", genome, str(sd3_dir), "flow_euler", 5.0, clip_x0=False)
     assert "StableDiffusion3Pipeline" in code.splitlines()[0] and "skip_blocks(pipe.transformer" in code
-    assert "sigmas=[1.0, 0.601, 0.201]" in code and "guidance_scale=1.0" in code
-    (tmp_path / "best_schedule.json").write_text(json.dumps(_schedule_doc([999, 600, 200], [["blocks.0"], [], ["blocks.1"]])))
-    monkeypatch.chdir(tmp_path)
-    scope: dict[str, object] = {}
-    exec(compile(code.replace("from_pretrained(\"%s\")" % sd3_dir, "from_pretrained(\"%s\", local_files_only=True)" % sd3_dir),
-                 "snippet", "exec"), scope)  # noqa: S102 - our own generated code
-    assert len(scope["images"]) == 1  # type: ignore[arg-type]
-    plain = pipeline_snippet("sd3", Genome.from_steps([999, 600, 200]), str(sd3_dir), "flow_euler", 1.0, False)
-    assert "skip_blocks" not in plain
-    other = pipeline_snippet("sd3", genome, str(sd3_dir), "flow_heun", 1.0, False)
+    assert "sigmas=[1.0, 0.601, 0.201]" in code and "guidance_scale=5.0" in code
+    theirs = _run_snippet(code, sd3_dir, genome, "blocks", layers, tmp_path, monkeypatch)
+    _assert_snippet_gives_ours(theirs, _our_images(model, "flow_euler", genome, [0]),
+                               _our_images(model, "flow_euler", Genome.from_steps(steps), [0]))
+    plain = pipeline_snippet("sd3", Genome.from_steps(steps), str(sd3_dir), "flow_euler", 5.0, False)
+    assert "skip_blocks" not in plain and "height=" not in plain  # no image size: the pipeline's default
+    other = pipeline_snippet("sd3", genome, str(sd3_dir), "flow_heun", 5.0, False)
     assert "autodiff_opt.apply" in other.splitlines()[0] and "runs no flow_heun" in other.splitlines()[0]
+
+
+def test_pixel_space_dit_exports_the_apply_snippet(dit_dir: Path) -> None:
+    """The embedded digits DiT has no VAE, so DiTPipeline.from_pretrained refuses its folder: its export samples
+    with autodiff_opt.apply; a latent DiT (the replica) keeps the DiTPipeline snippet."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from autodiff_opt.core.genome import Genome
+    from autodiff_opt.models.loading import resolve_pretrained
+    from autodiff_opt.report.write import snippet_for
+
+    genome = Genome((999, 600, 300, 50))
+    snippets = {}
+    for name, folder in (("pixels", resolve_pretrained("builtin:digits-dit")), ("latents", str(dit_dir))):
+        cfg = OmegaConf.create({"model": {"pretrained": folder, "guidance_scale": 1.0, "prompts": None, "subfolder": None},
+                                "solver": {"name": "ddim", "clip_x0": False}})
+        exp = SimpleNamespace(cfg=cfg, model=_load(Path(folder), guidance=1.0))  # the run's config and model
+        snippets[name] = snippet_for(exp, genome, "ddim")  # type: ignore[arg-type]
+    assert "generate_from_schedule" in snippets["pixels"] and "DiTPipeline" not in snippets["pixels"].split("\n", 1)[1]
+    assert "DiTPipeline needs a VAE" in snippets["pixels"].splitlines()[0]
+    assert "DiTPipeline.from_pretrained" in snippets["latents"]

@@ -165,7 +165,7 @@ config = {{k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_
 config.update(shift=1.0, use_dynamic_shifting=False, shift_terminal=None, use_karras_sigmas=False,
               use_exponential_sigmas=False, use_beta_sigmas=False, invert_sigmas=False, stochastic_sampling=False)
 pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
-{skip_line}images = pipe(["a photo of a cat"], sigmas={times}, num_inference_steps={k},{guidance_arg}
+{skip_line}images = pipe(["a photo of a cat"], sigmas={times}, num_inference_steps={k},{size_arg}{guidance_arg}
               generator=torch.Generator().manual_seed(0)).images
 '''
 _DIT_PIPELINE = '''pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
@@ -179,10 +179,18 @@ pipe.scheduler.set_timesteps = lambda num_inference_steps=None, device=None: pin
 PIPELINE_CLASSES = {"dit": "DiTPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 
 
-def pipeline_snippet(kind: str, genome: Genome, model: str, solver: str, guidance: float, clip_x0: bool) -> str:
+def apply_snippet(genome: Genome, solver: str, clip_x0: bool, reason: str) -> str:
+    """The snippet that samples the schedule file with ``autodiff_opt.apply`` (``reason``: why not diffusers)."""
+    return _APPLY.format(solver=solver, nfe=nfe(solver, genome.num_steps), clip=", x0 clipped" if clip_x0 else "",
+                         reason=reason)
+
+
+def pipeline_snippet(kind: str, genome: Genome, model: str, solver: str, guidance: float, clip_x0: bool,
+                     image_size: int | None = None) -> str:
     """Code that runs the schedule in the model's own diffusers pipeline: SD3 / Flux with ``sigmas=`` on a
-    scheduler that does not shift them again, DiT with DPM-Solver++ pinned to the steps; skipped blocks
-    through ``autodiff_opt.apply.skip_blocks``. Other solvers (or x0 clipping) go through autodiff_opt.apply."""
+    scheduler that does not shift them again (at the searched ``image_size``, ``model.image_size``; None: the
+    pipeline's default), DiT with DPM-Solver++ pinned to the steps; skipped blocks through
+    ``autodiff_opt.apply.skip_blocks``. Other solvers (or x0 clipping) go through autodiff_opt.apply."""
     from autodiff_opt.solvers.flow import GRID_SIZE, grid_time
 
     exact = SOLVER_SPECS[solver].scheduler == _FLOW_EULER if kind != "dit" else solver in SD_ORDERS
@@ -199,6 +207,7 @@ def pipeline_snippet(kind: str, genome: Genome, model: str, solver: str, guidanc
                   skip_line=_SKIP_LINE.format(denoiser="pipe.transformer", units="blocks") if skip else "",
                   k=genome.num_steps, guidance=guidance, timesteps=list(genome.timesteps),
                   guidance_arg=f" guidance_scale={guidance},",
+                  size_arg=f" height={image_size}, width={image_size}," if image_size else "",
                   times=[grid_time(i, GRID_SIZE) for i in genome.timesteps], order=SD_ORDERS.get(solver, 1))
     body = _DIT_PIPELINE if kind == "dit" else _FLOW_PIPELINE
     return (_PIPELINE_HEADER + body).format(**fields)

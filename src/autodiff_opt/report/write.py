@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 from autodiff_opt.arch.skip import model_skipper
 from autodiff_opt.models.loading import resolve_pretrained
 from autodiff_opt.report.dashboard import publish_artifacts, publish_figures, publish_note
-from autodiff_opt.report.export import (PIPELINE_CLASSES, diffusers_scheduler, diffusers_snippet, export_schedule,
-                                       flow_snippet, pipeline_snippet, sd_snippet)
+from autodiff_opt.report.export import (PIPELINE_CLASSES, apply_snippet, diffusers_scheduler, diffusers_snippet,
+                                       export_schedule, flow_snippet, pipeline_snippet, sd_snippet)
 from autodiff_opt.report.figures import (final_figure, history_figure, pareto_figure, schedules_figure,
                                          sensitivity_figure)
 from autodiff_opt.report.headline import Headline, headline
@@ -150,8 +150,11 @@ def snippet_for(exp: "Experiment", genome: Genome, solver: str) -> str:
     cfg, model = exp.cfg, exp.model
     source = resolve_pretrained(str(model.source or cfg.model.pretrained))
     kind = getattr(model, "kind", None)
+    if kind == "dit" and "vae" not in getattr(model, "components", {}):  # DiTPipeline cannot load without one
+        return apply_snippet(genome, solver, bool(cfg.solver.clip_x0), "DiTPipeline needs a VAE and this DiT samples pixels")
     if kind in PIPELINE_CLASSES:
-        return pipeline_snippet(kind, genome, source, solver, float(cfg.model.guidance_scale), bool(cfg.solver.clip_x0))
+        return pipeline_snippet(kind, genome, source, solver, float(cfg.model.guidance_scale), bool(cfg.solver.clip_x0),
+                                cfg.model.get("image_size"))
     if cfg.model.prompts:
         return sd_snippet(genome, str(cfg.model.pretrained), solver, cfg.model.guidance_scale)
     if model.prediction_type == "flow":
