@@ -3,7 +3,7 @@
     .venv/bin/python experiments/bench_ray.py            # needs the ray extra and Debian's PostgreSQL
 
 Starts a throwaway one-node Ray cluster (tests/ray_cluster.py, `--num-cpus` declared, default 2) and
-PostgreSQL server (tests/pg.py), and runs tests/cheap_worker.py (the real AutoDiffusionSampler, study
+PostgreSQL server (tests/pg.py), and runs tests/cheap_worker.py (the real AutoDiffusionPaperSampler, study
 lock, heartbeats and the 2-connection pool; an objective that sleeps `--sleep` s) as Ray tasks, each
 wrapped as `python -m autodiff_opt.cluster ray` wraps the CLI (`cluster.ray_task` running a `CliJob`).
 
