@@ -257,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for observed in pool.imap_unordered(_run, [(*j, peer) for j in jobs]):
             runs += (split := _split(observed))
+            (out / "runs_raw.json").write_text(json.dumps(runs))  # the searches survive a failure of what follows
             for run in split:
                 print(f"{run['sampler']} ({run['stop']}, stopped by {run['stop_reason']}) seed {run['seed']}: {run['trials']} trials ({run['pruned']} pruned,"
                       f" {run['failed']} failed), {run['trace'][-1][0]:.0f} cand., best search FID {run['trace'][-1][2]:.3f},"
@@ -266,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--merge {args.merge} was run with overrides {earlier['overrides']}, not {args.overrides}")
         runs = [r for r in earlier["runs"] if r["sampler"] not in samplers] + runs
         keys = {k for r in runs for c in checkpoints if (k := _best_at(r["trace"], c))}
+        keys |= {r["trace"][-1][1] for r in runs if r["trace"] and r["trace"][-1][1]}  # where each run stopped
         keys |= {json.dumps(peer["genomes"]["gits_dp"])}
         from autodiff_opt.core.genome import Genome
         from autodiff_opt.solvers import heuristic_schedule
