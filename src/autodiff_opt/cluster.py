@@ -438,7 +438,9 @@ def seed_main(overrides: list[str]) -> int:
     from omegaconf import DictConfig
 
     from autodiff_opt import CONFIG_DIR
+    from autodiff_opt.config import register_configs
 
+    register_configs()  # the structured defaults the YAML files extend
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
     def _seed(cfg: DictConfig) -> None:
         from autodiff_opt.core.errors import USER_ERRORS

@@ -142,7 +142,9 @@ def compose_config(overrides: list[str], url: str):
     from hydra.core.global_hydra import GlobalHydra
 
     from autodiff_opt import CONFIG_DIR
+    from autodiff_opt.config import register_configs
 
+    register_configs()  # the structured defaults (base_config, base_storage, ...) the YAML files extend
     usable = [o for o in overrides if not _key(o).startswith("hydra")]
     GlobalHydra.instance().clear()
     try:
