@@ -365,11 +365,16 @@ def run_on_ray(ray: Any, plan: ClusterPlan, resources: dict[str, float], max_ret
         return remote.options(name=f"autodiff-{name.replace(' ', '-')}", max_retries=max_retries,
                               retry_exceptions=[WorkerLost], **resources).remote(job, index)
 
-    try:
-        ray.get(submit(plan.seed_command, "study creator", "seed.log"))
-    except ray.exceptions.RayError as err:
-        print(f"error: the study creator failed ({_task_error(err)}): {last_error_line(plan.log_dir / 'seed.log')}",
-              file=sys.stderr)
+    def once(command: list[str], name: str, log: str) -> bool:
+        """The study creator or the final run: one task; False (the error printed) when it failed."""
+        try:
+            ray.get(submit(command, name, log))
+            return True
+        except ray.exceptions.RayError as err:
+            print(f"error: the {name} failed ({_task_error(err)}): {last_error_line(plan.log_dir / log)}", file=sys.stderr)
+            return False
+
+    if not once(plan.seed_command, "study creator", "seed.log"):
         return 1
     log.info("study %s ready; starting %d worker task(s)", plan.study_name, plan.workers)
     workers = [submit(plan.worker_command, "worker", f"worker-{i}.log", i) for i in range(plan.workers)]
@@ -387,13 +392,7 @@ def run_on_ray(ray: Any, plan: ClusterPlan, resources: dict[str, float], max_ret
               file=sys.stderr)
         return 1
     log.info("final run (evaluation on fresh seeds and report, once) in %s", plan.run_dir)
-    try:
-        ray.get(submit(plan.final_command, "final run", "final.log"))
-    except ray.exceptions.RayError as err:
-        print(f"error: the final run failed ({_task_error(err)}): {last_error_line(plan.log_dir / 'final.log')}",
-              file=sys.stderr)
-        return 1
-    return 0
+    return 0 if once(plan.final_command, "final run", "final.log") else 1
 
 
 def ray_main(args: argparse.Namespace, overrides: list[str]) -> int:
