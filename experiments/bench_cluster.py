@@ -38,7 +38,6 @@ from autodiff_opt.cluster import CliJob  # noqa: E402
 from autodiff_opt.core.keys import RETRY_OF_ATTR  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-WORKER = ROOT / "tests" / "cheap_worker.py"
 
 
 def executor(folder: Path, name: str):  # noqa: ANN201
@@ -49,17 +48,11 @@ def executor(folder: Path, name: str):  # noqa: ANN201
     return ex
 
 
-def worker_command(url: str, study: str, args: argparse.Namespace, *extra: str) -> list[str]:
-    return [sys.executable, str(WORKER), "--storage", url, "--study", study, "--worker", "{index}", "--population",
-            str(args.population), "--generations", str(args.generations), "--sleep", str(args.sleep),
-            "--heartbeat", "1", "--grace", str(args.grace), *extra]
-
-
 def throughput(server, n: int, args: argparse.Namespace, folder: Path) -> dict[str, float]:  # noqa: ANN001
     url = pg.create_database(server)
     cw.create(cw.open_storage(url, 0, 2), "s", args.population)
     submitted = time.time()
-    jobs = executor(folder, f"bench-{n}").map_array(CliJob(worker_command(url, "s", args), "worker"), list(range(n)))
+    jobs = executor(folder, f"bench-{n}").map_array(CliJob(cw.command(url, "s", args), "worker"), list(range(n)))
     for job in jobs:
         job.wait()
     study = optuna.load_study(study_name="s", storage=cw.open_storage(url, 0, 2))
@@ -81,18 +74,11 @@ def _field(cluster: slurm.SlurmCluster, job: str, name: str) -> str:
 def preemption(server, cluster: slurm.SlurmCluster, args: argparse.Namespace, folder: Path) -> dict[str, float]:  # noqa: ANN001
     url = pg.create_database(server)
     cw.create(cw.open_storage(url, 0, 2), "s", args.population)
-    slow = executor(folder, "bench-slow").submit(CliJob(worker_command(url, "s", args, "--slow-trial", "2",
+    slow = executor(folder, "bench-slow").submit(CliJob(cw.command(url, "s", args, "--slow-trial", "2",
                                                                         "--slow-sleep", "600"), "worker"), 0)
-    other = executor(folder, "bench-other").submit(CliJob(worker_command(url, "s", args), "worker"), 1)
+    other = executor(folder, "bench-other").submit(CliJob(cw.command(url, "s", args), "worker"), 1)
     storage = cw.open_storage(url, 0, 2)
-    victim = None
-    while victim is None:
-        time.sleep(0.05)
-        try:
-            trials = optuna.load_study(study_name="s", storage=storage).get_trials(deepcopy=False)
-        except KeyError:
-            continue
-        victim = next((t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("slow")), None)
+    victim = cw.wait_for_slow_trial(storage, "s")
     requeued = time.time()
     subprocess.run(["scontrol", "requeue", slow.job_id], env=cluster.env(), check=True)
     retry = None

@@ -40,13 +40,6 @@ from autodiff_opt.cluster import CliJob, WorkerLost, ray_task  # noqa: E402
 from autodiff_opt.core.keys import RETRY_OF_ATTR  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-WORKER = ROOT / "tests" / "cheap_worker.py"
-
-
-def worker_command(url: str, study: str, args: argparse.Namespace, *extra: str) -> list[str]:
-    return [sys.executable, str(WORKER), "--storage", url, "--study", study, "--worker", "{index}", "--population",
-            str(args.population), "--generations", str(args.generations), "--sleep", str(args.sleep),
-            "--heartbeat", "1", "--grace", str(args.grace), *extra]
 
 
 def submit(ray, command: list[str], index: int, log: Path, retries: int = 2):  # noqa: ANN001, ANN201
@@ -58,7 +51,7 @@ def throughput(ray, server, n: int, args: argparse.Namespace, folder: Path) -> d
     url = pg.create_database(server)
     cw.create(cw.open_storage(url, 0, 2), "s", args.population)
     submitted = time.time()
-    ray.get([submit(ray, worker_command(url, "s", args), i, folder / f"t{n}-{i}.log") for i in range(n)])
+    ray.get([submit(ray, cw.command(url, "s", args), i, folder / f"t{n}-{i}.log") for i in range(n)])
     study = optuna.load_study(study_name="s", storage=cw.open_storage(url, 0, 2))
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     first = min(t.datetime_start.timestamp() for t in done)
@@ -72,18 +65,11 @@ def throughput(ray, server, n: int, args: argparse.Namespace, folder: Path) -> d
 def killed_worker(ray, server, args: argparse.Namespace, folder: Path) -> dict[str, float]:  # noqa: ANN001
     url = pg.create_database(server)
     cw.create(cw.open_storage(url, 0, 2), "s", args.population)
-    slow = submit(ray, worker_command(url, "s", args, "--slow-trial", "2", "--slow-sleep", "600"), 0,
+    slow = submit(ray, cw.command(url, "s", args, "--slow-trial", "2", "--slow-sleep", "600"), 0,
                   folder / "slow.log", retries=1)
-    other = submit(ray, worker_command(url, "s", args), 1, folder / "other.log")
+    other = submit(ray, cw.command(url, "s", args), 1, folder / "other.log")
     storage = cw.open_storage(url, 0, 2)
-    victim = None
-    while victim is None:
-        time.sleep(0.05)
-        try:
-            trials = optuna.load_study(study_name="s", storage=storage).get_trials(deepcopy=False)
-        except KeyError:
-            continue
-        victim = next((t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("slow")), None)
+    victim = cw.wait_for_slow_trial(storage, "s")
     pid = int(victim.user_attrs["pid"])
     os.kill(pid, signal.SIGKILL)
     killed = time.time()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from optuna.study import Study
 from optuna.trial import TrialState
@@ -44,3 +46,21 @@ def audit(study: Study, generations: int | None = None) -> Audit:
         retries=retries,
         untracked=untracked,
     )
+
+
+def assert_lost_worker_recovered(study: Study, number: int, genome: Any, run_dir: Path, generations: int,
+                                 population: int, overshoot: int) -> Any:
+    """A search that lost the worker evaluating trial ``number`` (a genome) still ended as an intact one: its
+    budget spent, no genome completed twice, that trial failed and retried once with the same genome, nothing
+    left running, the final table written once. Returns the retry."""
+    a = audit(study, generations)
+    assert a.generations_complete(population, generations), a  # the budget is spent
+    assert a.duplicate_genomes == 0 and a.overshoot <= overshoot, a  # no genome completed twice
+    assert study.trials[number].state == TrialState.FAIL, a
+    retries = [t for t in study.trials if t.system_attrs.get(RETRY_OF_ATTR) == number]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE, a
+    assert retries[0].system_attrs[GENOME_ATTR] == genome
+    assert {t.state for t in study.trials} <= {TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING}, a
+    assert sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("final.csv")) == ["final.csv"]
+    assert "autodiff:final" in study.user_attrs
+    return retries[0]

@@ -87,6 +87,27 @@ def create(storage: optuna.storages.BaseStorage, name: str, population: int) -> 
     return study
 
 
+def command(url: str, study: str, args: argparse.Namespace, *extra: str) -> list[str]:
+    """This worker's command line for a launcher ({index} is the worker's index); ``args`` carries the benches'
+    population, generations, sleep and grace."""
+    return [sys.executable, str(Path(__file__).resolve()), "--storage", url, "--study", study, "--worker", "{index}",
+            "--population", str(args.population), "--generations", str(args.generations), "--sleep", str(args.sleep),
+            "--heartbeat", "1", "--grace", str(args.grace), *extra]
+
+
+def wait_for_slow_trial(storage: optuna.storages.BaseStorage, study: str) -> optuna.trial.FrozenTrial:
+    """The running trial marked slow (``--slow-trial``), once some worker has started it."""
+    while True:
+        time.sleep(0.05)
+        try:
+            trials = optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+        except KeyError:  # the study is not created yet
+            continue
+        slow = next((t for t in trials if t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get("slow")), None)
+        if slow is not None:
+            return slow
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--storage", required=True)

@@ -26,8 +26,8 @@ import pytest
 from optuna.trial import TrialState
 
 import cheap_worker as cw
-from audit import audit
-from autodiff_opt.core.keys import OWNER_ATTR, RETRY_OF_ATTR
+from audit import assert_lost_worker_recovered, audit
+from autodiff_opt.core.keys import OWNER_ATTR
 from autodiff_opt.search.space import GENERATION_ATTR, GENOME_ATTR
 from autodiff_opt.search.study import application_name
 from cli_helpers import cli_env, tiny_overrides
@@ -155,24 +155,14 @@ def test_slurm_array_survives_a_requeued_worker(slurm: SlurmCluster, pg_url: str
     assert job_field(slurm, element, "Restarts") == "1", logs
 
     study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
-    a = audit(study, GENERATIONS)
-    assert a.generations_complete(POPULATION, GENERATIONS), a  # the budget is spent
-    assert a.duplicate_genomes == 0 and a.overshoot <= 2, a  # no genome completed twice
-    dead = study.trials[number]
-    assert dead.state == TrialState.FAIL, a
-    retries = [t for t in study.trials if t.system_attrs.get(RETRY_OF_ATTR) == number]
-    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE, a
-    assert retries[0].system_attrs[GENOME_ATTR] == genome
-    assert {t.state for t in study.trials} <= {TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING}, a
-    assert sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("final.csv")) == ["final.csv"]
-    assert "autodiff:final" in study.user_attrs
+    retry = assert_lost_worker_recovered(study, number, genome, run_dir, GENERATIONS, POPULATION, overshoot=2)
     element_log = (run_dir / "slurm" / f"{element}_0_log.out").read_text()
     assert element_log.count("[autodiff-opt] worker ") == 2, element_log[-3000:]  # it started again
     assert len(watch.most) >= 3 and max(watch.most.values()) <= 2, watch.most  # seed, workers, final: <= 2 each
     for job in (seed_id, *(f"{array_id}_{i}" for i in range(3)), final_id):  # where the time goes (pytest -s)
         print(job, job_field(slurm, job, "StartTime"), job_field(slurm, job, "EndTime"))
     print("most connections at once, all processes:", watch.most_total, dict(watch.most))
-    print(f"requeue -> retry started: {retries[0].datetime_start.timestamp() - requeued_wall:.1f}s")
+    print(f"requeue -> retry started: {retry.datetime_start.timestamp() - requeued_wall:.1f}s")
 
 
 def test_sixteen_workers_stay_under_postgresqls_default_max_connections(pg_url: str, tmp_path: Path) -> None:

@@ -26,8 +26,8 @@ import pytest
 from optuna.trial import TrialState
 
 import cheap_worker as cw
-from audit import audit
-from autodiff_opt.core.keys import OWNER_ATTR, RETRY_OF_ATTR
+from audit import assert_lost_worker_recovered
+from autodiff_opt.core.keys import OWNER_ATTR
 from autodiff_opt.search.space import GENERATION_ATTR, GENOME_ATTR
 from cli_helpers import cli_env, tiny_overrides
 from ray_cluster import RayHead, RayUnavailable, start_head, stop_head
@@ -101,24 +101,14 @@ def test_ray_tasks_survive_a_killed_worker(ray_head: RayHead, pg_url: str, tiny_
     assert f"task logs: {run_dir / 'ray'}" in out
 
     study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
-    a = audit(study, GENERATIONS)
-    assert a.generations_complete(POPULATION, GENERATIONS), a  # the budget is spent
-    assert a.duplicate_genomes == 0 and a.overshoot <= 1, a  # no genome completed twice
-    dead = study.trials[number]
-    assert dead.state == TrialState.FAIL, a
-    retries = [t for t in study.trials if t.system_attrs.get(RETRY_OF_ATTR) == number]
-    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE, a
-    assert retries[0].system_attrs[GENOME_ATTR] == genome
-    assert {t.state for t in study.trials} <= {TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING}, a
-    assert sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("final.csv")) == ["final.csv"]
-    assert "autodiff:final" in study.user_attrs
+    retry = assert_lost_worker_recovered(study, number, genome, run_dir, GENERATIONS, POPULATION, overshoot=1)
     starts = {p.name: len(re.findall(r"^\[autodiff-opt\] worker \d", p.read_text(), re.M))
               for p in (run_dir / "ray").glob("worker-*.log")}
     assert sorted(starts.values()) == [1, 2], starts  # Ray ran the killed worker's task again, once
     assert (run_dir / "ray" / "seed.log").read_text().count("[autodiff-opt] study creator") == 1
     assert len(watch.most) >= 3 and max(watch.most.values()) <= 2, watch.most  # seed, workers, final: <= 2 each
     print("most connections at once, all processes:", watch.most_total, dict(watch.most))
-    print(f"kill -> retry started: {retries[0].datetime_start.timestamp() - killed_wall:.1f}s")
+    print(f"kill -> retry started: {retry.datetime_start.timestamp() - killed_wall:.1f}s")
 
 
 @pytest.mark.parametrize("args,message", [
