@@ -6,11 +6,9 @@ without genomes (search/final.py)."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import optuna
 import pytest
-from omegaconf import OmegaConf
 
 from autodiff_opt.core.errors import USER_ERRORS, ConfigError, StudyError
 
