@@ -26,6 +26,13 @@ def test_the_composed_config_becomes_the_typed_config(tmp_path: Path) -> None:
     assert as_tree(config) == cfg  # and back, for the checks still written for the tree
 
 
+def test_the_report_settings_hide_the_storage_password(tmp_path: Path) -> None:
+    from autodiff_opt.report.provenance import settings_yaml
+
+    text = settings_yaml(to_config(compose_cfg(["storage.url=postgresql://me:s3cret@127.0.0.1:5/db"], tmp_path)))
+    assert "postgresql://***@127.0.0.1:5/db" in text and "s3cret" not in text
+
+
 @pytest.mark.parametrize("tree,key", [
     ({"search": {"num_steps": "four"}}, "search.num_steps"),  # a wrong type
     ({"search": {"num_stepz": 4}}, "search.num_stepz"),  # a key the schema lacks
@@ -74,4 +81,4 @@ def test_names_signatures_and_settings_are_those_of_the_composed_tree(tmp_path: 
         config = to_config(cfg)
         assert config_signature(config) == config_signature(cfg), overrides
         assert study_name_of(config) == study_name_of(cfg), overrides
-        assert settings_yaml(config) == settings_yaml(cfg), overrides
+        assert settings_yaml(config) == OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)), overrides
