@@ -35,12 +35,13 @@ def measure(exp: Any, sampler_name: str, storage: str, candidates: int, tmp: Pat
     from autodiff_opt.search.progress import Progress
     from autodiff_opt.search.samplers import resolve
     from autodiff_opt.search.study import open_study
+    from autodiff_opt.config import as_tree, to_config
 
-    cfg = exp.cfg.copy()
+    cfg = as_tree(exp.cfg)  # a DictConfig copy of the typed config, to update
     OmegaConf.update(cfg, "search.sampler", sampler_name)
     OmegaConf.update(cfg, "search.budget", candidates)
     OmegaConf.update(cfg, "storage.url", f"sqlite:///{tmp / (sampler_name + '.db')}" if storage == "sqlite" else "sqlite:///:memory:")
-    exp.cfg, exp.setup = cfg, resolve(cfg.search)
+    exp.cfg, exp.setup = to_config(cfg), resolve(cfg.search)
     store = open_storage(cfg.storage) if storage == "sqlite" else optuna.storages.InMemoryStorage()
     study = open_study(store, f"bench-{sampler_name}", runner.study_signature(cfg, exp.space), runner.make_sampler(exp),
                        pruner=make_pruner(exp.setup.prune, exp.setup.evolution.num_parents))

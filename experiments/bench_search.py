@@ -72,7 +72,9 @@ def _run(job: tuple[str, int, float, str, dict[str, Any]]) -> dict[str, Any]:
     name, seed, budget, stop_kind, peers = job
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     exp = _EXP
-    cfg = exp.cfg.copy()
+    from autodiff_opt.config import as_tree, to_config
+
+    cfg = as_tree(exp.cfg)  # a DictConfig copy of the typed config, to update
     base, *variants = name.split("+")  # e.g. tpe+prune (with our pruning), autodiffusion+prune=false
     OmegaConf.update(cfg, "search.sampler", base)
     for variant in variants:
@@ -80,7 +82,7 @@ def _run(job: tuple[str, int, float, str, dict[str, Any]]) -> dict[str, Any]:
         OmegaConf.update(cfg, f"search.{key}", yaml.safe_load(value) if value else True)
     observe = stop_kind == "observe"  # to the budget; the converged stop's trial is read off afterwards
     OmegaConf.update(cfg, "search.stop", "converged" if observe else stop_kind)  # the objective scores the rungs the stop reads
-    exp.cfg, exp.setup = cfg, resolve(cfg.search)
+    exp.cfg, exp.setup = to_config(cfg), resolve(cfg.search)
     sampler = runner.make_sampler(exp, seed=1000 + seed)  # the sampler's seed varies; the search samples do not
     study = optuna.create_study(sampler=sampler, pruner=make_pruner(exp.setup.prune, exp.setup.evolution.num_parents))
     exp.peers = {k: runner.Genome.from_json(g) for k, g in peers["genomes"].items()}

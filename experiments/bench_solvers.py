@@ -61,13 +61,14 @@ def _set_space(exp: Any, nfe: int, solvers: list[str]) -> None:
     from autodiff_opt import runner
     from autodiff_opt.search.samplers import resolve
     from autodiff_opt.search.space import SearchSpace
+    from autodiff_opt.config import as_tree, to_config
 
-    cfg = exp.cfg.copy()
+    cfg = as_tree(exp.cfg)  # a DictConfig copy of the typed config, to update
     OmegaConf.update(cfg, "search.num_steps", nfe)
     OmegaConf.update(cfg, "search.solvers", solvers)
-    exp.cfg, exp.setup = cfg, resolve(cfg.search)
+    exp.cfg, exp.setup = to_config(cfg), resolve(cfg.search)
     exp.space = SearchSpace(nfe, exp.model.num_train_timesteps, solvers=tuple(solvers))
-    exp.baselines = runner.baseline_genomes(cfg, exp.model.alphas_cumprod, exp.model.num_train_timesteps)
+    exp.baselines = runner.baseline_genomes(exp.cfg.search, exp.model.alphas_cumprod, exp.model.num_train_timesteps)
     exp.peers = {}
 
 

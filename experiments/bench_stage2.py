@@ -186,7 +186,7 @@ def cost_of(exp: Any, genome: Any) -> float:
 def score(exp: Any, genome: Any, sets: list[Any], name: str) -> list[float]:
     from autodiff_opt.search.final import _fresh_fids
 
-    return _fresh_fids(exp, genome, sets, name)[0]
+    return _fresh_fids(exp.final_inputs(), genome, sets, name)[0]
 
 
 def score_rows(args: argparse.Namespace, model: str, searches: dict[str, Any], transformer: bool) -> list[dict[str, Any]]:
@@ -238,7 +238,7 @@ def add_cache_rows(args: argparse.Namespace, exp: Any, sets: list[Any], searches
             g = Genome.from_json(searches[f"stage1-k{k}-s{seed}"]["genome"])
             for level, settings in enumerate(CACHE_LEVELS[name]):
                 try:
-                    cost = score_cache(exp, name, g, sets, with_fid=False, settings=settings)[0]
+                    cost = score_cache(exp.final_inputs(), name, g, sets, with_fid=False, settings=settings)[0]
                 except Exception as err:  # a cache whose hooks do not fit this model: logged, not fatal
                     log.warning("cache %s %s failed: %s: %s", name, settings, type(err).__name__, err)
                     continue
@@ -252,7 +252,7 @@ def add_cache_rows(args: argparse.Namespace, exp: Any, sets: list[Any], searches
             log.warning("cache %s: nothing of %s steps fits %d full steps (%s)", name, ks, b, tried)
             continue
         k, level, settings, g = pick
-        cost, fids, _ = score_cache(exp, name, g, sets, settings=settings)
+        cost, fids, _ = score_cache(exp.final_inputs(), name, g, sets, settings=settings)
         add(f"cache:{name}", b, seed, g, cost, fids, base_k=k, settings=str(settings), costs_tried=tried)
 
 

@@ -6,11 +6,9 @@ without genomes (search/final.py)."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import optuna
 import pytest
-from omegaconf import OmegaConf
 
 from autodiff_opt.core.errors import USER_ERRORS, ConfigError, StudyError
 
@@ -23,17 +21,18 @@ def _one_line(err: pytest.ExceptionInfo[BaseException]) -> str:
 
 @pytest.mark.parametrize("final_seed,repeats,which", [(7, 1, "final.seed = 7"), (7 - 7919 * 2, 3, "repeat 2")])
 def test_final_seeds_that_meet_the_search_seed(final_seed: int, repeats: int, which: str) -> None:
-    from autodiff_opt.search.final import final_evaluation, final_seeds
+    from autodiff_opt.config import FinalConfig
+    from autodiff_opt.search.final import FinalInputs, final_evaluation, final_seeds
 
     with pytest.raises(ConfigError, match="set final.seed to another value") as err:
         final_seeds(final_seed, repeats, search_seed=7)
     assert which in _one_line(err)
     assert final_seeds(8, 3, search_seed=7) == [8, 8 + 7919, 8 + 2 * 7919]
     # final_evaluation refuses them first, before it reads the study (this one has no trials) or any model
-    exp = SimpleNamespace(cfg=OmegaConf.create({"final": {"seed": final_seed, "repeats": repeats, "num_samples": 8},
-                                                "search": {"seed": 7, "num_samples": 8}}))
+    inputs = FinalInputs(None, None, None, None, FinalConfig(seed=final_seed, repeats=repeats, num_samples=8),  # type: ignore[arg-type]
+                         search_seed=7, search_samples=8)
     with pytest.raises(ConfigError, match="is search.seed"):
-        final_evaluation(optuna.create_study(), exp)  # type: ignore[arg-type]
+        final_evaluation(optuna.create_study(), inputs)
 
 
 def test_a_study_without_genomes_is_a_study_error() -> None:

@@ -83,7 +83,7 @@ def fids_by_hand(exp, genome: Genome) -> list[float]:  # type: ignore[no-untyped
 @pytest.fixture(scope="module")
 def evaluated(exp):  # type: ignore[no-untyped-def]
     study = hand_study()
-    return study, final_evaluation(study, exp)
+    return study, final_evaluation(study, exp.final_inputs())
 
 
 # --- the final table ------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def test_final_ratios_by_hand(evaluated) -> None:  # type: ignore[no-untyped-def
 
 
 def test_with_skips_row_when_the_winner_skips_nothing(exp) -> None:  # type: ignore[no-untyped-def]
-    candidates = final_candidates(hand_study(best_has_skips=False), exp)
+    candidates = final_candidates(hand_study(best_has_skips=False), exp.final_inputs())
     assert candidates["searched"] == STAGE1_BEST and candidates["searched_with_skips"] == SKIPPING_BEST
     assert "searched_stage1" not in candidates
 
@@ -148,9 +148,9 @@ def test_final_result_is_reused_and_recomputed_when_its_setting_changes(exp, eva
                                  "best_trial": 3, "trials": 6}
     planted = [{**row, "fid_final": 123.0} for row in stored["rows"]]  # what only a reuse can return
     study.set_user_attr(FINAL_ATTR, {"setting": stored["setting"], "rows": planted})
-    assert (final_evaluation(study, exp).fid_final == 123.0).all()
+    assert (final_evaluation(study, exp.final_inputs()).fid_final == 123.0).all()
     study.add_trial(candidate(Genome((600, 400, 200, 1)), 8.5, 1, 3))  # a new candidate: the table is stale
-    again = final_evaluation(study, exp)
+    again = final_evaluation(study, exp.final_inputs())
     assert (again.fid_final != 123.0).all()
     pd.testing.assert_series_equal(again.fid_final, table.fid_final)  # same candidates, same fresh seeds
     assert study.user_attrs[FINAL_ATTR]["setting"]["trials"] == 7
@@ -162,7 +162,7 @@ def test_pareto_picks_six_points_spread_over_the_cost_axis(exp) -> None:  # type
     for i, (fid, cost) in enumerate(front):
         study.add_trial(candidate(Genome((900 - i, 500, 250, 10 + i)), fid, 0, i, cost=cost))
     study.add_trial(candidate(Genome((990, 500, 250, 3)), 9.9, 0, 11, cost=3.3))  # dominated by (7.0, 2.5)
-    names = [n for n in final_candidates(study, exp) if n.startswith("searched")]
+    names = [n for n in final_candidates(study, exp.final_inputs()) if n.startswith("searched")]
     # front sorted by cost, indices round(i * 10 / 5) = 0, 2, 4, 6, 8, 10; the last (FID 0) is also the winner
     assert names == ["searched"] + [f"searched_pareto_{1.0 + 0.5 * i:.2f}" for i in (0, 2, 4, 6, 8)]
 

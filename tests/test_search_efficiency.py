@@ -507,12 +507,10 @@ def test_study_signature_covers_every_objective_setting_and_allows_only_the_list
 
 def test_dp_peer_clips_x0_for_pixel_models_whatever_the_solver(tiny_experiment) -> None:  # type: ignore[no-untyped-def]
     import copy
-
-    from omegaconf import OmegaConf
+    from dataclasses import replace
 
     from autodiff_opt.runner import peer_clip_x0
 
     exp = copy.copy(tiny_experiment)
-    exp.cfg = tiny_experiment.cfg.copy()
-    OmegaConf.update(exp.cfg, "solver.clip_x0", False)
+    exp.cfg = replace(tiny_experiment.cfg, solver=replace(tiny_experiment.cfg.solver, clip_x0=False))
     assert exp.model.decode is None and peer_clip_x0(exp) is True

@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from autodiff_opt.core.errors import ConfigError
 
 DEFAULT_BASELINES = ["ddim_uniform", "trailing", "quadratic", "logsnr", "karras"]
 
@@ -168,3 +172,32 @@ def register_configs() -> None:
     for group, node in (("model", ModelConfig), ("dataset", DatasetConfig), ("solver", SolverConfig),
                         ("metric", MetricConfig), ("search", SearchConfig), ("storage", StorageConfig)):
         cs.store(group=group, name=f"base_{group}", node=node)
+
+
+def to_config(cfg: Config | DictConfig | dict) -> Config:
+    """The composed config as the typed ``Config`` (``OmegaConf.to_object`` on the structured schema): built once
+    by the orchestration layer (runner), which hands its typed pieces down. A tree not composed on
+    ``base_config`` (``OmegaConf.create``, a dict) is merged onto the schema first, so unknown keys and wrong
+    types are refused the same way. An interpolation that does not resolve, a missing value (``???``), an
+    unknown key or a wrong type is a ``ConfigError``: one line naming the setting (exit 2)."""
+    if isinstance(cfg, Config):
+        return cfg
+    try:
+        tree = cfg if OmegaConf.get_type(cfg) is Config else OmegaConf.merge(OmegaConf.structured(Config), cfg)
+        config = OmegaConf.to_object(tree)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_schema_problem(err)) from err
+    assert isinstance(config, Config)  # the schema's type, by the merge above
+    return config
+
+
+def as_tree(node: Any) -> DictConfig:
+    """A typed config, or a piece of it, as the DictConfig that code written for the composed tree reads
+    (preflight's checks use ``.get``; models/factory.py converts ``noise_schedule`` with OmegaConf)."""
+    return node if isinstance(node, DictConfig) else OmegaConf.structured(node)
+
+
+def _schema_problem(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or "the config"
+    first = (str(getattr(err, "msg", None) or err).strip().splitlines() or [type(err).__name__])[0]
+    return f"{key}: {first} ({type(err).__name__}): fix this setting (its type and default are in autodiff_opt/config.py)"

@@ -151,7 +151,7 @@ def budget_in_force(search: Any) -> str:
     from autodiff_opt.search.samplers import resolve
 
     setup = resolve(search)
-    if search.get("budget") is not None:
+    if getattr(search, "budget", None) is not None:  # the typed SearchConfig or the composed tree
         return f"{setup.budget:g} candidate-equivalents (search.budget={search.budget})"
     return (f"{setup.budget:g} candidate-equivalents (search.budget unset: search.population={setup.evolution.population}"
             f" x search.generations={setup.generations} of search.sampler={setup.sampler})")

@@ -1,10 +1,13 @@
-"""The whole experiment: load, open or resume the study, search, score on fresh seeds, report."""
+"""The whole experiment: load, open or resume the study, search, score on fresh seeds, report.
+
+The orchestration layer: the composed config becomes the typed ``Config`` once (``config.to_config``), and the
+layers below get the typed pieces they read (``FinalInputs``, ``SearchConfig``, ``StorageConfig``, ...)."""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +16,14 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
+from autodiff_opt.config import Config, SearchConfig, StorageConfig, as_tree, to_config
 from autodiff_opt.core.errors import ConfigError
 from autodiff_opt.core.keys import BASELINE_ATTR, ENQUEUED_GENOME_ATTR, PEERS_ATTR, SEEDED_ATTR
 from autodiff_opt.generate import ImageGenerator, SampleSet
 from autodiff_opt.metrics.fid import FIDScorer, FIDStats
 from autodiff_opt.metrics.reference import check_reference, reference_statistics
 from autodiff_opt.models.base import DiffusionModel
-from autodiff_opt.search.final import final_evaluation
+from autodiff_opt.search.final import FinalInputs, compared_schedules, final_evaluation
 from autodiff_opt.core.genome import Genome, GenomeError, validate_timesteps
 from autodiff_opt.search import coding
 from autodiff_opt.search.fidelity import PEER_COST_ATTR, ImageStepBudget, make_pruner, rung_sizes
@@ -47,7 +51,7 @@ log = logging.getLogger(__name__)
 class Experiment:
     """Everything a search needs, built once per process."""
 
-    cfg: DictConfig
+    cfg: Config  # the typed config (config.to_config), built once
     model: DiffusionModel
     scorer: FIDScorer
     reference: FIDStats
@@ -71,7 +75,15 @@ class Experiment:
 
     def all_baselines(self) -> dict[str, Genome]:
         """Heuristic and user schedules, then the peers' (what the search is compared against)."""
-        return {**self.baselines, **{k: v for k, v in self.peers.items() if v not in self.baselines.values()}}
+        return compared_schedules(self.baselines, self.peers)
+
+    def final_inputs(self) -> FinalInputs:
+        """What the final comparison (and the report's grids) read of the experiment."""
+        return FinalInputs(self.generator, self.scorer, self.reference, self.model, self.cfg.final,
+                           search_seed=int(self.cfg.search.seed), search_samples=int(self.cfg.search.num_samples),
+                           baselines=dict(self.baselines), peers=dict(self.peers), caches=dict(self.caches),
+                           budget=self.stage2.budget if self.stage2 is not None else None,
+                           layer_costs=self.layer_costs)
 
     def params_of(self, genome: Genome) -> dict[str, Any]:
         """The trial params a sampler asks for this genome (to enqueue it)."""
@@ -88,20 +100,20 @@ def heuristic_steps(name: str, k: int, T: int, alphas_cumprod: Any, shift: float
     return list(heuristic_schedule(name, k, alphas_cumprod))
 
 
-def baseline_genomes(cfg: DictConfig, alphas_cumprod: Any, T: int, shift: float = 1.0,
+def baseline_genomes(search: SearchConfig, alphas_cumprod: Any, T: int, shift: float = 1.0,
                      dynamic_shift: bool = False) -> dict[str, Genome]:
     """Heuristic schedules at the search's K (flow_* ones with the flow model's shift), then the user's own
     schedules (validated). With the solver gene, every heuristic with every listed solver at its K for the
     NFE budget ("karras@ipndm"), and the user's schedules with every listed solver whose K they have."""
-    space = SearchSpace(cfg.search.num_steps, T, solvers=tuple(cfg.search.solvers))
+    space = SearchSpace(search.num_steps, T, solvers=tuple(search.solvers))
     solvers: list[str | None] = list(space.solvers) or [None]
     out: dict[str, Genome] = {}
-    for name in cfg.search.baselines:
+    for name in search.baselines:
         for solver in solvers:
             k = space.steps_for(solver)
             steps = heuristic_steps(name, k, T, alphas_cumprod, shift, dynamic_shift)
             out[name if solver is None else f"{name}@{solver}"] = Genome.from_steps(steps, solver=solver)
-    for i, steps in enumerate(cfg.search.schedules):
+    for i, steps in enumerate(search.schedules):
         steps = [int(t) for t in steps]
         try:
             validate_timesteps(steps, T)
@@ -132,18 +144,20 @@ def import_plugins(modules: list[str]) -> None:
             raise ConfigError(f"imports: cannot import {name!r} ({err}): check the name and PYTHONPATH") from err
 
 
-def build_experiment(cfg: DictConfig) -> Experiment:
+def build_experiment(cfg: Config | DictConfig) -> Experiment:
+    """The experiment of the typed config (a composed one is converted first: tests and benchmarks pass it)."""
     from autodiff_opt.models.factory import build_model
     from autodiff_opt.preflight import check_feature_layer
 
+    cfg = to_config(cfg)
     import_plugins(list(cfg.imports))
     check_feature_layer(cfg.metric.feature_extractor, cfg.metric.feature_layer)
     device = pick_device(cfg.device)
-    model = build_model(cfg.model, device, cfg.cache_dir)
+    model = build_model(as_tree(cfg.model), device, cfg.cache_dir)  # models/ reads a DictConfig (family21's part)
     T = model.num_train_timesteps
     if cfg.search.num_steps > T:
         raise ConfigError(f"search.num_steps={cfg.search.num_steps} exceeds the model's T={T}: use K <= T")
-    baselines = baseline_genomes(cfg, model.alphas_cumprod, T, getattr(model, "shift", 1.0),
+    baselines = baseline_genomes(cfg.search, model.alphas_cumprod, T, getattr(model, "shift", 1.0),
                                  getattr(model, "dynamic_shift", False))
     scorer = FIDScorer(cfg.metric.feature_extractor, cfg.metric.feature_layer, cfg.metric.weights_path,
                        device=device, batch_size=cfg.metric.batch_size, allow_download=cfg.metric.allow_download)
@@ -160,12 +174,12 @@ def build_experiment(cfg: DictConfig) -> Experiment:
                                compile_scope="layers" if cfg.search.stage2.enabled else "unet")
     samples = SampleSet.draw(cfg.search.num_samples, model.sample_shape, model.num_classes, cfg.search.seed)
     space = SearchSpace(cfg.search.num_steps, T, solvers=tuple(cfg.search.solvers))
-    stage2: dict[str, Any] = stage2_setup(cfg, model) if cfg.search.stage2.enabled else {}
+    stage2: dict[str, Any] = stage2_setup(cfg.search, cfg.cache_dir, model) if cfg.search.stage2.enabled else {}
     return Experiment(cfg, model, scorer, reference, stage2.pop("space", space), generator, samples, baselines,
                       setup=resolve(cfg.search), **stage2)
 
 
-def stage2_setup(cfg: DictConfig, model: DiffusionModel) -> dict[str, Any]:
+def stage2_setup(search: SearchConfig, cache_dir: str, model: DiffusionModel) -> dict[str, Any]:
     """Stage 2's part of the experiment, built once: per-layer FLOPs measured, the budget, K widened to
     what the budget may buy, the cache baselines (``Experiment`` fields space, stage2, layer_costs, caches)."""
     from autodiff_opt.arch.budget import Budget
@@ -173,8 +187,8 @@ def stage2_setup(cfg: DictConfig, model: DiffusionModel) -> dict[str, Any]:
     from autodiff_opt.arch.skip import model_skipper
     from autodiff_opt.search.stage2 import Stage2Policy
 
-    s2, K, T = cfg.search.stage2, cfg.search.num_steps, model.num_train_timesteps
-    costs = measure_model_costs(model, model_skipper(model), cache_path=Path(cfg.cache_dir).expanduser() / "layer_costs.json")
+    s2, K, T = search.stage2, search.num_steps, model.num_train_timesteps
+    costs = measure_model_costs(model, model_skipper(model), cache_path=Path(cache_dir).expanduser() / "layer_costs.json")
     k_max = min(K + s2.max_extra_steps, T)
     if s2.budget_layers is not None:
         budget = Budget.from_layer_count(len(costs.names), int(s2.budget_layers))
@@ -187,23 +201,23 @@ def stage2_setup(cfg: DictConfig, model: DiffusionModel) -> dict[str, Any]:
     return {"space": SearchSpace(K, T, k_min=1, k_max=k_max), "layer_costs": costs,
             "stage2": Stage2Policy(budget, s2.max_prun, s2.ramp_steps, s2.start_generation, s2.patience,
                                    min_steps=1, max_steps=k_max),
-            "caches": cache_baselines(cfg, model, k_max)}
+            "caches": cache_baselines(search, model, k_max)}
 
 
-def cache_baselines(cfg: DictConfig, model: DiffusionModel, num_steps: int) -> dict[str, tuple[str, Genome]]:
+def cache_baselines(search: SearchConfig, model: DiffusionModel, num_steps: int) -> dict[str, tuple[str, Genome]]:
     """search.stage2.caches on the first heuristic baseline at ``num_steps`` (the most steps the search may
     use): ``"flow_default+taylorseer": ("taylorseer", genome)``. Transformer denoisers only."""
     from autodiff_opt.arch.layers import is_transformer
 
-    names = list(cfg.search.stage2.caches or [])
+    names = list(search.stage2.caches or [])
     if not names:
         return {}
     if not is_transformer(model.denoiser):
         raise ConfigError(f"search.stage2.caches={names}: diffusers' caches hook transformer blocks; this model's"
                           f" denoiser is a {type(model.denoiser).__name__}: set search.stage2.caches=[]")
-    if not cfg.search.baselines:
+    if not search.baselines:
         raise ConfigError("search.stage2.caches needs a heuristic schedule to run on: list one in search.baselines")
-    base = str(cfg.search.baselines[0])
+    base = str(search.baselines[0])
     steps = heuristic_steps(base, num_steps, model.num_train_timesteps, model.alphas_cumprod,
                             getattr(model, "shift", 1.0), getattr(model, "dynamic_shift", False))
     return {f"{base}+{name}": (str(name), Genome.from_steps(steps)) for name in names}
@@ -228,7 +242,7 @@ def _flatten(node: Any, prefix: str) -> dict[str, Any]:
     return {prefix: node}
 
 
-def study_signature(cfg: DictConfig, space: SearchSpace) -> dict[str, Any]:
+def study_signature(cfg: Config | DictConfig, space: SearchSpace) -> dict[str, Any]:
     """What must match for a study to be resumed: every setting of the config trees that define the
     objective and the search (model, dataset, solver, metric, search, precision), after the sampler's
     defaults are applied, except the short list RESUME_MAY_CHANGE. A new setting is covered by default."""
@@ -237,10 +251,19 @@ def study_signature(cfg: DictConfig, space: SearchSpace) -> dict[str, Any]:
     return flat
 
 
-def config_signature(cfg: DictConfig) -> dict[str, Any]:
+def _signature_trees(cfg: Config | DictConfig) -> dict[str, Any]:
+    """SIGNATURE_TREES as plain values, of the typed Config or of a composed tree (workers compose without a
+    Hydra run, where output_dir does not resolve, so they cannot build the whole Config). The same values:
+    tests/test_typed_config.py checks it on every shipped experiment."""
+    if isinstance(cfg, Config):
+        return {k: asdict(v) if is_dataclass(v) else v for k in SIGNATURE_TREES for v in [getattr(cfg, k)]}
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k]
+            for k in SIGNATURE_TREES}
+
+
+def config_signature(cfg: Config | DictConfig) -> dict[str, Any]:
     """The config's part of ``study_signature`` (all of it but what the loaded model adds)."""
-    trees = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k]
-             for k in SIGNATURE_TREES}
+    trees = _signature_trees(cfg)
     flat = {k: v for k, v in _flatten(trees, "").items() if k not in RESUME_MAY_CHANGE}
     setup = resolve(cfg.search)
     flat.update({f"search.{k}": getattr(setup.evolution, k) for k in EVOLUTION_KEYS})
@@ -250,11 +273,11 @@ def config_signature(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
-def study_name_of(cfg: DictConfig) -> str:
+def study_name_of(cfg: Config | DictConfig) -> str:
     """storage.study_name, or (null) a name of what the study's signature protects: model, solver(s), K,
     sampler (and stage 2) to read, then a short hash of the whole signature, so two runs whose objective or
     search differ never meet in one study by accident, while a rerun of the same settings resumes it."""
-    if cfg.storage.get("study_name"):
+    if cfg.storage.study_name:
         return str(cfg.storage.study_name)
     import hashlib
     import json
@@ -318,16 +341,16 @@ def _ensure_heartbeats(study: optuna.Study, trials: list[optuna.trial.FrozenTria
             record_heartbeat(storage, trial_id(t))
 
 
-def recover_stale_trials(study: optuna.Study, cfg: DictConfig) -> None:
+def recover_stale_trials(study: optuna.Study, storage: StorageConfig) -> None:
     """RUNNING trials left by killed processes: those of this host whose process is gone are failed and
     queued again at once; the others (live workers', other hosts') keep the heartbeat rule: failed once
     stale, by the stale check Optuna runs before every trial and SearchBudget's while it waits. No waiting
     here (a crash loop shorter than the grace period would make no progress)."""
     if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         return
-    fail_dead_local_trials(study, cfg.storage.max_retry)
+    fail_dead_local_trials(study, storage.max_retry)
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    if running and cfg.storage.heartbeat_interval:
+    if running and storage.heartbeat_interval:
         _ensure_heartbeats(study, running)
         optuna.storages.fail_stale_trials(study)
         log.info("%d trial(s) of other processes still RUNNING: they are retried if their heartbeat goes stale",
@@ -383,14 +406,14 @@ def _stop_rule(study: optuna.Study, exp: Experiment) -> SearchBudget | ImageStep
 
 def converges(exp: Experiment) -> bool:
     """search.stop=converged, on a single objective (a Pareto search runs to its budget)."""
-    return str(exp.cfg.search.get("stop", "converged")) == "converged" and not exp.multi_objective
+    return str(exp.cfg.search.stop) == "converged" and not exp.multi_objective
 
 
 def stop_rule(study: optuna.Study, exp: Experiment, budget: SearchBudget | ImageStepBudget) -> StopRule:
     """The budget as the ceiling, with the convergence stop and search.timeout (search/stopping.py)."""
     search = exp.cfg.search
     return StopRule(budget, len(exp.samples) * exp.space.num_steps, len(exp.samples), converges(exp),
-                    float(search.get("patience", 30.0)), parse_timeout(search.get("timeout")), SearchClock(study))
+                    float(search.patience), parse_timeout(search.timeout), SearchClock(study))
 
 
 def run_search(study: optuna.Study, exp: Experiment) -> None:
@@ -432,12 +455,13 @@ def run_search(study: optuna.Study, exp: Experiment) -> None:
         rule.finish()
 
 
-def prepare_study(cfg: DictConfig) -> tuple[optuna.Study, Experiment]:
+def prepare_study(cfg: Config | DictConfig) -> tuple[optuna.Study, Experiment]:
     """Checks, the experiment, the study opened (or created), dead trials recovered, peers and baselines
     queued once: everything before the search (what a cluster's study-creator job runs alone)."""
     from autodiff_opt.preflight import run_all
 
-    storage = run_all(cfg)  # the one validation pass, then the storage opened (checked), before any model
+    cfg = to_config(cfg)  # compose -> the typed Config, once: its types and interpolations
+    storage = run_all(as_tree(cfg))  # the one validation pass, then the storage opened (checked), before any model
     exp = build_experiment(cfg)
     study = open_study(storage, study_name_of(cfg), study_signature(cfg, exp.space), make_sampler(exp),
                        num_objectives=2 if exp.multi_objective else 1,
@@ -445,14 +469,14 @@ def prepare_study(cfg: DictConfig) -> tuple[optuna.Study, Experiment]:
                                           exp.search_setup.evolution.num_parents))
     log.info("study %s in %s: %d trials so far (sampler %s)", study.study_name, _redact(str(cfg.storage.url)),
              len(study.trials), exp.search_setup.sampler)
-    recover_stale_trials(study, cfg)
+    recover_stale_trials(study, cfg.storage)
     with study_lock(study):  # workers starting together compute the peers and enqueue the baselines once
         exp.peers = compute_peers(study, exp)
         seed_study(study, exp)
     return study, exp
 
 
-def run(cfg: DictConfig) -> pd.DataFrame:
+def run(cfg: Config | DictConfig) -> pd.DataFrame:
     """The default experiment end to end; returns the final comparison table."""
     from autodiff_opt.report import write_report
 
@@ -460,11 +484,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     t0 = time.perf_counter()
     run_search(study, exp)
     log.info("search took %.1fs", time.perf_counter() - t0)
-    table = final_evaluation(study, exp) if cfg.final.enabled else None
-    out_dir = Path(cfg.output_dir)
+    table = final_evaluation(study, exp.final_inputs()) if exp.cfg.final.enabled else None
+    out_dir = Path(exp.cfg.output_dir)
     write_report(study, exp, table, out_dir)
     return table if table is not None else pd.DataFrame()
-
-
-def config_to_dict(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import shlex
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
+
+from autodiff_opt.config import Config
 
 from autodiff_opt.search.study import _redact
 
@@ -21,14 +24,10 @@ def _redact_override(override: str) -> str:
     return f"{key}{sep}{_redact_value(value)}" if sep else override
 
 
-def settings_yaml(cfg: DictConfig) -> str:
-    """The resolved config (what the run used); falls back to the unresolved text outside a Hydra run."""
-    try:
-        tree: Any = OmegaConf.to_container(cfg, resolve=True)
-    except Exception:  # noqa: BLE001 - ${hydra:...} interpolations need a Hydra run
-        tree = OmegaConf.to_container(cfg, resolve=False)
-    if isinstance(tree, dict) and isinstance(tree.get("storage"), dict) and isinstance(tree["storage"].get("url"), str):
-        tree["storage"]["url"] = _redact_value(tree["storage"]["url"])
+def settings_yaml(config: Config) -> str:
+    """The resolved config (what the run used): the typed Config, resolved when it was built."""
+    tree: dict[str, Any] = asdict(config)
+    tree["storage"]["url"] = _redact_value(str(tree["storage"]["url"]))
     return OmegaConf.to_yaml(OmegaConf.create(tree))
 
 

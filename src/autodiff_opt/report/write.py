@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
 import pandas as pd
-from omegaconf import OmegaConf
 
 from autodiff_opt.arch.skip import model_skipper
 from autodiff_opt.models.loading import resolve_pretrained
@@ -67,10 +67,11 @@ def _write_grids(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | N
     size, seed = int(exp.cfg.report.grid_size), int(exp.cfg.final.seed)
     if size <= 0:
         return [], []
-    schedules = final_candidates(study, exp)
+    inputs = exp.final_inputs()
+    schedules = final_candidates(study, inputs)
     log.info("sample grids: %d schedules x %d images (seed %d)", len(schedules), size * size, seed)
     images = sample_grids(exp.generator, schedules, size, seed)
-    captions = {name: _caption(name, kind_of(name, exp), schedules[name], final) for name in images}
+    captions = {name: _caption(name, kind_of(name, inputs), schedules[name], final) for name in images}
     folder = out_dir / "samples"
     folder.mkdir(exist_ok=True)
     grids, files = [], []
@@ -134,7 +135,7 @@ def write_report(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | N
         "storage": _redact(str(cfg.storage.url)), "trial": best.number,
         "diffusers_scheduler": diffusers_scheduler(solver, cfg.solver.clip_x0) if not genome.has_skips else None,
         "diffusers_snippet": snippet_for(exp, genome, solver),
-        "model_config": {**OmegaConf.to_container(cfg.model, resolve=True), "skip_units": str(cfg.search.stage2.units)},
+        "model_config": {**asdict(cfg.model), "skip_units": str(cfg.search.stage2.units)},
     }
     if final is not None and not final.empty:
         info["final"] = json.loads(final.to_json(orient="records"))
@@ -154,7 +155,7 @@ def snippet_for(exp: "Experiment", genome: Genome, solver: str) -> str:
         return apply_snippet(genome, solver, bool(cfg.solver.clip_x0), "DiTPipeline needs a VAE and this DiT samples pixels")
     if kind in PIPELINE_CLASSES:
         return pipeline_snippet(kind, genome, source, solver, float(cfg.model.guidance_scale), bool(cfg.solver.clip_x0),
-                                cfg.model.get("image_size"))
+                                cfg.model.image_size)
     if cfg.model.prompts:
         return sd_snippet(genome, str(cfg.model.pretrained), solver, cfg.model.guidance_scale)
     if model.prediction_type == "flow":
