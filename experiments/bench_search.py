@@ -89,7 +89,8 @@ def _run(job: tuple[str, int, float, str, dict[str, Any]]) -> dict[str, Any]:
     runner.seed_study(study, exp)
     unit = len(exp.samples) * exp.space.num_steps
     stop = ImageStepBudget(int(budget * unit), unit)
-    rule = StopRule(stop, unit, len(exp.samples), runner.converges(exp) and not observe, float(cfg.search.patience), None)
+    rule = StopRule(stop, unit, len(exp.samples), runner.converges(exp) and not observe, float(cfg.search.patience), None,
+                    patience_candidates=int(cfg.search.patience_candidates))
     trace: list[tuple[float, str, float]] = []
     times: list[float] = []
     best = (float("inf"), "")
@@ -110,7 +111,7 @@ def _run(job: tuple[str, int, float, str, dict[str, Any]]) -> dict[str, Any]:
            "stop_reason": (rule.reason or {}).get("reason", "budget"),
            "trials": len(states), "pruned": states.count("PRUNED"), "failed": states.count("FAIL")}
     if observe:
-        seen = Trace(unit, len(exp.samples), float(cfg.search.patience))
+        seen = Trace(unit, len(exp.samples), float(cfg.search.patience), int(cfg.search.patience_candidates))
         seen.feed(study.get_trials(deepcopy=False))
         run["converged_at"] = seen.first.trial if seen.first is not None else None
         run["times"], run["states"] = times, states
