@@ -91,7 +91,8 @@ def _run(job: tuple[str, int, float, str, dict[str, Any]]) -> dict[str, Any]:
     runner.seed_study(study, exp)
     unit = len(exp.samples) * exp.space.num_steps
     stop = ImageStepBudget(int(budget * unit), unit)
-    rule = StopRule(stop, unit, len(exp.samples), runner.converges(exp) and not observe, float(cfg.search.patience), None)
+    rule = StopRule(stop, unit, len(exp.samples), runner.converges(exp) and not observe, float(cfg.search.patience), None,
+                    patience_candidates=int(cfg.search.patience_candidates))
     trace: list[tuple[float, str, float]] = []
     times: list[float] = []
     best = (float("inf"), "")
@@ -112,11 +113,21 @@ def _run(job: tuple[str, int, float, str, dict[str, Any]]) -> dict[str, Any]:
            "stop_reason": (rule.reason or {}).get("reason", "budget"),
            "trials": len(states), "pruned": states.count("PRUNED"), "failed": states.count("FAIL")}
     if observe:
-        seen = Trace(unit, len(exp.samples), float(cfg.search.patience))
+        seen = Trace(unit, len(exp.samples), float(cfg.search.patience), int(cfg.search.patience_candidates))
         seen.feed(study.get_trials(deepcopy=False))
         run["converged_at"] = seen.first.trial if seen.first is not None else None
         run["times"], run["states"] = times, states
+        run["history"] = [_trial_record(t) for t in study.get_trials(deepcopy=False)]
     return run
+
+
+def _trial_record(t: Any) -> dict[str, Any]:
+    """What the stop rule reads of one trial, so other stop rules can be replayed on the stored run."""
+    from autodiff_opt.core.keys import BASELINE_ATTR, IMAGE_STEPS_ATTR
+
+    return {"number": t.number, "state": t.state.name, "value": t.value if t.values else None,
+            "intermediate": {str(k): v for k, v in t.intermediate_values.items()},
+            "image_steps": t.user_attrs.get(IMAGE_STEPS_ATTR), "baseline": t.user_attrs.get(BASELINE_ATTR)}
 
 
 def _split(run: dict[str, Any]) -> list[dict[str, Any]]:
@@ -224,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                         " observe: both rows from one run to the budget")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--final-samples", type=int, default=2000)
+    parser.add_argument("--fresh-all", action="store_true", help="re-score every best-so-far schedule, not only those at"
+                        " the checkpoints and stops (other stop rules can then be replayed on runs.json)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="outputs/bench_search")
@@ -270,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = [r for r in earlier["runs"] if r["sampler"] not in samplers] + runs
         keys = {k for r in runs for c in checkpoints if (k := _best_at(r["trace"], c))}
         keys |= {r["trace"][-1][1] for r in runs if r["trace"] and r["trace"][-1][1]}  # where each run stopped
+        if args.fresh_all:
+            keys |= {key for r in runs for _, key, _ in r["trace"] if key}
         keys |= {json.dumps(peer["genomes"]["gits_dp"])}
         from autodiff_opt.core.genome import Genome
         from autodiff_opt.solvers import heuristic_schedule

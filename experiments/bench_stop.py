@@ -7,7 +7,8 @@ point scores on fresh seeds (the same 3 x 2,000 fresh samples as the final table
 the budget. Rules compared: ``converged`` (improvement over the window <= the measured noise, the
 default), ``plateau`` (no improvement at all over the window), ``fixed-1%`` (<= 1% improvement).
 
-    python experiments/bench_stop.py STUDY.db [STUDY.db ...] [--patience 20,30,40] [-- OVERRIDES...]
+    python experiments/bench_stop.py STUDY.db [STUDY.db ...] [--patience 20,30,40] [--patience-candidates 75]
+        [-- OVERRIDES...]
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ def _load(db: str) -> optuna.Study:
     return optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url)
 
 
-def _stops(study: optuna.Study, unit: float, num_samples: int, patience: float) -> dict[str, Any]:
+def _stops(study: optuna.Study, unit: float, num_samples: int, patience: float, candidates: int) -> dict[str, Any]:
     from autodiff_opt.search.stopping import verdicts
 
-    trace = verdicts(study.get_trials(deepcopy=False), unit, num_samples, patience)
+    trace = verdicts(study.get_trials(deepcopy=False), unit, num_samples, patience, candidates)
     out: dict[str, Any] = {}
     for name, ok in (("converged", lambda v: v.converged),
                      ("plateau", lambda v: v.noise is not None and v.gain <= 0.0),
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dbs", nargs="+")
     parser.add_argument("--patience", default="20,30,40")
+    parser.add_argument("--patience-candidates", type=int, default=75, help="search.patience_candidates of every rule")
     parser.add_argument("--budget", type=float, default=150.0, help="the budget the share column is of")
     parser.add_argument("--no-fresh", action="store_true", help="stop points only (no model, no fresh FIDs)")
     args, overrides = parser.parse_known_args(argv)
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     for db in args.dbs:
         study = _load(db)
         for patience in (float(p) for p in args.patience.split(",")):
-            stops = _stops(study, num_samples * num_steps, num_samples, patience)
+            stops = _stops(study, num_samples * num_steps, num_samples, patience, args.patience_candidates)
             end = stops["end"]
             for rule in ("converged", "plateau", "fixed-1%", "budget"):
                 at = end if rule == "budget" else stops[rule]

@@ -102,6 +102,33 @@ def test_pruned_candidates_count_half_and_the_window_starts_after_the_baselines(
     assert found.spent == pytest.approx(6 + 10)  # one window after the best (at 6), never inside the baselines
 
 
+def test_a_sampler_that_prunes_nothing_is_held_through_a_flat_stretch_shorter_than_its_candidate_window() -> None:
+    """TPE-like: every candidate costs one candidate-equivalent and the best improves in rare jumps: 40
+    candidates without a gain, then one 10% better. A window of 20 candidate-equivalents alone stops in
+    the flat stretch; with patience_candidates=60 the window reaches back 60 candidates, so the search
+    runs past the jump and stops 60 candidates after it."""
+    flat = [2.2 + 0.02 * (i % 7) for i in range(130)]
+    searched = [2.0, 1.9, 1.8] + flat[:40] + [1.6] + flat[40:]
+    jump = len(BASELINES) + 43  # the trial number of the 1.6 candidate
+    trials = _history(searched, noise=0.03)
+    short = converged_at(trials, UNIT, N, 20.0, 0)
+    held = converged_at(trials, UNIT, N, 20.0, 60)
+    assert short is not None and short.trial < jump, short
+    assert held is not None and jump + 60 <= held.trial <= jump + 61, held
+    assert held.best < 0.92 * short.best and held.gain <= held.noise
+
+
+def test_the_candidate_window_does_not_bind_where_candidates_are_cheap() -> None:
+    """Candidates pruned at the rung cost half: 10 candidate-equivalents hold more than 10 candidates, so
+    patience_candidates=10 stops where the compute window alone does; 40 candidates reach further back."""
+    searched = [1.6, 1.9, 2.0] + [4.0] * 80
+    trials = _history(searched, noise=0.02, prune=True)
+    alone = converged_at(trials, UNIT, N, 10.0, 0)
+    assert alone is not None and converged_at(trials, UNIT, N, 10.0, 10) == alone
+    further = converged_at(trials, UNIT, N, 10.0, 40)
+    assert further is not None and further.trial == len(BASELINES) + 40 > alone.trial
+
+
 def test_too_few_completed_candidates_to_measure_the_noise() -> None:
     searched = [8.0] * 60  # all pruned: only the baselines complete, fewer than MIN_PAIRS
     trace = verdicts(_history(searched, noise=0.02, prune=True), UNIT, N, patience=10)
@@ -140,6 +167,8 @@ def test_timeout_durations(text: object, seconds: float | None) -> None:
     ({"timeout": "2 hours"}, "search.timeout='2 hours': use a duration like 2h"),
     ({"timeout": 0}, "search.timeout=0: must be positive"),
     ({"patience": 0}, "search.patience=0: candidate-equivalents, must be positive"),
+    ({"patience_candidates": -1}, "search.patience_candidates=-1: a number of candidates, 0 or more"),
+    ({"patience_candidates": 2.5}, "search.patience_candidates=2.5: a number of candidates, 0 or more"),
 ])
 def test_bad_stop_settings_are_refused(search: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -235,7 +264,7 @@ def test_two_workers_on_one_study_stop_together(tmp_path: Path) -> None:
 def _tiny(model: Path, reference: Path, db: Path, **extra: object) -> list[str]:
     return tiny_overrides(model, reference, db, **{
         "search.sampler": "autodiffusion", "search.num_samples": 96, "search.batch_size": 24, "search.budget": 60,
-        "search.patience": 6, "final.num_samples": 32, "final.repeats": 1, "report.grid_size": 0, **extra})
+        "search.patience": 6, "search.patience_candidates": 10, "final.num_samples": 32, "final.repeats": 1, "report.grid_size": 0, **extra})
 
 
 def _searched(db: Path) -> list[str]:

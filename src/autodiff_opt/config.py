@@ -88,10 +88,12 @@ class SearchConfig:
     # a SamplerSpec name (specs/samplers.py): autodiffusion (default), autodiffusion_paper, tpe, cmaes, gp, random
     sampler: str = "autodiffusion"
     budget: Optional[float] = None  # candidate-equivalents of image-steps; null: population x generations
-    # converged: end once the best FID improved by less than its own noise over the last `patience`
-    # candidate-equivalents (the budget stays the ceiling); budget: spend it all (search/stopping.py)
+    # converged: end once the best FID improved by less than its own noise over a window of at least
+    # `patience` candidate-equivalents and `patience_candidates` candidates (the budget stays the
+    # ceiling); budget: spend it all (search/stopping.py, docs/search.md)
     stop: str = "converged"
     patience: float = 30.0
+    patience_candidates: int = 75
     timeout: Optional[str] = None  # search time across resumes: 2h, 30m, 1h30m, 90s or seconds; null: none
     # null: the chosen sampler's preset (specs/samplers.py; the paper's are 50/10/25/0.25/15/25/0.1)
     generations: Optional[int] = None

@@ -75,7 +75,8 @@ def check_search(search: Any) -> None:
     from autodiff_opt.search.stopping import StopChoiceError, check_stop
 
     try:
-        check_stop(search.get("stop", "converged"), search.get("patience"), search.get("timeout"))
+        check_stop(search.get("stop", "converged"), search.get("patience"), search.get("timeout"),
+                   search.get("patience_candidates", 0))
     except StopChoiceError as err:
         raise _config_error(str(err)) from err
     stage2 = search.get("stage2") if hasattr(search, "get") else None

@@ -228,7 +228,7 @@ RESUME_MAY_CHANGE = (  # settings that do not change what a candidate's FID mean
     "metric.batch_size", "metric.allow_download", "search.batch_size", "search.generations", "search.budget",
     "search.max_consecutive_failures", "search.baselines", "search.schedules", "search.peers",
     "search.peer_samples", "search.peer_grid", "search.pool_size", "search.stage2.start_generation",
-    "search.stage2.patience", "search.stop", "search.patience", "search.timeout",
+    "search.stage2.patience", "search.stop", "search.patience", "search.patience_candidates", "search.timeout",
 )
 SIGNATURE_TREES = ("model", "dataset", "solver", "metric", "search", "precision")
 
@@ -413,7 +413,8 @@ def stop_rule(study: optuna.Study, exp: Experiment, budget: SearchBudget | Image
     """The budget as the ceiling, with the convergence stop and search.timeout (search/stopping.py)."""
     search = exp.cfg.search
     return StopRule(budget, len(exp.samples) * exp.space.num_steps, len(exp.samples), converges(exp),
-                    float(search.patience), parse_timeout(search.timeout), SearchClock(study))
+                    float(search.patience), parse_timeout(search.timeout), SearchClock(study),
+                    int(search.patience_candidates))
 
 
 def run_search(study: optuna.Study, exp: Experiment) -> None:
