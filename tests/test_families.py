@@ -18,7 +18,7 @@ from autodiff_opt.arch.skip import LayerSkipper
 from autodiff_opt.models import families as family_pkg
 from autodiff_opt.models.families import families, family_for, family_of, pipeline_families
 
-EXPECTED = {"unet", "adm", "sd", "dit", "sd3", "flux"}
+EXPECTED = {"unet", "adm", "sd", "dit", "sd3", "flux"}  # the families the project had when the registry came
 
 
 def _unet() -> torch.nn.Module:
@@ -66,19 +66,20 @@ DENOISERS = {"unet": _unet, "adm": _unet, "sd": _sd_unet, "dit": _dit, "sd3": _s
 
 def test_every_module_of_the_package_is_a_registered_family() -> None:
     modules = {m.name for m in pkgutil.iter_modules(family_pkg.__path__) if not m.name.startswith("_")} - {"record"}
-    assert set(families()) == modules == EXPECTED
-    assert pipeline_families() == {"DiTPipeline": "dit", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+    assert set(families()) == modules and EXPECTED <= modules
+    assert {"DiTPipeline": "dit", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}.items() <= pipeline_families().items()
     for family in families().values():
         assert (family.export == "pipeline") == (family.open_folder is not None) == bool(family.transformer)
         assert family.flops_inputs is None or not family.transformer  # transformers count through their model
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", sorted(families()))
 def test_a_family_lists_layers_its_skip_knows(name: str) -> None:
     """Each family's denoiser is recognised by class (ADM's is a plain UNet2DModel, the unet family's), every
     unit it lists, blocks and sub-blocks, names a submodule its skip replaces, and a UNet runs with all of them
     skipped on the family's own cost inputs."""
     family = families()[name]
+    assert name in DENOISERS, f"a new family {name!r}: add a tiny denoiser of its class to DENOISERS"
     torch.manual_seed(0)
     denoiser = DENOISERS[name]().eval()
     assert family_of(denoiser) is families()["unet" if name == "adm" else name]

@@ -147,12 +147,17 @@ def write_report(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | N
 
 
 def snippet_for(exp: "Experiment", genome: Genome, solver: str) -> str:
-    """The export's code, in the style of the model's family (``ModelFamily.export``): the model's own pipeline
-    (DiT, SD3, Flux), Stable Diffusion's pipeline, or a plain UNet loop."""
+    """The export's code: the family's own snippet (``ModelFamily.snippet``), else in the style of the model's
+    family (``ModelFamily.export``): the model's own pipeline (DiT, SD3, Flux), Stable Diffusion's pipeline, or a
+    plain UNet loop."""
     cfg, model = exp.cfg, exp.model
     source = resolve_pretrained(str(model.source or cfg.model.pretrained))
     family = family_of_model(model)
     style = family.export if family is not None else "unet"
+    if family is not None and family.snippet is not None:
+        code = family.snippet(genome, source, solver, model, cfg.model, bool(cfg.solver.clip_x0))
+        return code if code is not None else apply_snippet(genome, solver, bool(cfg.solver.clip_x0),
+                                                           f"no {family.name} snippet runs {solver} in diffusers")
     if style == "pipeline" and family is not None:
         if "vae" not in getattr(model, "components", {}):  # a latent pipeline cannot load a pixel-space folder
             return apply_snippet(genome, solver, bool(cfg.solver.clip_x0),

@@ -95,6 +95,8 @@ class ModelFamily:
         counted through the model's own eps function (what it wraps around the network included).
     flow: a rectified flow (True), VP noise prediction (False), or None: the scheduler config says.
     export: the snippet style (``ExportStyle``); ``pipeline_class`` names the diffusers pipeline.
+    snippet: a family's own export, ``snippet(genome, source, solver, model, model_cfg, clip_x0) -> code``
+        (None: the schedule runs through ``autodiff_opt.apply``); when set, it replaces the ``export`` style.
     subfolder: the denoiser's folder inside a pipeline folder.
     open_folder: for a ``pipeline`` family, ``open_folder(root, prompts, *, guidance_scale, decode_batch_size,
         device, dtype, name, image_size)`` loads the checked local pipeline folder (``pipelines.py``).
@@ -116,6 +118,7 @@ class ModelFamily:
     transformer: bool = False
     priority: int = 50
     open_folder: Callable[..., Any] | None = None
+    snippet: Callable[..., str | None] | None = None
 
     def owns(self, module: Any) -> bool:
         """The denoiser is one of this family's classes (or a subclass of one)."""
