@@ -241,10 +241,15 @@ def check_runtime(cfg: Any) -> None:
 
 
 def _unet_folder(root: Path, subfolder: str | None) -> Path:
+    """The denoiser's folder: model.subfolder, else inside a pipeline folder the one its model family names
+    (``unet/``, a transformer pipeline's ``transformer/``), else the folder itself."""
     if subfolder:
         return root / subfolder
     if (root / "model_index.json").is_file():
-        return root / "unet"
+        from autodiff_opt.models.families import ModelRef, family_named, pipeline_families
+
+        family = pipeline_families().get(ModelRef(pretrained=str(root)).pipeline_class or "")
+        return root / (family_named(family).subfolder if family else "unet")
     return root
 
 

@@ -8,8 +8,8 @@ FLOPs are multiply-adds x 2 of matmuls, convolutions and attention, as torch cou
 CPU flash-attention kernel, which torch's counter does not know, is counted like the CUDA ones so
 the numbers do not depend on the device.
 
-A UNet is counted on ``example_inputs`` (its own resolution, batch 1). A transformer denoiser (DiT,
-SD3, Flux) is counted through the model's own eps function on one latent (``model_step``), so what a
+A UNet is counted on its family's inputs (``example_inputs``: its own resolution, batch 1). A family without
+inputs (DiT, SD3, Flux: ``ModelFamily.flops_inputs`` is None) is counted through the model's own eps function on one latent (``model_step``), so what a
 step costs includes what the model wraps around the network: the CFG pair (two rows per image),
 Flux's packing; prompt embeddings are computed once before counting, as in a run.
 """
@@ -31,9 +31,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from autodiff_opt.arch.budget import Budget
+from autodiff_opt.arch.layers import denoiser_family
 from autodiff_opt.arch.skip import LayerSkipper
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.models.base import DiffusionModel
+from autodiff_opt.models.families._unet import example_inputs  # noqa: F401 (a UNet's inputs, where callers found them)
 
 log = logging.getLogger(__name__)
 
@@ -47,66 +49,14 @@ def _custom_flop_formulas() -> dict[Any, Any]:
     return {cpu_sdpa: _sdpa_flops} if cpu_sdpa is not None else {}
 
 
-def _resolution(sample_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(sample_size, int):
-        return sample_size, sample_size
-    return int(sample_size[0]), int(sample_size[1])
-
-
-def _time_embed_dim(cfg: Any) -> int:
-    return int(cfg.get("time_embedding_dim") or cfg["block_out_channels"][0] * 4)
-
-
-def _class_labels(cfg: Any, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
-    kind = cfg.get("class_embed_type")
-    if kind is None:
-        if cfg.get("num_class_embeds") is None:
-            return None
-        return torch.zeros(batch, dtype=torch.long, device=device)
-    if kind == "timestep":
-        return torch.zeros(batch, dtype=torch.long, device=device)
-    if kind == "identity":
-        return torch.zeros(batch, _time_embed_dim(cfg), dtype=dtype, device=device)
-    if kind in ("projection", "simple_projection"):
-        return torch.zeros(batch, cfg["projection_class_embeddings_input_dim"], dtype=dtype, device=device)
-    raise NotImplementedError(f"class_embed_type={kind!r}: pass the model inputs explicitly")
-
-
-def _conditioning(cfg: Any, batch: int, seq_len: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """``encoder_hidden_states`` (and SDXL's ``added_cond_kwargs``) for a ``UNet2DConditionModel``."""
-    dim = cfg.get("encoder_hid_dim") or cfg["cross_attention_dim"]
-    if not isinstance(dim, int):
-        raise NotImplementedError(f"cross_attention_dim={dim!r} per block: pass the model inputs explicitly")
-    out: dict[str, Any] = {"encoder_hidden_states": torch.zeros(batch, seq_len, dim, dtype=dtype, device=device)}
-    added = cfg.get("addition_embed_type")
-    if added == "text_time":
-        text_dim = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
-        out["added_cond_kwargs"] = {
-            "text_embeds": torch.zeros(batch, text_dim, dtype=dtype, device=device),
-            "time_ids": torch.zeros(batch, 6, dtype=dtype, device=device),
-        }
-    elif added not in (None, "text"):
-        raise NotImplementedError(f"addition_embed_type={added!r}: pass the model inputs explicitly")
-    return out
-
-
-def example_inputs(unet: nn.Module, batch_size: int = 1, encoder_seq_len: int = 77, timestep: int = 500) -> dict[str, Any]:
-    """Keyword inputs for one forward of a diffusers UNet at its own resolution, on its device and dtype."""
-    cfg = unet.config
-    param = next(unet.parameters())
-    device, dtype = param.device, param.dtype
-    h, w = _resolution(cfg["sample_size"])
-    gen = torch.Generator().manual_seed(0)
-    inputs: dict[str, Any] = {
-        "sample": torch.randn(batch_size, cfg["in_channels"], h, w, generator=gen).to(device, dtype),
-        "timestep": torch.full((batch_size,), timestep, dtype=torch.long, device=device),
-    }
-    labels = _class_labels(cfg, batch_size, device, dtype)
-    if labels is not None:
-        inputs["class_labels"] = labels
-    if "cross_attention_dim" in cfg:
-        inputs.update(_conditioning(cfg, batch_size, encoder_seq_len, device, dtype))
-    return inputs
+def family_inputs(unet: nn.Module) -> dict[str, Any]:
+    """One forward's keyword inputs at batch 1, as the denoiser's model family makes them (a UNet's
+    ``example_inputs``); a family counted through its model's eps function has none: use ``measure_model_costs``."""
+    family = denoiser_family(unet)
+    if family.flops_inputs is None:
+        raise ValueError(f"{type(unet).__name__} ({family.name} family) is counted through its model's eps function:"
+                         " use measure_model_costs(model, skipper)")
+    return family.flops_inputs(unet)
 
 
 def model_step(model: DiffusionModel, timestep: int | None = None) -> Callable[[], Any]:
@@ -222,7 +172,7 @@ def measure_layer_costs(
     skipper = skipper or LayerSkipper(unet)
     warm_up = step is not None  # a model's step caches per batch (prompt embeddings) on its first call
     if step is None:
-        inputs = inputs if inputs is not None else example_inputs(unet)
+        inputs = inputs if inputs is not None else family_inputs(unet)
         step, batch = (lambda: unet(**inputs)), int(inputs["sample"].shape[0])
         key = config_key(unet, inputs)
     else:
@@ -257,7 +207,7 @@ def measure_layer_costs(
 
 def measure_step_flops(unet: nn.Module, skipper: LayerSkipper, mask: Set[int], inputs: dict[str, Any] | None = None) -> int:
     """FLOPs of one forward actually run with ``mask`` skipped (to check the additive model)."""
-    inputs = inputs if inputs is not None else example_inputs(unet)
+    inputs = inputs if inputs is not None else family_inputs(unet)
     with skipper.skipping(mask):
         total, _ = count_flops(unet, inputs)
     return total
@@ -272,11 +222,9 @@ def check_additivity(unet: nn.Module, skipper: LayerSkipper, costs: LayerCosts, 
 
 
 def measure_model_costs(model: DiffusionModel, skipper: LayerSkipper, cache_path: str | Path | None = None) -> LayerCosts:
-    """``measure_layer_costs`` for a loaded model: a UNet on its example inputs, a transformer through
-    ``model_step`` (the CFG pair and packing included)."""
-    from autodiff_opt.arch.layers import is_transformer
-
-    if not is_transformer(model.denoiser):
+    """``measure_layer_costs`` for a loaded model: on its family's inputs (a UNet's example inputs), or, for a
+    family without (DiT, SD3, Flux), through ``model_step`` (the CFG pair and packing included)."""
+    if denoiser_family(model.denoiser).flops_inputs is not None:
         return measure_layer_costs(model.denoiser, skipper, cache_path=cache_path)
     guidance = getattr(model, "guidance_scale", 1.0)
     step_key = json.dumps({"model": type(model).__name__, "sample": list(model.sample_shape), "guidance": guidance,

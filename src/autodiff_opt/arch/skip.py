@@ -1,15 +1,8 @@
-"""Skipping layers of a diffusers UNet, per sampling step, without touching the UNet's code.
+"""Skipping layers of a denoiser, per sampling step, without touching the network's code.
 
-A skipped layer returns what the layer itself would return if its residual branch were zero:
-
-* ``ResnetBlock2D``: the shortcut path exactly as the block adds it: the input, resampled when the
-  block up/down-samples, through ``conv_shortcut`` when the block has one, divided by
-  ``output_scale_factor``.
-* ``Attention`` (``UNet2DModel``'s Attn blocks): the input, divided by ``rescale_output_factor``
-  when the module adds its own residual (``residual_connection=True``, as in every UNet Attn block);
-  the input unchanged otherwise.
-* ``Transformer2DModel``: the input (its output is ``proj_out(...) + input``), wrapped in the type
-  the caller asked for: ``(tensor,)`` with ``return_dict=False``, ``Transformer2DModelOutput`` otherwise.
+What a skipped layer returns is its model family's business (``ModelFamily.skip``, ``models/families/``): a
+UNet's residual block its shortcut path, its attention module the input (rescaled as the module does), a
+transformer's block the residual stream, a block's attention or feed-forward branch zeros.
 
 A skipped layer always returns a new tensor, so no in-place op downstream can alias its input.
 The replacement forward is attached with diffusers' ``HookRegistry`` (a ``ModelHook`` whose
@@ -26,23 +19,19 @@ nothing to specialise on and never recompiles for a new mask (docs/gpu.md).
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence, Set
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
 import torch
-from diffusers.models.attention_processor import Attention
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
-from diffusers.models.resnet import ResnetBlock2D
-from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from autodiff_opt.arch.layers import Layer, SkipUnits, discover_layers, layer_modules
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.models.base import DiffusionModel, StepWrapper
+from autodiff_opt.models.families import ModelFamily, families, family_of
 
 from diffusers.hooks import HookRegistry, ModelHook  # diffusers >= 0.33 (the declared floor is above it)
 
@@ -53,100 +42,14 @@ R = TypeVar("R")
 SkipFn = Callable[..., Any]
 
 
-def _first_arg(args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> torch.Tensor:
-    return args[0] if args else kwargs[name]
-
-
-def _text_stream(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
-    """A transformer block's or joint attention's second input, ``encoder_hidden_states`` (None: none)."""
-    return args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
-
-
-def skip_resnet(block: ResnetBlock2D, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """``ResnetBlock2D`` output with the residual branch zero: resample, ``conv_shortcut``, scale."""
-    x = _first_arg(args, kwargs, "input_tensor")
-    if block.upsample is not None:
-        x = block.upsample(x)
-    elif block.downsample is not None:
-        x = block.downsample(x)
-    if block.conv_shortcut is not None:
-        x = block.conv_shortcut(x)
-    return x / block.output_scale_factor
-
-
-def skip_attention(attn: Attention, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """``Attention`` output with the attention branch zero (the processor's residual and rescale)."""
-    x = _first_arg(args, kwargs, "hidden_states")
-    if attn.residual_connection:
-        return x / attn.rescale_output_factor
-    return x.clone()
-
-
-@functools.lru_cache(maxsize=None)
-def _return_dict_position(cls: type) -> int:
-    return list(inspect.signature(cls.forward).parameters).index("return_dict") - 1  # minus self
-
-
-def skip_transformer(model: Transformer2DModel, *args: Any, **kwargs: Any) -> Any:
-    """``Transformer2DModel`` output with the transformer branch zero: its input, in the caller's type."""
-    x = _first_arg(args, kwargs, "hidden_states").clone()
-    pos = _return_dict_position(type(model))
-    return_dict = kwargs.get("return_dict", args[pos] if len(args) > pos else True)
-    return Transformer2DModelOutput(sample=x) if return_dict else (x,)
-
-
-def skip_dit_block(block: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """DiT's ``BasicTransformerBlock``: the residual stream passes through unchanged."""
-    return _first_arg(args, kwargs, "hidden_states").clone()
-
-
-def skip_joint_block(block: nn.Module, *args: Any, **kwargs: Any) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """SD3's ``JointTransformerBlock`` and Flux's double and single blocks: (text stream, image stream)
-    pass through unchanged (the last SD3 block, ``context_pre_only``, returns no text stream)."""
-    hidden = _first_arg(args, kwargs, "hidden_states").clone()
-    context = _text_stream(args, kwargs)
-    if getattr(block, "context_pre_only", False) or context is None:
-        return None, hidden
-    return context.clone(), hidden
-
-
-_BLOCK_SKIPS = {"BasicTransformerBlock": skip_dit_block, "JointTransformerBlock": skip_joint_block,
-                "FluxTransformerBlock": skip_joint_block, "FluxSingleTransformerBlock": skip_joint_block}
-
-
-def skip_block_attention(attn: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """An attention branch inside a transformer block: zero output, so the block's gated residual
-    ``x + gate * attn(...)`` is ``x``; a joint attention (text stream given) returns zeros for both streams."""
-    hidden = _first_arg(args, kwargs, "hidden_states")
-    context = _text_stream(args, kwargs)
-    if context is None:
-        return torch.zeros_like(hidden)
-    return torch.zeros_like(hidden), torch.zeros_like(context)
-
-
-def skip_block_ff(ff: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """A feed-forward branch inside a transformer block (dim_out = dim): zero output."""
-    return torch.zeros_like(_first_arg(args, kwargs, "hidden_states"))
-
-
-_BRANCH_SKIPS = {"block_attention": skip_block_attention, "block_ff": skip_block_ff}
-
-
-def skip_function(module: nn.Module, kind: str | None = None) -> SkipFn:
-    """The replacement forward ``f(module, *args, **kwargs)`` for a skippable module (``kind``: the
-    layer's kind, which tells a transformer block's attention branch from a UNet's Attn block)."""
-    if kind in _BRANCH_SKIPS:
-        return _BRANCH_SKIPS[kind]
-    if type(module).__name__ in _BLOCK_SKIPS:
-        return _BLOCK_SKIPS[type(module).__name__]
-    if isinstance(module, ResnetBlock2D):
-        return skip_resnet
-    if isinstance(module, Attention):
-        return skip_attention
-    if isinstance(module, Transformer2DModel):
-        if not module.is_input_continuous:
-            raise TypeError("only Transformer2DModel on continuous inputs (UNet feature maps) can be skipped")
-        return skip_transformer
+def skip_function(module: nn.Module, kind: str | None = None, family: ModelFamily | None = None) -> SkipFn:
+    """The replacement forward ``f(module, *args, **kwargs)`` for a skippable module (``kind``: the layer's
+    kind, which tells a transformer block's attention branch from a UNet's Attn block): the denoiser's family
+    (``family``) decides, else the first family that knows the module."""
+    for candidate in ([family] if family is not None else []) + list(families().values()):
+        fn = candidate.skip(module, kind)
+        if fn is not None:
+            return fn
     raise TypeError(f"{type(module).__name__} is not a skippable layer")
 
 
@@ -219,7 +122,8 @@ class LayerSkipper:
         self.layers: tuple[Layer, ...] = tuple(layers) if layers is not None else discover_layers(unet)
         self._modules = layer_modules(unet, self.layers)
         kinds = {layer.id: layer.kind for layer in self.layers}
-        self._skip_fns = {i: skip_function(m, kinds[i]) for i, m in self._modules.items()}
+        family = family_of(unet)
+        self._skip_fns = {i: skip_function(m, kinds[i], family) for i, m in self._modules.items()}
         self._skipped: frozenset[int] = frozenset()
         self._gates: dict[int, LayerGate] = {}
 

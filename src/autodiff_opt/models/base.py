@@ -63,7 +63,7 @@ class DiffusionModel:
 
     Set once after loading: ``source`` (what a schedule file names to load the model again),
     ``guidance`` (ADM's classifier), ``components`` (modules besides the denoiser that move with it: VAE,
-    text encoder). Set by arch: ``skipper`` (the one ``LayerSkipper`` of the denoiser, shared by the
+    text encoder), ``family`` (the name of the ``models.families`` record that loaded it). Set by arch: ``skipper`` (the one ``LayerSkipper`` of the denoiser, shared by the
     step wrapper, the cost model and the export), ``compiled`` (how the denoiser was compiled) and
     ``compiled_forward`` (the whole denoiser compiled, arch/compiled.py).
     """
@@ -82,6 +82,7 @@ class DiffusionModel:
     skipper: Skipper | None = None  # an arch.skip.LayerSkipper
     compiled: Compiled | None = None  # an arch.compiled.CompiledDenoiser
     compiled_forward: Callable[..., Any] | None = None
+    family: str = ""  # the models.families record it was loaded by ("" for a model built by hand)
 
     @property
     def unet(self) -> torch.nn.Module:

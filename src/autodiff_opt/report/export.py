@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from autodiff_opt.core.genome import Genome
+from autodiff_opt.models.families import family_named
 from autodiff_opt.solvers import nfe
 from autodiff_opt.specs.solvers import DPM_SOLVER, SOLVER_SPECS
 
@@ -176,9 +177,6 @@ pipe.scheduler.set_timesteps = lambda num_inference_steps=None, device=None: pin
 {skip_line}images = pipe(class_labels=[207, 360, 387, 974], num_inference_steps={k}, guidance_scale={guidance},
               generator=torch.Generator().manual_seed(0)).images
 '''
-PIPELINE_CLASSES = {"dit": "DiTPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
-
-
 def apply_snippet(genome: Genome, solver: str, clip_x0: bool, reason: str) -> str:
     """The snippet that samples the schedule file with ``autodiff_opt.apply`` (``reason``: why not diffusers)."""
     return _APPLY.format(solver=solver, nfe=nfe(solver, genome.num_steps), clip=", x0 clipped" if clip_x0 else "",
@@ -187,29 +185,32 @@ def apply_snippet(genome: Genome, solver: str, clip_x0: bool, reason: str) -> st
 
 def pipeline_snippet(kind: str, genome: Genome, model: str, solver: str, guidance: float, clip_x0: bool,
                      image_size: int | None = None) -> str:
-    """Code that runs the schedule in the model's own diffusers pipeline: SD3 / Flux with ``sigmas=`` on a
-    scheduler that does not shift them again (at the searched ``image_size``, ``model.image_size``; None: the
-    pipeline's default), DiT with DPM-Solver++ pinned to the steps; skipped blocks through
-    ``autodiff_opt.apply.skip_blocks``. Other solvers (or x0 clipping) go through autodiff_opt.apply."""
+    """Code that runs the schedule in the model's own diffusers pipeline (the ``kind`` family's
+    ``pipeline_class``): a flow (SD3, Flux) with ``sigmas=`` on a scheduler that does not shift them again (at
+    the searched ``image_size``, ``model.image_size``; None: the pipeline's default), a VP model (DiT) with
+    DPM-Solver++ pinned to the steps; skipped blocks through ``autodiff_opt.apply.skip_blocks``. Other solvers
+    (or x0 clipping) go through autodiff_opt.apply."""
     from autodiff_opt.solvers.flow import GRID_SIZE, grid_time
 
-    exact = SOLVER_SPECS[solver].scheduler == _FLOW_EULER if kind != "dit" else solver in SD_ORDERS
+    family = family_named(kind)
+    pipeline, flow = family.pipeline_class, bool(family.flow)
+    exact = SOLVER_SPECS[solver].scheduler == _FLOW_EULER if flow else solver in SD_ORDERS
     if not exact or clip_x0:
-        reason = (f"{PIPELINE_CLASSES[kind]} runs no {solver} on custom steps" if not exact else
+        reason = (f"{pipeline} runs no {solver} on custom steps" if not exact else
                   "the pipeline does not clip x0")
         return _APPLY.format(solver=solver, nfe=nfe(solver, genome.num_steps), clip=", x0 clipped" if clip_x0 else "",
                              reason=reason)
     skip = genome.has_skips
-    fields = dict(pipeline=PIPELINE_CLASSES[kind], solver=solver, nfe=nfe(solver, genome.num_steps), model=model,
+    fields = dict(pipeline=pipeline, solver=solver, nfe=nfe(solver, genome.num_steps), model=model,
                   skips=", with skipped blocks" if skip else "",
-                  scheduler="DPMSolverMultistepScheduler" if kind == "dit" else "FlowMatchEulerDiscreteScheduler",
+                  scheduler="FlowMatchEulerDiscreteScheduler" if flow else "DPMSolverMultistepScheduler",
                   skip_import=_SKIP_IMPORT if skip else "",
                   skip_line=_SKIP_LINE.format(denoiser="pipe.transformer", units="blocks") if skip else "",
                   k=genome.num_steps, guidance=guidance, timesteps=list(genome.timesteps),
                   guidance_arg=f" guidance_scale={guidance},",
                   size_arg=f" height={image_size}, width={image_size}," if image_size else "",
                   times=[grid_time(i, GRID_SIZE) for i in genome.timesteps], order=SD_ORDERS.get(solver, 1))
-    body = _DIT_PIPELINE if kind == "dit" else _FLOW_PIPELINE
+    body = _FLOW_PIPELINE if flow else _DIT_PIPELINE
     return (_PIPELINE_HEADER + body).format(**fields)
 
 

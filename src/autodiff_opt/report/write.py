@@ -15,8 +15,9 @@ import pandas as pd
 from autodiff_opt.arch.skip import model_skipper
 from autodiff_opt.models.loading import resolve_pretrained
 from autodiff_opt.report.dashboard import publish_artifacts, publish_figures, publish_note
-from autodiff_opt.report.export import (PIPELINE_CLASSES, apply_snippet, diffusers_scheduler, diffusers_snippet,
-                                       export_schedule, flow_snippet, pipeline_snippet, sd_snippet)
+from autodiff_opt.models.families import family_of_model
+from autodiff_opt.report.export import (apply_snippet, diffusers_scheduler, diffusers_snippet, export_schedule,
+                                       flow_snippet, pipeline_snippet, sd_snippet)
 from autodiff_opt.report.figures import (final_figure, history_figure, pareto_figure, schedules_figure,
                                          sensitivity_figure)
 from autodiff_opt.report.headline import Headline, headline
@@ -147,16 +148,24 @@ def write_report(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | N
 
 
 def snippet_for(exp: "Experiment", genome: Genome, solver: str) -> str:
-    """The export's code: the model's own pipeline (DiT, SD3, Flux, Stable Diffusion) or a plain UNet loop."""
+    """The export's code: the family's own snippet (``ModelFamily.snippet``), else in the style of the model's
+    family (``ModelFamily.export``): the model's own pipeline (DiT, SD3, Flux), Stable Diffusion's pipeline, or a
+    plain UNet loop."""
     cfg, model = exp.cfg, exp.model
     source = resolve_pretrained(str(model.source or cfg.model.pretrained))
-    kind = getattr(model, "kind", None)
-    if kind == "dit" and "vae" not in getattr(model, "components", {}):  # DiTPipeline cannot load without one
-        return apply_snippet(genome, solver, bool(cfg.solver.clip_x0), "DiTPipeline needs a VAE and this DiT samples pixels")
-    if kind in PIPELINE_CLASSES:
-        return pipeline_snippet(kind, genome, source, solver, float(cfg.model.guidance_scale), bool(cfg.solver.clip_x0),
-                                cfg.model.image_size)
-    if cfg.model.prompts:
+    family = family_of_model(model)
+    style = family.export if family is not None else "unet"
+    if family is not None and family.snippet is not None:
+        code = family.snippet(genome, source, solver, model, cfg.model, bool(cfg.solver.clip_x0))
+        return code if code is not None else apply_snippet(genome, solver, bool(cfg.solver.clip_x0),
+                                                           f"no {family.name} snippet runs {solver} in diffusers")
+    if style == "pipeline" and family is not None:
+        if "vae" not in getattr(model, "components", {}):  # a latent pipeline cannot load a pixel-space folder
+            return apply_snippet(genome, solver, bool(cfg.solver.clip_x0),
+                                 f"{family.pipeline_class} needs a VAE and this model samples pixels")
+        return pipeline_snippet(family.name, genome, source, solver, float(cfg.model.guidance_scale),
+                                bool(cfg.solver.clip_x0), cfg.model.image_size)
+    if style == "text_to_image":
         return sd_snippet(genome, str(cfg.model.pretrained), solver, cfg.model.guidance_scale)
     if model.prediction_type == "flow":
         return flow_snippet(genome, source, cfg.solver.name, model.sample_shape, model.num_classes,
