@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from optuna.study import Study
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from autodiff_opt.core.keys import GENERATION_ATTR, GENOME_ATTR, IMAGE_STEPS_ATTR, RETRY_OF_ATTR, SLOT_ATTR
 
@@ -52,25 +52,28 @@ def audit(study: Study, generations: int | None = None) -> Audit:
     )
 
 
-def spent(study: Study, num_samples: int, num_steps: int) -> float:
+def spent(study: Study, num_samples: int, num_steps: int, nfe: Callable[[FrozenTrial], int] | None = None) -> float:
     """Candidate-equivalents the finished trials spent, from each trial's own record: a complete candidate
     costs its samples x steps, a pruned one its last rung's prefix x steps (counted here, not read from the
-    stop rule), checked against the image-steps the trial stored; a failed one what it stored (none if killed)."""
+    stop rule), checked against the image-steps the trial stored; a failed one what it stored (none if killed).
+    ``nfe``: a trial's network evaluations per sample where they differ from num_steps (the solver gene)."""
     total = 0
     for t in study.get_trials(deepcopy=False, states=(*EVALUATED, TrialState.FAIL)):
         if t.state == TrialState.FAIL:
             total += int(t.user_attrs.get(IMAGE_STEPS_ATTR, 0))
             continue
         images = num_samples if t.state == TrialState.COMPLETE else max(t.intermediate_values)
-        assert t.user_attrs[IMAGE_STEPS_ATTR] == images * num_steps, (t.number, t.state, t.user_attrs)
-        total += images * num_steps
+        steps = nfe(t) if nfe is not None else num_steps
+        assert t.user_attrs[IMAGE_STEPS_ATTR] == images * steps, (t.number, t.state, t.user_attrs)
+        total += images * steps
     return total / (num_samples * num_steps)
 
 
-def assert_budget_spent(study: Study, budget: float, num_samples: int, num_steps: int, workers: int = 1) -> float:
+def assert_budget_spent(study: Study, budget: float, num_samples: int, num_steps: int, workers: int = 1,
+                        nfe: Callable[[FrozenTrial], int] | None = None) -> float:
     """The default sampler's stop: the budget is spent and each worker went at most one candidate past it;
     no genome was evaluated twice (complete or pruned). Returns the candidate-equivalents spent."""
-    used = spent(study, num_samples, num_steps)
+    used = spent(study, num_samples, num_steps, nfe)
     assert budget <= used < budget + workers, (used, budget, workers)
     genomes = Counter(t.system_attrs[GENOME_ATTR] for t in study.get_trials(deepcopy=False, states=EVALUATED))
     assert max(genomes.values()) == 1, [g for g, n in genomes.items() if n > 1]
