@@ -15,14 +15,17 @@ import optuna
 TESTS_DIR = Path(__file__).resolve().parent
 REPORT_FINAL_SEED = 4242  # final.seed and report.grid_size of the report_run fixture (conftest.py)
 REPORT_GRID = 4
-DEFAULT_SAMPLER = {"search.sampler": "autodiffusion"}  # what a user's run searches with (tiny_overrides runs the EA)
+DEFAULT_SAMPLER = {"search.sampler": "autodiffusion"}  # what a user's run searches with, and tiny_overrides' default
+PAPER_SAMPLER = {"search.sampler": "autodiffusion_paper"}  # the authors' EA: whole generations of search.population
 
 
 def tiny_overrides(model_dir: Path, reference: Path, db: Path, **extra: object) -> list[str]:
+    """A tiny run of the default sampler: a budget of population x generations = 12 candidate-equivalents
+    (pruned candidates cost their prefix), stopped by the budget or the convergence rule."""
     base = {
         "model.pretrained": str(model_dir), "dataset.reference": str(reference),
         "metric.feature_extractor": "test-randconv", "imports": "[randconv_extractor]",
-        "search.sampler": "autodiffusion_paper", "search.peers": "[]",
+        **DEFAULT_SAMPLER, "search.peers": "[]",
         "search.num_samples": 48, "search.batch_size": 48, "search.population": 6, "search.generations": 2,
         "search.num_parents": 3, "search.num_mutants": 3, "search.num_crossovers": 1, "search.init_random": 2,
         "search.baselines": "[ddim_uniform,trailing]", "storage.url": f"sqlite:///{db}",

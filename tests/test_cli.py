@@ -16,7 +16,8 @@ from hydra import compose, initialize_config_dir
 from optuna.trial import TrialState
 
 from autodiff_opt.cli import CONFIG_DIR
-from autodiff_opt.search.sampler import count_by_generation, genome_of
+from audit import EVALUATED, assert_budget_spent
+from autodiff_opt.search.sampler import genome_of
 from cli_helpers import cli_command, cli_env, compose_cfg, kill_when, run_cli, tiny_overrides
 from cli_helpers import load_study as _load
 
@@ -35,12 +36,15 @@ def test_end_to_end_writes_table_json_and_figures(tiny_model_dir: Path, tiny_ref
     assert "| schedule |" in (run_dir / "final.md").read_text()
     assert "plotly" in (run_dir / "report.html").read_text()[:20000].lower()
     study = _load(tmp_path / "s.db")
-    assert count_by_generation(study) == {0: 6, 1: 6}
+    used = assert_budget_spent(study, 12, 48, 4)  # the default sampler: 6 x 2 candidate-equivalents, pruned ones cheaper
+    assert study.user_attrs["autodiff:signature"]["search.sampler"] == "autodiffusion"
+    operators = {t.system_attrs["autodiff:operator"] for t in study.trials if t.system_attrs.get("autodiff:parents")}
+    assert "local" in operators, operators  # the surrogate's pool picked a local move: the EA has none
     assert best["timesteps"] == list(genome_of(study.best_trial).timesteps)
     # a second run of the same command finds the search done and reuses the stored final evaluation
     again = run_cli(tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "s.db"), tmp_path, tmp_path / "run2")
-    assert again.returncode == 0 and "already has 12/12" in again.stderr + again.stdout
-    assert len(_load(tmp_path / "s.db").trials) == 12
+    assert again.returncode == 0 and f"already spent {used:.1f} of 12 candidate-equivalents" in again.stderr + again.stdout
+    assert len(_load(tmp_path / "s.db").trials) == len(study.trials)
 
 
 def _counts(db: Path) -> Counter[str]:
@@ -68,10 +72,8 @@ def test_sigkill_mid_study_then_resume(tiny_model_dir: Path, tiny_reference: Pat
     resumed = run_cli(overrides, tmp_path, tmp_path / "run2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     study = _load(db)
-    complete = study.get_trials(states=(TrialState.COMPLETE,))
-    assert count_by_generation(study) == {0: 6, 1: 6, 2: 6}
-    keys = [genome_of(t).key() for t in complete]
-    assert len(keys) == len(set(keys)), "a finished candidate was evaluated again"
+    assert_budget_spent(study, 18, 200, 4)  # 6 x 3 candidate-equivalents, none evaluated twice
+    keys = [genome_of(t).key() for t in study.get_trials(states=EVALUATED)]
     for number, key in done_before.items():  # finished work is kept as it was
         assert study.trials[number].state == TrialState.COMPLETE and genome_of(study.trials[number]).key() == key
     interrupted = study.trials[running[0].number]
@@ -85,12 +87,13 @@ def test_incompatible_study_is_refused(tiny_model_dir: Path, tiny_reference: Pat
     first = run_cli(tiny_overrides(tiny_model_dir, tiny_reference, db, **{"search.generations": 1, "final.enabled": "false",
                                                                           "storage.study_name": "shared"}), tmp_path, tmp_path / "r1")
     assert first.returncode == 0, first.stderr[-2000:]
+    made = len(_load(db).trials)
     other_k = tiny_overrides(tiny_model_dir, tiny_reference, db, **{"search.num_steps": 5, "storage.study_name": "shared",
                                                                     "search.generations": 1})
     proc = run_cli(other_k, tmp_path, tmp_path / "r2")
     assert proc.returncode == 2
     assert "another search space" in proc.stderr and "num_steps" in proc.stderr
-    assert len(_load(db).trials) == 6
+    assert len(_load(db).trials) == made  # the refused run added no trial
 
 
 @pytest.mark.parametrize("override,message", [

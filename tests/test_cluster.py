@@ -2,7 +2,7 @@
 
 `python -m autodiff_opt.cluster slurm` submits the study creator, an array of 3 CLI workers on the tiny
 model and the final run. One array element is requeued (`scontrol requeue`) while it evaluates a
-candidate. Checked: the budget is spent (every generation full), no genome completed twice, the
+candidate. Checked: the budget is spent (the default sampler's candidate-equivalents), no genome evaluated twice, the
 interrupted trial failed and was retried with its genome, the requeued element ran again, the final
 table was written once, and no process ever held more than 2 connections (pg_stat_activity, sampled
 throughout, by application_name).
@@ -26,15 +26,14 @@ import pytest
 from optuna.trial import TrialState
 
 import cheap_worker as cw
-from audit import assert_lost_worker_recovered, audit
+from audit import assert_lost_worker_recovered, audit, spent
 from autodiff_opt.core.keys import OWNER_ATTR
-from autodiff_opt.search.space import GENERATION_ATTR, GENOME_ATTR
+from autodiff_opt.search.space import GENOME_ATTR
 from autodiff_opt.search.study import application_name
 from cli_helpers import cli_env, tiny_overrides
 from slurm import SlurmCluster, SlurmUnavailable, start_cluster, stop_cluster
 
 pytestmark = pytest.mark.slow
-POPULATION, GENERATIONS = 6, 2
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +125,7 @@ def test_slurm_array_survives_a_requeued_worker(slurm: SlurmCluster, pg_url: str
         study = optuna.load_study(study_name=names[0], storage=storage)
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             owner = t.system_attrs.get(OWNER_ATTR)
-            if GENOME_ATTR in t.system_attrs and owner and t.system_attrs[GENERATION_ATTR] < GENERATIONS \
+            if GENOME_ATTR in t.system_attrs and owner and spent(study, 240, 4) <= 3 \
                     and t.datetime_start.timestamp() >= owner[3] - 1 and Path(f"/proc/{owner[1]}").exists():
                 victim = (t.number, t.system_attrs[GENOME_ATTR], slurm_env_of(int(owner[1])))
                 break
@@ -155,7 +154,7 @@ def test_slurm_array_survives_a_requeued_worker(slurm: SlurmCluster, pg_url: str
     assert job_field(slurm, element, "Restarts") == "1", logs
 
     study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
-    retry = assert_lost_worker_recovered(study, number, genome, run_dir, GENERATIONS, POPULATION, overshoot=2)
+    retry = assert_lost_worker_recovered(study, number, genome, run_dir, 12, 240, 4, workers=3)
     element_log = (run_dir / "slurm" / f"{element}_0_log.out").read_text()
     assert element_log.count("[autodiff-opt] worker ") == 2, element_log[-3000:]  # it started again
     assert len(watch.most) >= 3 and max(watch.most.values()) <= 2, watch.most  # seed, workers, final: <= 2 each

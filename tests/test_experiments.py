@@ -4,6 +4,7 @@ formats (diffusers DDPMPipeline folders, a Stable Diffusion pipeline folder) run
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
+from audit import EVALUATED, assert_budget_spent
 from autodiff_opt.cli import CONFIG_DIR
 from autodiff_opt.models.factory import missing_files
 from autodiff_opt.search.sampler import genome_of
@@ -122,11 +124,12 @@ def _tiny_run(name: str, model: Path, reference: Path, tmp: Path, **extra: objec
     return run_cli([f"+experiment={name}", *_tiny_overrides(model, reference, tmp, **extra)], tmp, tmp / "run", timeout=240)
 
 
-def _check_run(proc: subprocess.CompletedProcess[str], tmp: Path, candidates: int = 4) -> optuna.Study:
+def _check_run(proc: subprocess.CompletedProcess[str], tmp: Path, budget: int = 4) -> optuna.Study:
+    """The run's budget (population 4 x generations, in candidate-equivalents of 16 samples x 4 steps) spent."""
     assert proc.returncode == 0, proc.stderr[-3000:]
     url = f"sqlite:///{tmp / 's.db'}"
     study = optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url)
-    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == candidates
+    assert_budget_spent(study, budget, 16, 4)
     final = pd.read_csv(tmp / "run" / "final.csv")
     assert {"searched", "ddim_uniform", "trailing"} <= set(final.schedule) and final.fid_final.notna().all()
     return study
@@ -145,7 +148,7 @@ def test_cifar10_through_reproduce_paper_search_then_final(tmp_path: Path) -> No
     (tmp_path / "run").symlink_to(tmp_path / "out" / "cifar10-default" / "final")
     _check_run(proc, tmp_path)
     assert not (tmp_path / "out" / "cifar10-default" / "search" / "final.csv").exists()
-    assert "already has 4/4" in proc.stdout + proc.stderr
+    assert re.search(r"already spent [\d.]+ of 4 candidate-equivalents", proc.stdout + proc.stderr)
 
 
 def test_reproduce_paper_prints_the_plan_and_stops_without_files(tmp_path: Path) -> None:
@@ -167,7 +170,7 @@ def test_lsun_church_ddpm_pipeline_folder_with_png_reference(tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_sd_coco_pipeline_folder_with_coco_captions_dpm_solver_and_stage2(tmp_path: Path) -> None:
-    """Generation 0 searches time steps; generation 1 (stage 2) also skips layers of the SD UNet."""
+    """Generation 0 (the first 4 slots) searches time steps; generation 1 (stage 2) also skips layers of the SD UNet."""
     model = make_tiny_sd_pipeline(tmp_path / "stable-diffusion-v1-4")
     captions = write_coco_captions(tmp_path / "annotations" / "captions_val2014.json")
     reference = write_image_npz(tmp_path / "coco_val2014.npz", blob_images(64, 32))
@@ -175,7 +178,7 @@ def test_sd_coco_pipeline_folder_with_coco_captions_dpm_solver_and_stage2(tmp_pa
         "model.prompts": captions, "model.dtype": "float32", "solver.name": "dpmpp_2m", "search.generations": 2,
         "search.stage2.enabled": "true", "search.stage2.start_generation": 1, "search.stage2.ramp_steps": 1,
         "search.stage2.max_prun": 0.5})
-    study = _check_run(proc, tmp_path, candidates=8)
+    study = _check_run(proc, tmp_path, budget=8)
     assert "60 prompts" in proc.stderr + proc.stdout
     skipped = [t for t in study.trials if genome_of(t) is not None and genome_of(t).has_skips]
-    assert skipped and all(t.state == optuna.trial.TrialState.COMPLETE for t in skipped)
+    assert skipped and all(t.state in EVALUATED for t in skipped)

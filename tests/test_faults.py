@@ -28,7 +28,8 @@ from autodiff_opt.core.keys import OWNER_ATTR
 from autodiff_opt.search.objective import FAIL_REASON_ATTR, Objective
 from autodiff_opt.search.sampler import AutoDiffusionPaperSampler, EvolutionConfig, count_by_generation, genome_of
 from autodiff_opt.search.space import GENOME_ATTR, SearchSpace, genome_params
-from cli_helpers import run_cli, tiny_overrides
+from audit import EVALUATED, assert_budget_spent
+from cli_helpers import PAPER_SAMPLER, run_cli, tiny_overrides
 from conftest import make_tiny_unet
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -83,7 +84,7 @@ def test_nan_candidates_fail_with_their_reason_and_the_search_goes_on(nan_model_
     proc = run_cli(overrides, tmp_path, tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = _load(db)
-    assert count_by_generation(study) == {0: 6, 1: 6}  # failed slots were refilled
+    assert_budget_spent(study, 12, 48, 4)  # failed candidates count what they generated; the budget was still spent
     failed = study.get_trials(states=(TrialState.FAIL,))
     trailing = [t for t in study.trials if t.user_attrs.get("baseline") == "trailing"]
     assert trailing and trailing[0].state == TrialState.FAIL  # (999, 749, 499, 249) has a step above 900
@@ -116,8 +117,8 @@ def test_failure_guard_stops_a_broken_setup_and_keeps_finished_trials(tiny_model
     first = run_cli(tiny_overrides(model, tiny_reference, db, **{"search.generations": 1, "final.enabled": "false"}),
                     tmp_path, tmp_path / "r1")
     assert first.returncode == 0, first.stderr[-3000:]
-    finished = {t.number: (genome_of(t).key(), t.value) for t in _load(db).trials}
-    assert len(finished) == 6
+    finished = {t.number: (genome_of(t).key(), t.value, t.state) for t in _load(db).trials}  # complete or pruned
+    assert {t.state for t in _load(db).trials} <= set(EVALUATED) and assert_budget_spent(_load(db), 6, 48, 4)
     # the same folder now holds weights that give NaN at every t: the setup broke, not the candidates
     save_exploding_model(tmp_path / "broken", None)
     shutil.copy(tmp_path / "broken" / "diffusion_pytorch_model.safetensors", model / "diffusion_pytorch_model.safetensors")
@@ -128,11 +129,11 @@ def test_failure_guard_stops_a_broken_setup_and_keeps_finished_trials(tiny_model
     assert "3 candidates failed in a row" in second.stderr.strip().splitlines()[-1]
     assert "3 candidates failed in a row" in second.stderr and "NonFiniteSamples" in second.stderr
     study = _load(db)
-    for number, (key, value) in finished.items():  # finished work is kept as it was
-        assert study.trials[number].state == TrialState.COMPLETE
-        assert (genome_of(study.trials[number]).key(), study.trials[number].value) == (key, value)
+    for number, kept in finished.items():  # finished work is kept as it was
+        t = study.trials[number]
+        assert (genome_of(t).key(), t.value, t.state) == kept
     failed = study.get_trials(states=(TrialState.FAIL,))
-    assert len(failed) == 3 and len(study.trials) == 9
+    assert len(failed) == 3 and len(study.trials) == len(finished) + 3
     assert all(t.user_attrs[FAIL_REASON_ATTR].startswith("NonFiniteSamples") for t in failed)
     assert not (tmp_path / "r2" / "final.csv").exists()
 
@@ -217,7 +218,8 @@ def _complete_count(db: Path) -> int:
 
 @pytest.mark.slow
 def test_a_crash_loop_still_completes_the_study(tiny_model_dir: Path, tiny_reference: Path, tmp_path: Path) -> None:
-    """SIGKILL the run mid-candidate, restart it, three times; then let it finish. The grace period is an hour,
+    """SIGKILL the run mid-candidate, restart it, three times; then let it finish. The authors' EA (the one
+    end-to-end run of it: its generations are whole, so each killed slot must be refilled). The grace period is an hour,
     so a dead trial never goes stale here: only the restart's own check (this host, pid gone) can free its
     slot, and a restart that waited for the heartbeat would hang. Kills follow the study's state (a new
     candidate finished in this round and another is running), not the clock."""
@@ -228,8 +230,8 @@ def test_a_crash_loop_still_completes_the_study(tiny_model_dir: Path, tiny_refer
 
     db = tmp_path / "s.db"
     overrides = tiny_overrides(tiny_model_dir, tiny_reference, db, **{
-        "search.num_samples": 144, "search.batch_size": 24, "search.generations": 3, "final.enabled": "false",
-        "storage.heartbeat_interval": 1, "storage.grace_period": 3600})
+        **PAPER_SAMPLER, "search.num_samples": 144, "search.batch_size": 24, "search.generations": 3,
+        "final.enabled": "false", "storage.heartbeat_interval": 1, "storage.grace_period": 3600})
     dead: list[int] = []  # trials RUNNING in a process when it was killed
     for round_ in range(3):
         done = _complete_count(db)

@@ -145,6 +145,61 @@ def test_surrogate_sampler_answers_genome_params_from_its_own_choice(monkeypatch
     assert {t.system_attrs["autodiff:operator"] for t in chosen} - {"random", "init"}, "no bred offspring chosen"
 
 
+def test_optuna_suite_cases_on_genome_params_are_decided_by_the_surrogate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Optuna's suite cases (a NaN objective value, fixed params through enqueue_trial, a pruned trial) on
+    the genome's own params. Every trial that is not enqueued and has min_observations finished
+    candidates before it is the surrogate's pick: its genome is the argmax of the GP's expected improvement
+    over that decision's pool (the EI is observed, the choice is recomputed here). The NaN trial fails and
+    stays out of the fit; the pruned one enters it; fixed params are the trial's genome, and params that fix
+    only part of a schedule are refused with the fix (they ended in a KeyError)."""
+    from autodiff_opt.core.errors import ConfigError
+    from autodiff_opt.search import surrogate_sampler as module
+    from autodiff_opt.search.space import suggest_genome
+
+    picks: list[tuple[np.ndarray, np.ndarray, int]] = []  # (pool embeddings, their EI, observations fitted)
+    real_ei = module.GaussianProcess.expected_improvement
+    monkeypatch.setattr(module.GaussianProcess, "expected_improvement",
+                        lambda gp, x: picks.append((x.copy(), real_ei(gp, x), len(gp.x))) or picks[-1][1])
+    sampler = AutoDiffusionSampler(SPACE, SMALL, seed=0, surrogate=SurrogateConfig(pool_size=32))
+    partial = optuna.create_study(sampler=AutoDiffusionSampler(SPACE, SMALL, seed=0))
+    partial.enqueue_trial({"t0": 950, "t2": 400})
+    with pytest.raises(ConfigError, match=r"fixes only part of a schedule \(t1, t3 missing\): enqueue every step"):
+        partial.optimize(lambda t: _distance_of(suggest_genome(t, SPACE)), n_trials=1)
+    study = optuna.create_study(sampler=sampler)
+    fixed = {"t0": 950, "t1": 700, "t2": 400, "t3": 10}
+    study.enqueue_trial(fixed)
+
+    def objective(trial: optuna.Trial) -> float:
+        value = _distance_of(suggest_genome(trial, SPACE))
+        if trial.number == 9:
+            return float("nan")
+        if trial.number == 11:
+            trial.report(value, 24)
+            raise optuna.TrialPruned()
+        return value
+
+    study.optimize(objective, n_trials=20, catch=())
+    enqueued = study.trials[0]
+    assert genome_of(enqueued).timesteps == tuple(fixed.values()) and enqueued.params == fixed
+    assert enqueued.system_attrs["autodiff:operator"] == "enqueued"
+    assert study.trials[9].state == TrialState.FAIL and study.trials[11].state == TrialState.PRUNED
+    assert study.best_value == min(t.value for t in study.trials if t.state == TrialState.COMPLETE)
+    decided = []
+    for t in study.trials[1:]:
+        finished = [u for u in study.trials[: t.number] if u.state == TrialState.COMPLETE
+                    or (u.state == TrialState.PRUNED and u.intermediate_values)]
+        if len(finished) >= sampler.surrogate.min_observations:
+            decided.append((t, len(finished)))
+        else:
+            assert t.system_attrs["autodiff:operator"] == "random", t.number  # too few candidates: drawn at random
+    assert len(decided) == len(picks) >= 12, (len(decided), len(picks))
+    for (t, observed), (pool, ei, fitted) in zip(decided, picks):
+        chosen = embed(genome_of(t), SPACE.num_train_timesteps, SPACE.max_steps, solvers=SPACE.solvers)
+        assert np.allclose(pool[int(np.argmax(ei))], chosen), t.number  # the trial is the EI's argmax
+        assert fitted == observed, (t.number, fitted, observed)  # the NaN trial is not fitted, the pruned one is
+        assert t.system_attrs["autodiff:operator"] in {"local", "mutation", "crossover", "random"}
+
+
 def _distance_of(genome: Genome) -> float:
     return 1.0 + float(sum(abs(a - b) for a, b in zip(genome.timesteps, TARGET)))
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
+from audit import EVALUATED, assert_budget_spent
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.operators import JointSpace, OperatorSet
 from autodiff_opt.search.sampler import genome_of
@@ -96,24 +98,27 @@ def test_cli_searches_the_solver_with_the_steps_and_resumes(tiny_model_dir: Path
                                                                                   "final.enabled": "false"}),
                     tmp_path, tmp_path / "run1", timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert len(_load(db).get_trials(states=(TrialState.COMPLETE,))) == 5
+    assert_budget_spent(_load(db), 5, 32, 4, nfe=_nfe)  # population 5 x 1 generation: 5 candidate-equivalents
+    first_trials = len(_load(db).trials)
 
     resumed = run_cli(tiny_overrides(tiny_model_dir, tiny_reference, db, **gene, **{"search.generations": 2}),
                       tmp_path, tmp_path / "run2", timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     study = _load(db)
     done = study.get_trials(states=(TrialState.COMPLETE,))
-    assert len(done) == 10
-    by_number, crossed = {t.number: t for t in study.trials}, False
-    for t in done:
+    assert_budget_spent(study, 10, 32, 4, nfe=_nfe)  # the budget is in NFE x samples: Heun's candidates cost 3/4
+    assert len(study.trials) > first_trials  # the resume continued the study
+    by_number, bred = {t.number: t for t in study.trials}, Counter()
+    for t in study.get_trials(states=EVALUATED):
         g = genome_of(t)
         assert t.params["solver"] == g.solver in SOLVERS  # the gene is a trial param (the dashboard shows it)
         assert g.num_steps == {"ddim": 4, "heun": 2, "dpmpp_3m": 4}[g.solver] and t.user_attrs["nfe"] <= 4
         parents = [genome_of(by_number[n]).solver for n in t.system_attrs["autodiff:parents"]]
-        if t.system_attrs["autodiff:operator"] == "crossover":
-            assert g.solver in parents
-            crossed = True
-    assert crossed, "no crossover child in generation 1"
+        operator = t.system_attrs["autodiff:operator"]
+        if operator in ("crossover", "local"):  # the solver comes from a parent (local moves: the only one)
+            assert g.solver in parents and (operator == "crossover" or parents == [g.solver]), (operator, parents)
+        bred[operator] += bool(parents)
+    assert bred["local"] + bred["crossover"] >= 1, bred  # the surrogate chose children that inherit the solver
     baselines = {t.user_attrs["baseline"]: genome_of(t) for t in done if "baseline" in t.user_attrs}
     assert set(baselines) == {f"trailing@{s}" for s in SOLVERS}
     assert baselines["trailing@heun"].timesteps == (999, 499)
@@ -131,6 +136,11 @@ def test_cli_searches_the_solver_with_the_steps_and_resumes(tiny_model_dir: Path
     other = run_cli(tiny_overrides(tiny_model_dir, tiny_reference, db, **{**gene, "search.solvers": "[ddim,ipndm]"}),
                     tmp_path, tmp_path / "run3", timeout=900)
     assert other.returncode == 2 and "search.solvers" in other.stderr
+
+
+def _nfe(trial: FrozenTrial) -> int:
+    """Network evaluations per sample of a candidate at search.num_steps=4 as an NFE budget (Heun: 2K - 1)."""
+    return {"ddim": 4, "heun": 3, "dpmpp_3m": 4}[genome_of(trial).solver]
 
 
 def test_registering_a_solver_leaves_a_resumed_studys_decisions_alone(monkeypatch: pytest.MonkeyPatch) -> None:

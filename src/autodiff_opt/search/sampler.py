@@ -128,7 +128,14 @@ def enqueued_genome(trial: FrozenTrial, space: SearchSpace) -> Genome | None:
     if stored is not None:
         return Genome.from_json(stored)
     fixed = trial.system_attrs.get("fixed_params")  # Optuna's own record of enqueue_trial's params
-    return genome_from_params(fixed, space, trial.user_attrs.get("skips")) if fixed is not None else None
+    if fixed is None:
+        return None
+    solver = fixed.get(SOLVER_PARAM) if space.solvers else None
+    wanted = [step_param(i) for i in range(int(fixed.get("num_steps", space.steps_for(solver))))]
+    if missing := [name for name in wanted if name not in fixed]:
+        raise ConfigError(f"study.enqueue_trial({fixed}) fixes only part of a schedule ({', '.join(missing)} missing):"
+                          f" enqueue every step, {', '.join(wanted)}; this sampler chooses whole genomes")
+    return genome_from_params(fixed, space, trial.user_attrs.get("skips"))
 
 
 def next_slot(trials: Sequence[FrozenTrial], population: int) -> tuple[int, int]:
