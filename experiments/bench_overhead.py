@@ -33,7 +33,7 @@ def measure(exp: Any, sampler_name: str, storage: str, candidates: int, tmp: Pat
     from autodiff_opt import runner
     from autodiff_opt.search.fidelity import make_pruner
     from autodiff_opt.search.progress import Progress
-    from autodiff_opt.search.samplers import resolve
+    from autodiff_opt.search.sampler_choice import resolve
     from autodiff_opt.search.study import open_study
     from autodiff_opt.config import as_tree, to_config
 

@@ -65,8 +65,8 @@ def _run(job: tuple[str, int, float, str, dict[str, Any]]) -> dict[str, Any]:
     from autodiff_opt import runner
     from autodiff_opt.search.fidelity import PEER_COST_ATTR, ImageStepBudget, make_pruner
     from autodiff_opt.search.storage_compat import set_study_system_attr
-    from autodiff_opt.search.sampler import genome_of
-    from autodiff_opt.search.samplers import resolve
+    from autodiff_opt.search.evolution import genome_of
+    from autodiff_opt.search.sampler_choice import resolve
     from autodiff_opt.search.stopping import StopRule, Trace
 
     name, seed, budget, stop_kind, peers = job

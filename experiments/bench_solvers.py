@@ -59,7 +59,7 @@ def _set_space(exp: Any, nfe: int, solvers: list[str]) -> None:
     from omegaconf import OmegaConf
 
     from autodiff_opt import runner
-    from autodiff_opt.search.samplers import resolve
+    from autodiff_opt.search.sampler_choice import resolve
     from autodiff_opt.search.space import SearchSpace
     from autodiff_opt.config import as_tree, to_config
 
@@ -129,7 +129,7 @@ def _search(exp: Any, nfe: int, solvers: list[str], seeds: list[Scored], budget:
 
     from autodiff_opt import runner
     from autodiff_opt.search.fidelity import ImageStepBudget, make_pruner
-    from autodiff_opt.search.sampler import genome_of
+    from autodiff_opt.search.evolution import genome_of
     from autodiff_opt.search.space import best_fid_trial
 
     _set_space(exp, nfe, solvers)

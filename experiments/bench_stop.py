@@ -55,7 +55,7 @@ def _num(value: float | None, digits: int) -> str:
 
 
 def _best_until(study: optuna.Study, number: int) -> tuple[str, float]:
-    from autodiff_opt.search.sampler import genome_of
+    from autodiff_opt.search.evolution import genome_of
 
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number <= number]
     best = min(done, key=lambda t: (t.values[0], t.number))

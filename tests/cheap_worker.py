@@ -24,7 +24,7 @@ import optuna  # noqa: E402
 
 from autodiff_opt.core.genome import Genome  # noqa: E402
 from autodiff_opt.search.progress import SearchBudget  # noqa: E402
-from autodiff_opt.search.sampler import AutoDiffusionPaperSampler, EvolutionConfig  # noqa: E402
+from autodiff_opt.search.evolution import AutoDiffusionPaperSampler, EvolutionConfig  # noqa: E402
 from autodiff_opt.search.space import SearchSpace, genome_params, suggest_genome  # noqa: E402
 from autodiff_opt.search.study import journal_storage, make_storage  # noqa: E402
 

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from autodiff_opt.cli import CONFIG_DIR
 from audit import EVALUATED, assert_budget_spent
-from autodiff_opt.search.sampler import genome_of
+from autodiff_opt.search.evolution import genome_of
 from cli_helpers import cli_command, cli_env, compose_cfg, kill_when, run_cli, tiny_overrides
 from cli_helpers import load_study as _load
 

@@ -2,7 +2,7 @@
 search, orphan recovery, the slot rule, audits. (The processes themselves: tests/test_workers.py.)
 
 Where they live: search/study.py (storages, journal heartbeats), search/lock.py (the lock),
-search/sampler.py (the locked decision, the slot rule), search/recovery.py (owners, dead and orphaned
+search/evolution.py (the locked decision, the slot rule), search/recovery.py (owners, dead and orphaned
 trials), search/progress.py (the end of a search), tests/audit.py (the audit)."""
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from autodiff_opt.core.keys import HEARTBEAT_ATTR, OWNER_ATTR
 from autodiff_opt.search.lock import study_lock
 from autodiff_opt.search.progress import SearchBudget, budget_status
 from autodiff_opt.search.recovery import fail_dead_local_trials, fail_orphaned_trials, process_start, this_host
-from autodiff_opt.search.sampler import count_by_generation, next_slot
-from autodiff_opt.search.samplers import builtin_sampler
+from autodiff_opt.search.evolution import count_by_generation, next_slot
+from autodiff_opt.search.sampler_choice import builtin_sampler
 from autodiff_opt.search.space import GENERATION_ATTR, GENOME_ATTR, SLOT_ATTR
 from autodiff_opt.search.study import HeartbeatJournalStorage, journal_storage, make_storage
 

@@ -14,7 +14,7 @@ import optuna
 import pytest
 
 from autodiff_opt.core.genome import Genome
-from autodiff_opt.search.sampler import AutoDiffusionPaperSampler, EvolutionConfig
+from autodiff_opt.search.evolution import AutoDiffusionPaperSampler, EvolutionConfig
 from autodiff_opt.search.space import SearchSpace, suggest_genome
 from ports import held_port
 

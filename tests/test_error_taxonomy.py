@@ -1,6 +1,6 @@
 """Checks that used to raise plain ValueError/RuntimeError outside preflight raise the taxonomy's errors
 (core/errors.py: the CLI prints one line and exits 2): the final comparison's seeds (search/final.py), the
-evolution's sizes and the study's direction (search/sampler.py), the precision (generate.py), a study
+evolution's sizes and the study's direction (search/evolution.py), the precision (generate.py), a study
 without genomes (search/final.py)."""
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def test_a_study_without_genomes_is_a_study_error() -> None:
 ])
 def test_evolution_sizes_are_config_errors(sizes: dict[str, int], message: str) -> None:
     """Raised where an EvolutionConfig is built (a sampler made in code too); preflight's resolve() adds the fix."""
-    from autodiff_opt.search.sampler import EvolutionConfig
+    from autodiff_opt.search.evolution import EvolutionConfig
 
     with pytest.raises(ConfigError, match=message) as err:
         EvolutionConfig(**sizes)
@@ -60,7 +60,7 @@ def test_evolution_sizes_are_config_errors(sizes: dict[str, int], message: str) 
 
 
 def test_a_maximising_study_is_refused_by_the_sampler() -> None:
-    from autodiff_opt.search.sampler import AutoDiffusionPaperSampler, EvolutionConfig
+    from autodiff_opt.search.evolution import AutoDiffusionPaperSampler, EvolutionConfig
     from autodiff_opt.search.space import SearchSpace
 
     sampler = AutoDiffusionPaperSampler(SearchSpace(4, 1000), EvolutionConfig(6, 3, 2, 0.25, 1, 2), seed=0)

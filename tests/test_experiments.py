@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from audit import EVALUATED, assert_budget_spent
 from autodiff_opt.cli import CONFIG_DIR
 from autodiff_opt.models.factory import missing_files
-from autodiff_opt.search.sampler import genome_of
+from autodiff_opt.search.evolution import genome_of
 from cli_helpers import cli_command, cli_env, run_cli, tiny_overrides
 from replicas import (
     blob_images,

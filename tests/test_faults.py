@@ -26,7 +26,7 @@ from autodiff_opt.models.loading import load_model
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.core.keys import OWNER_ATTR
 from autodiff_opt.search.objective import FAIL_REASON_ATTR, Objective
-from autodiff_opt.search.sampler import AutoDiffusionPaperSampler, EvolutionConfig, count_by_generation, genome_of
+from autodiff_opt.search.evolution import AutoDiffusionPaperSampler, EvolutionConfig, count_by_generation, genome_of
 from autodiff_opt.search.space import GENOME_ATTR, SearchSpace, genome_params
 from audit import EVALUATED, assert_budget_spent
 from cli_helpers import PAPER_SAMPLER, run_cli, tiny_overrides

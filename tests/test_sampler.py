@@ -10,7 +10,7 @@ import pytest
 from optuna.trial import TrialState
 
 from autodiff_opt.core.genome import Genome, GenomeError
-from autodiff_opt.search.sampler import PARENT_CACHE_PREFIX, AutoDiffusionPaperSampler, EvolutionConfig, count_by_generation, genome_of
+from autodiff_opt.search.evolution import PARENT_CACHE_PREFIX, AutoDiffusionPaperSampler, EvolutionConfig, count_by_generation, genome_of
 from autodiff_opt.search.study import make_storage
 from autodiff_opt.search.space import GENERATION_ATTR, OPERATOR_ATTR, SLOT_ATTR, SearchSpace, genome_params, suggest_genome
 

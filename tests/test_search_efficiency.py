@@ -21,8 +21,8 @@ from autodiff_opt.search.fidelity import IMAGE_STEPS_ATTR, ParentsPruner, rung_s
 from autodiff_opt.search.final import add_ratios
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.peers import ays_schedule, best_path
-from autodiff_opt.search.sampler import EvolutionConfig, genome_of
-from autodiff_opt.search.samplers import SAMPLERS, SamplerChoiceError, resolve
+from autodiff_opt.search.evolution import EvolutionConfig, genome_of
+from autodiff_opt.search.sampler_choice import SAMPLERS, SamplerChoiceError, resolve
 from autodiff_opt.search.space import PARENTS_ATTR, SearchSpace
 from autodiff_opt.search.surrogate import GaussianProcess, embed
 from autodiff_opt.search.surrogate_sampler import SurrogateConfig, AutoDiffusionSampler
@@ -215,7 +215,7 @@ def _distance(trial: optuna.Trial) -> float:
 
 
 def test_surrogate_evolution_beats_the_papers_evolution_at_equal_candidates() -> None:
-    from autodiff_opt.search.sampler import AutoDiffusionPaperSampler
+    from autodiff_opt.search.evolution import AutoDiffusionPaperSampler
 
     best = {}
     for name, make in (("surrogate", lambda s: AutoDiffusionSampler(SPACE, SMALL, seed=s, surrogate=SurrogateConfig(64))),

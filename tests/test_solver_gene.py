@@ -14,7 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 from audit import EVALUATED, assert_budget_spent
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.operators import JointSpace, OperatorSet
-from autodiff_opt.search.sampler import genome_of
+from autodiff_opt.search.evolution import genome_of
 from autodiff_opt.search.solver_gene import child_solver, fit_to_solver
 from autodiff_opt.search.space import SearchSpace
 from autodiff_opt.solvers import nfe
@@ -150,7 +150,7 @@ def test_registering_a_solver_leaves_a_resumed_studys_decisions_alone(monkeypatc
     import optuna
 
     from autodiff_opt import solvers as registry
-    from autodiff_opt.search.sampler import EvolutionConfig
+    from autodiff_opt.search.evolution import EvolutionConfig
     from autodiff_opt.search.space import suggest_genome
     from autodiff_opt.search.surrogate import embed
     from autodiff_opt.search.surrogate_sampler import SurrogateConfig, AutoDiffusionSampler

@@ -13,7 +13,7 @@ import torch
 from autodiff_opt.arch.budget import Budget
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.operators import skip_cap
-from autodiff_opt.search.sampler import AutoDiffusionPaperSampler, EvolutionConfig, genome_of
+from autodiff_opt.search.evolution import AutoDiffusionPaperSampler, EvolutionConfig, genome_of
 from autodiff_opt.search.space import GENERATION_ATTR, STAGE_ATTR, SearchSpace, suggest_genome
 from autodiff_opt.search.stage2 import STAGE2_START_ATTR, Stage2Policy, ramp_max_skip_frac
 from autodiff_opt.search.surrogate_sampler import AutoDiffusionSampler

@@ -269,7 +269,7 @@ def _tiny(model: Path, reference: Path, db: Path, **extra: object) -> list[str]:
 
 def _searched(db: Path) -> list[str]:
     """Genome keys of the trials that did not fail, in trial order."""
-    from autodiff_opt.search.sampler import genome_of
+    from autodiff_opt.search.evolution import genome_of
 
     genomes = [genome_of(t) for t in load_study(db).trials if t.state != TrialState.FAIL]
     return [g.key() for g in genomes if g is not None]  # a trial killed while its genome was chosen has none

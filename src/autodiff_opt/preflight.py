@@ -49,7 +49,7 @@ def check_device(name: str) -> None:
 
 def check_search(search: Any) -> None:
     """The sampler and the evolution's sizes, before any model is loaded."""
-    from autodiff_opt.search.samplers import SamplerChoiceError, resolve
+    from autodiff_opt.search.sampler_choice import SamplerChoiceError, resolve
 
     batch = search.get("batch_size")
     if batch is not None and batch != "auto" and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
@@ -149,7 +149,7 @@ def check_final(final: Any) -> None:
 
 def budget_in_force(search: Any) -> str:
     """The search budget in candidate-equivalents and where it comes from, for messages."""
-    from autodiff_opt.search.samplers import resolve
+    from autodiff_opt.search.sampler_choice import resolve
 
     setup = resolve(search)
     if getattr(search, "budget", None) is not None:  # the typed SearchConfig or the composed tree
@@ -161,7 +161,7 @@ def budget_in_force(search: Any) -> str:
 def check_budget(search: Any) -> None:
     """The trajectory-DP peer's teacher (search.peer_grid steps on search.peer_samples samples; T >= peer_grid
     for every model here) counts in the budget of the image-step samplers: it must leave room for a candidate."""
-    from autodiff_opt.search.samplers import resolve
+    from autodiff_opt.search.sampler_choice import resolve
 
     setup = resolve(search)
     if setup.spec.counts == "generations" or "gits_dp" not in (search.get("peers") or []):
@@ -434,7 +434,7 @@ def check_solver_gene(cfg: Any) -> None:
         raise _config_error(f"search.solvers={solvers}: {unknown} unknown; use names from {sorted(SOLVER_SPECS)}")
     if len(set(solvers)) != len(solvers):
         raise _config_error(f"search.solvers={solvers} lists a solver twice: list each once")
-    from autodiff_opt.search.samplers import resolve
+    from autodiff_opt.search.sampler_choice import resolve
 
     if solvers and not resolve(cfg.search).spec.solver_gene:
         genes = " or ".join(n for n, spec in SAMPLER_SPECS.items() if spec.solver_gene)

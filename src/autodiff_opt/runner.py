@@ -28,8 +28,8 @@ from autodiff_opt.core.genome import Genome, GenomeError, validate_timesteps
 from autodiff_opt.search import coding
 from autodiff_opt.search.fidelity import PEER_COST_ATTR, ImageStepBudget, make_pruner, rung_sizes
 from autodiff_opt.search.objective import Objective
-from autodiff_opt.search.sampler import SamplerInputs
-from autodiff_opt.search.samplers import EVOLUTION_KEYS, SearchSetup, resolve
+from autodiff_opt.search.evolution import SamplerInputs
+from autodiff_opt.search.sampler_choice import EVOLUTION_KEYS, SearchSetup, resolve
 from autodiff_opt.search.space import SearchSpace, best_fid_trial, fid_of, genome_params
 from autodiff_opt.search.lock import study_lock
 from autodiff_opt.search.progress import Progress, SearchBudget
@@ -375,7 +375,7 @@ def make_objective(exp: Experiment) -> Objective:
 def make_sampler(exp: Experiment, seed: int | None = None) -> optuna.samplers.BaseSampler:
     """The configured sampler (seeded by search.seed unless given), built by its spec's factory
     (specs/samplers.py); ours decide under the study lock."""
-    from autodiff_opt.search.samplers import make_sampler as build
+    from autodiff_opt.search.sampler_choice import make_sampler as build
 
     setup = exp.search_setup
     anchor = exp.baselines.get("ddim_uniform") or exp.baselines.get("flow_uniform") or next(

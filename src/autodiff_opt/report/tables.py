@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 import pandas as pd
 
-from autodiff_opt.search.sampler import genome_of
+from autodiff_opt.search.evolution import genome_of
 from autodiff_opt.search.space import GENERATION_ATTR, fid_of, OPERATOR_ATTR, STAGE_ATTR
 
 

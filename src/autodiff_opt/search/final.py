@@ -19,7 +19,7 @@ from autodiff_opt.generate import NonFiniteSamples, SampleSet
 from autodiff_opt.core.errors import ConfigError, StudyError
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.objective import evaluate
-from autodiff_opt.search.sampler import genome_of
+from autodiff_opt.search.evolution import genome_of
 from autodiff_opt.search.space import best_fid_trial, pareto_front
 from autodiff_opt.core.keys import FINAL_ATTR
 

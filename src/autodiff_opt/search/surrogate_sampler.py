@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.operators import Initialization, Operator, OperatorSet
-from autodiff_opt.search.sampler import AutoDiffusionPaperSampler, EvolutionConfig, Offspring, SamplerInputs, genome_of
+from autodiff_opt.search.evolution import AutoDiffusionPaperSampler, EvolutionConfig, Offspring, SamplerInputs, genome_of
 from autodiff_opt.search.stage2 import Stage2Policy
 from autodiff_opt.search.space import SearchSpace
 from autodiff_opt.search.surrogate import GaussianProcess, embed

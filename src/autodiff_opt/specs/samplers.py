@@ -1,4 +1,4 @@
-"""``SamplerSpec``: one record per ``search.sampler``, read by preflight, ``search/samplers.py`` (defaults,
+"""``SamplerSpec``: one record per ``search.sampler``, read by preflight, ``search/sampler_choice.py`` (defaults,
 ``resolve``) and the runner (the factory, the stop rule). See docs/architecture.md, "Adding a sampler".
 
 A setting of the evolution left null in the config takes the sampler's preset here: this is the one
@@ -19,7 +19,7 @@ class SamplerSpec:
     """A sampler: how it is built, its defaults, and what it supports."""
 
     name: str
-    factory: str  # "module:function", called with a ``search.samplers.SamplerInputs``, returns the Optuna sampler
+    factory: str  # "module:function", called with a ``search.evolution.SamplerInputs``, returns the Optuna sampler
     evolution: dict[str, Any] = field(default_factory=dict)  # EvolutionConfig fields over its (the paper's) defaults
     generations: int = 15  # null search.generations: this many generations (budget = population x generations)
     prune: bool = False  # multi-fidelity pruning on sample prefixes unless search.prune says otherwise
@@ -43,12 +43,12 @@ class SamplerSpec:
         return self.stage2
 
 
-_BUILTIN = "autodiff_opt.search.samplers:make_builtin"
+_BUILTIN = "autodiff_opt.search.sampler_choice:make_builtin"
 SAMPLER_SPECS: dict[str, SamplerSpec] = {s.name: s for s in (
     SamplerSpec("autodiffusion", "autodiff_opt.search.surrogate_sampler:make_sampler", SURROGATE_EVOLUTION, 15,
                 prune=True, genome=True,
                 summary="two-stage evolution, offspring picked by a GP surrogate, pruning on sample prefixes"),
-    SamplerSpec("autodiffusion_paper", "autodiff_opt.search.sampler:make_sampler", {}, 10, genome=True,
+    SamplerSpec("autodiffusion_paper", "autodiff_opt.search.evolution:make_sampler", {}, 10, genome=True,
                 counts="generations", summary="the authors' evolution as published (population 50, no pruning)"),
     SamplerSpec("tpe", _BUILTIN, SURROGATE_EVOLUTION, summary="Optuna's TPE on stick-breaking fractions"),
     SamplerSpec("cmaes", _BUILTIN, SURROGATE_EVOLUTION, summary="Optuna's CMA-ES on stick-breaking fractions"),

@@ -22,7 +22,7 @@ from typing import Any
 import optuna
 
 from autodiff_opt.search.recovery import OwnerRecording
-from autodiff_opt.search.sampler import EvolutionConfig, SamplerInputs
+from autodiff_opt.search.evolution import EvolutionConfig, SamplerInputs
 from autodiff_opt.specs.samplers import GENOME_SAMPLERS, SAMPLER_SPECS, SamplerSpec
 
 EVOLUTIONARY = GENOME_SAMPLERS  # the samplers of whole genomes (stage 2, the solver gene)
