@@ -314,3 +314,24 @@ def test_sigkill_then_resume_stops_at_the_candidate_of_an_uninterrupted_run(tiny
     assert later.returncode == 0, later.stderr[-3000:]
     assert _searched(db) == _searched(tmp_path / "a.db"), "a trial started after the timeout"
     assert load_study(db).user_attrs[STOP_ATTR]["reason"] == "timeout"
+
+
+def test_the_budget_runs_a_lost_candidates_retry_before_it_ends_the_search() -> None:
+    """A worker killed near the end of the budget: its candidate, queued again by Optuna's retry callback,
+    is evaluated before the budget ends the study (it used to stay WAITING, never scored)."""
+    from autodiff_opt.search.study import retry_callback
+
+    study = _study(_history([1.9, 1.8], noise=0.02))  # 7 candidate-equivalents spent
+    budget = ImageStepBudget(5 * UNIT, UNIT)
+    assert budget.should_stop(study)
+    lost = study.ask({"x": FloatDistribution(0, 1)})
+    study.tell(lost, state=TrialState.FAIL)  # what the heartbeat does to a dead worker's trial
+    retry_callback(2)(study, study.trials[-1])
+    assert [t.state for t in study.trials[-2:]] == [TrialState.FAIL, TrialState.WAITING]
+    assert not budget.should_stop(study)
+    retried = study.ask()  # a worker takes the queued retry first
+    assert retried.params == lost.params
+    study.tell(retried, 1.7)
+    assert budget.should_stop(study)
+    study.enqueue_trial({"x": 0.5})  # a queued trial that is no retry (a baseline) does not hold the study
+    assert budget.should_stop(study)

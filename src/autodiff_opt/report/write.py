@@ -164,7 +164,7 @@ def snippet_for(exp: "Experiment", genome: Genome, solver: str) -> str:
             return apply_snippet(genome, solver, bool(cfg.solver.clip_x0),
                                  f"{family.pipeline_class} needs a VAE and this model samples pixels")
         return pipeline_snippet(family.name, genome, source, solver, float(cfg.model.guidance_scale),
-                                bool(cfg.solver.clip_x0), cfg.model.image_size)
+                                bool(cfg.solver.clip_x0), getattr(cfg.model, "image_size", None))
     if style == "text_to_image":
         return sd_snippet(genome, str(cfg.model.pretrained), solver, cfg.model.guidance_scale)
     if model.prediction_type == "flow":

@@ -20,7 +20,7 @@ import optuna
 from optuna.pruners import BasePruner
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
-from autodiff_opt.core.keys import BASELINE_ATTR, IMAGE_STEPS_ATTR, PEER_COST_ATTR, SENSITIVITY_COST_ATTR
+from autodiff_opt.core.keys import BASELINE_ATTR, IMAGE_STEPS_ATTR, PEER_COST_ATTR, RETRY_OF_ATTR, SENSITIVITY_COST_ATTR
 from autodiff_opt.search.storage_compat import study_system_attrs
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,10 @@ def spent_image_steps(study: Study) -> int:
 
 
 class ImageStepBudget:
-    """Stop once the spent image-steps reach ``total`` (workers each stop at their next check)."""
+    """Stop once the spent image-steps reach ``total`` (workers each stop at their next check), unless a lost
+    candidate's retry is queued: it is evaluated first (a worker killed near the end of the budget would
+    otherwise leave its candidate queued and never scored; at most one candidate past the budget per lost
+    one)."""
 
     def __init__(self, total: int, candidate_image_steps: int) -> None:
         self.total = total
@@ -76,7 +79,10 @@ class ImageStepBudget:
         return spent_image_steps(study) / self.unit
 
     def should_stop(self, study: Study) -> bool:
-        return spent_image_steps(study) >= self.total
+        if spent_image_steps(study) < self.total:
+            return False
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        return not any(RETRY_OF_ATTR in t.system_attrs for t in waiting)
 
 
 def make_pruner(enabled: bool, num_parents: int) -> optuna.pruners.BasePruner:
