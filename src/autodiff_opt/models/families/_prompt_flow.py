@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -113,3 +113,12 @@ def load_prompt_flow(root: Path, model_cls: type[PromptFlowModel], prompts: str 
     log.info("loaded %s: %s flow, latents %s, shift %.3g%s, %d prompts, guidance %.2f", model.name, model.kind.upper(),
              model.sample_shape, shift, " (dynamic)" if dynamic else "", len(pool), model.guidance_scale)
     return model
+
+
+def folder_opener(model_cls: type[PromptFlowModel]) -> Callable[..., PromptFlowModel]:
+    """A family's ``open_folder`` for a prompt-flow pipeline of ``model_cls`` (square images of image_size)."""
+    def open_folder(root: Path, prompts: Any, *, guidance_scale: float, decode_batch_size: int, device: Any,
+                    dtype: Any, name: str | None = None, image_size: int | None = None) -> PromptFlowModel:
+        return load_prompt_flow(root, model_cls, prompts, guidance_scale, decode_batch_size, device, dtype, name,
+                                image_size, image_size)
+    return open_folder

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from autodiff_opt.models.families._prompt_flow import PromptFlowModel, load_prompt_flow
+from autodiff_opt.models.families._prompt_flow import PromptFlowModel, folder_opener
 from autodiff_opt.models.families._transformer import (BLOCKS, block_skipper, has_index_class, load_pipeline_model,
                                                         skip_joint_block, transformer_units)
 from autodiff_opt.models.families.record import ModelFamily
@@ -56,11 +55,6 @@ class FluxModel(PromptFlowModel):
         return 1.0
 
 
-def _open(root: Path, prompts: Any, *, guidance_scale: float, decode_batch_size: int, device: Any, dtype: Any,
-          name: str | None = None, image_size: int | None = None) -> Any:
-    return load_prompt_flow(root, FluxModel, prompts, guidance_scale, decode_batch_size, device, dtype, name,
-                            image_size, image_size)
-
 
 FAMILY = ModelFamily(
     name="flux", summary="Flux (FluxPipeline), text-to-image flow with the guidance embedding",
@@ -68,5 +62,5 @@ FAMILY = ModelFamily(
     units=functools.partial(transformer_units, groups=(*BLOCKS, ("single", "single_transformer_blocks"))),
     skip=block_skipper({"FluxTransformerBlock": skip_joint_block, "FluxSingleTransformerBlock": skip_joint_block}),
     flops_inputs=None, flow=True, export="pipeline", pipeline_class="FluxPipeline", subfolder="transformer",
-    transformer=True, priority=10, open_folder=_open,
+    transformer=True, priority=10, open_folder=folder_opener(FluxModel),
 )

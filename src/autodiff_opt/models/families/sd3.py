@@ -4,12 +4,11 @@ with classifier-free guidance against the empty prompt)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from autodiff_opt.models.families._prompt_flow import PromptFlowModel, load_prompt_flow
+from autodiff_opt.models.families._prompt_flow import PromptFlowModel, folder_opener
 from autodiff_opt.models.families._transformer import (block_skipper, has_index_class, load_pipeline_model,
                                                         skip_joint_block, transformer_units)
 from autodiff_opt.models.families.record import ModelFamily
@@ -62,11 +61,6 @@ class SD3Model(PromptFlowModel):
         return float(scheduler_config.get("num_train_timesteps", 1000))
 
 
-def _open(root: Path, prompts: Any, *, guidance_scale: float, decode_batch_size: int, device: Any, dtype: Any,
-          name: str | None = None, image_size: int | None = None) -> Any:
-    return load_prompt_flow(root, SD3Model, prompts, guidance_scale, decode_batch_size, device, dtype, name,
-                            image_size, image_size)
-
 
 FAMILY = ModelFamily(
     name="sd3", summary="Stable Diffusion 3 (StableDiffusion3Pipeline), text-to-image flow",
@@ -74,5 +68,5 @@ FAMILY = ModelFamily(
     denoiser_classes=("SD3Transformer2DModel",), units=transformer_units,
     skip=block_skipper({"JointTransformerBlock": skip_joint_block}), flops_inputs=None, flow=True,
     export="pipeline", pipeline_class="StableDiffusion3Pipeline", subfolder="transformer", transformer=True,
-    priority=10, open_folder=_open,
+    priority=10, open_folder=folder_opener(SD3Model),
 )
