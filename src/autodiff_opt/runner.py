@@ -433,7 +433,7 @@ def run_search(study: optuna.Study, exp: Experiment) -> None:
     if (reason := rule.check(study, after_trial=False)) is not None and reason["reason"] != "budget":
         log.info("study %s: search done (%s)", study.study_name, reason["text"])
         return
-    if budget.should_stop(study) if isinstance(budget, ImageStepBudget) else done >= total:  # a queued retry runs first
+    if reason is not None if isinstance(budget, ImageStepBudget) else done >= total:  # the budget's verdict above (a queued retry runs first)
         if isinstance(budget, ImageStepBudget):
             log.info("study %s already spent %.1f of %.0f candidate-equivalents: search done", study.study_name, done, total)
         else:
