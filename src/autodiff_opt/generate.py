@@ -122,7 +122,8 @@ class ImageGenerator:
 
     def eps_for(self, genome: Genome, labels: torch.Tensor | None) -> EpsFn:
         """The batch's eps function for this genome (labels bound; per-step skipping, guidance applied)."""
-        eps_fn = self.model.eps_fn(class_labels=labels.to(self.device) if labels is not None else None)
+        eps_fn = self.model.eps_fn(class_labels=labels.to(self.device) if labels is not None else None,
+                                   network=self.model.network)
         if self.compiled is not None and self.compiled.cuda_graphs:
             eps_fn = _with_step_begin(eps_fn, self.compiled.step_begin)
         return self.step_wrapper(eps_fn, genome) if self.step_wrapper is not None else eps_fn

@@ -17,6 +17,9 @@ class EpsFn(Protocol):
     def __call__(self, x_t: torch.Tensor, t: int, step_index: int) -> torch.Tensor: ...
 
 
+Network = Callable[..., Any]
+"""One network evaluation: the denoiser module, or the denoiser compiled whole."""
+
 StepWrapper = Callable[[EpsFn, Genome], EpsFn]
 """Wraps a batch's eps function for one genome (per-step layer skipping, guidance, ...)."""
 
@@ -45,6 +48,11 @@ class Compiled(Protocol):
     def cuda_graphs(self) -> bool: ...
 
     def step_begin(self) -> None: ...
+
+
+def sample_of(out: Any) -> torch.Tensor:
+    """The predicted tensor of a network's output (a diffusers ``ModelOutput``, a tuple, or the tensor)."""
+    return out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
 
 
 class Guidance(Protocol):
@@ -127,17 +135,19 @@ class DiffusionModel:
             f"prediction_type={self.prediction_type!r} is not supported: use epsilon, v_prediction or sample"
         )
 
-    def eps_fn(self, class_labels: torch.Tensor | None = None, **unet_kwargs: Any) -> EpsFn:
-        """A noise-prediction callable for one batch, with its class labels (or other conditioning) bound."""
+    def eps_fn(self, class_labels: torch.Tensor | None = None, network: Network | None = None,
+               **unet_kwargs: Any) -> EpsFn:
+        """A noise-prediction callable for one batch, with its class labels (or other conditioning) bound.
+        ``network`` is what one evaluation calls (None: the plain ``denoiser``; a ``DenoiserRuntime`` passes
+        the denoiser compiled whole, arch/runtime.py)."""
+        net = self.denoiser if network is None else network
 
         def eps(x_t: torch.Tensor, t: int, step_index: int) -> torch.Tensor:
             t_batch = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
             kwargs = dict(unet_kwargs)
             if class_labels is not None:
                 kwargs["class_labels"] = class_labels
-            out = self.network(x_t, t_batch, **kwargs)
-            out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
-            return self.eps_from_output(out, x_t, t)
+            return self.eps_from_output(sample_of(net(x_t, t_batch, **kwargs)), x_t, t)
 
         if self.guidance is not None and class_labels is not None:
             return self.guidance.wrap(eps, class_labels)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from autodiff_opt.models.base import DiffusionModel, EpsFn
+from autodiff_opt.models.base import DiffusionModel, EpsFn, Network, sample_of
 
 FLOW_PREDICTION = "flow"
 GRID_SIZE = 1000  # genome index i is the time t = (i + 1) / GRID_SIZE
@@ -73,17 +73,17 @@ class FlowModel(DiffusionModel):
     def time(self, index: int) -> float:
         return grid_time(index, self.num_train_timesteps)
 
-    def eps_fn(self, class_labels: torch.Tensor | None = None, **unet_kwargs: Any) -> EpsFn:
+    def eps_fn(self, class_labels: torch.Tensor | None = None, network: Network | None = None,
+               **unet_kwargs: Any) -> EpsFn:
         """The velocity v(x_t, i, step) for one batch (the name is the solver interface's; flow solvers expect v)."""
+        net = self.denoiser if network is None else network
 
         def velocity(x_t: torch.Tensor, index: int, step_index: int) -> torch.Tensor:
             t = torch.full((x_t.shape[0],), self.time(index) * self.time_scale, device=x_t.device)
             kwargs = dict(unet_kwargs)
             if class_labels is not None:
                 kwargs["class_labels"] = class_labels
-            out = self.denoiser(x_t, t, **kwargs)
-            out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
-            return out.float()
+            return sample_of(net(x_t, t, **kwargs)).float()
 
         return velocity
 

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
-from autodiff_opt.models.base import DiffusionModel, EpsFn, ModelLoadError
+from autodiff_opt.models.base import DiffusionModel, EpsFn, ModelLoadError, Network, sample_of
 from autodiff_opt.models.loading import _alphas_cumprod, _read_json, local_root
 
 log = logging.getLogger(__name__)
@@ -163,8 +163,10 @@ class TextToImageModel(DiffusionModel):
             return cond.to(device, dtype), False
         return torch.cat([empty, cond]).to(device, dtype), True
 
-    def eps_fn(self, class_labels: torch.Tensor | None = None, **unet_kwargs: Any) -> EpsFn:
+    def eps_fn(self, class_labels: torch.Tensor | None = None, network: Network | None = None,
+               **unet_kwargs: Any) -> EpsFn:
         """eps(x_t, t, step) for one batch; ``class_labels`` are prompt indices (None: the empty prompt)."""
+        net = self.denoiser if network is None else network
         contexts: dict[tuple[int, str], tuple[torch.Tensor, bool]] = {}
 
         def eps(x_t: torch.Tensor, t: int, step_index: int) -> torch.Tensor:
@@ -175,8 +177,7 @@ class TextToImageModel(DiffusionModel):
             dtype = context.dtype
             x_in = torch.cat([x_t, x_t]) if guided else x_t
             t_batch = torch.full((x_in.shape[0],), t, device=x_t.device, dtype=torch.long)
-            out = self.network(x_in.to(dtype), t_batch, encoder_hidden_states=context, **unet_kwargs)
-            out = out.sample if hasattr(out, "sample") else out[0]
+            out = sample_of(net(x_in.to(dtype), t_batch, encoder_hidden_states=context, **unet_kwargs))
             if guided:
                 uncond, cond = out.float().chunk(2)
                 out = uncond + self.guidance_scale * (cond - uncond)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from autodiff_opt.models.base import EpsFn, ModelLoadError
+from autodiff_opt.models.base import EpsFn, ModelLoadError, Network
 from autodiff_opt.models.families._pipeline import _load_pipeline, _sample_shape
 from autodiff_opt.models.flow import FLOW_PREDICTION, GRID_SIZE, FlowModel, model_shift, vp_alphas_cumprod
 from autodiff_opt.models.latent import VaeDecoder, load_prompts
@@ -40,8 +40,10 @@ class PromptFlowModel(FlowModel):
         """Per prompt, the pipeline's own embeddings: (sequence, pooled[, text ids]) (the family's subclass)."""
         raise NotImplementedError
 
-    def velocity(self, x: torch.Tensor, t: float, state: dict[str, Any], kwargs: dict[str, Any]) -> torch.Tensor:
-        """One network evaluation at time t on the batch's prompt embeddings (the family's subclass)."""
+    def velocity(self, x: torch.Tensor, t: float, state: dict[str, Any], kwargs: dict[str, Any],
+                 network: Network) -> torch.Tensor:
+        """One evaluation of ``network`` (the denoiser, or it compiled) at time t on the batch's prompt
+        embeddings (the family's subclass)."""
         raise NotImplementedError
 
     @staticmethod
@@ -70,8 +72,10 @@ class PromptFlowModel(FlowModel):
         """Classifier-free guidance runs a second, unconditional pass (SD3; Flux embeds the scale instead)."""
         return False
 
-    def eps_fn(self, class_labels: torch.Tensor | None = None, **unet_kwargs: Any) -> EpsFn:
+    def eps_fn(self, class_labels: torch.Tensor | None = None, network: Network | None = None,
+               **unet_kwargs: Any) -> EpsFn:
         """The velocity for one batch of prompt indices (None: the empty prompt)."""
+        net = self.denoiser if network is None else network
         state: dict[str, Any] = {}
 
         def velocity(x_t: torch.Tensor, index: int, step_index: int) -> torch.Tensor:
@@ -80,7 +84,7 @@ class PromptFlowModel(FlowModel):
                 cond = self._embeddings(ids) if ids else [self._empty()] * x_t.shape[0]
                 state["cond"] = [torch.stack([c[j] for c in cond]) for j in range(2)]
                 state["ids"] = cond[0][2] if len(cond[0]) > 2 else None
-            return self.velocity(x_t, self.time(index), state, unet_kwargs)
+            return self.velocity(x_t, self.time(index), state, unet_kwargs, net)
 
         return velocity
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from autodiff_opt.models.base import DiffusionModel, EpsFn
+from autodiff_opt.models.base import DiffusionModel, EpsFn, Network, sample_of
 from autodiff_opt.models.families._pipeline import _load_pipeline, _sample_shape
 from autodiff_opt.models.families._transformer import (block_skipper, has_index_class, load_pipeline_model,
                                                         skip_dit_block, transformer_units)
@@ -29,8 +29,10 @@ class ClassGuidedModel(DiffusionModel):
     null_class: int = 1000
     kind: str = "dit"
 
-    def eps_fn(self, class_labels: torch.Tensor | None = None, **unet_kwargs: Any) -> EpsFn:
+    def eps_fn(self, class_labels: torch.Tensor | None = None, network: Network | None = None,
+               **unet_kwargs: Any) -> EpsFn:
         guided = class_labels is not None and self.guidance_scale > 1.0
+        net = self.denoiser if network is None else network
 
         def eps(x_t: torch.Tensor, t: int, step_index: int) -> torch.Tensor:
             b, channels = x_t.shape[0], x_t.shape[1]
@@ -40,7 +42,7 @@ class ClassGuidedModel(DiffusionModel):
             labels_in = torch.cat([labels, null]) if guided else labels
             t_batch = torch.full((x_in.shape[0],), t, device=x_t.device, dtype=torch.long)
             dtype = next(self.denoiser.parameters()).dtype
-            out = self.denoiser(x_in.to(dtype), timestep=t_batch, class_labels=labels_in, **unet_kwargs).sample
+            out = sample_of(net(x_in.to(dtype), timestep=t_batch, class_labels=labels_in, **unet_kwargs))
             e = out[:, :channels].float()
             if guided:
                 cond, uncond = e.chunk(2)

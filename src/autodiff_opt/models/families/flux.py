@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
+from autodiff_opt.models.base import Network, sample_of
 from autodiff_opt.models.families._prompt_flow import PromptFlowModel, folder_opener
 from autodiff_opt.models.families._transformer import (BLOCKS, block_skipper, has_index_class, load_pipeline_model,
                                                         skip_joint_block, transformer_units)
@@ -30,7 +31,8 @@ class FluxModel(PromptFlowModel):
                                                        max_sequence_length=self.max_sequence_length)
         return [(seq[i], pooled[i], ids) for i in range(len(texts))]
 
-    def velocity(self, x: torch.Tensor, t: float, state: dict[str, Any], kwargs: dict[str, Any]) -> torch.Tensor:
+    def velocity(self, x: torch.Tensor, t: float, state: dict[str, Any], kwargs: dict[str, Any],
+                 network: Network) -> torch.Tensor:
         seq, pooled = state["cond"]
         b, c, h, w = x.shape
         dtype = next(self.denoiser.parameters()).dtype
@@ -39,9 +41,9 @@ class FluxModel(PromptFlowModel):
         guidance = (torch.full((b,), self.guidance_scale, device=x.device, dtype=torch.float32)
                     if self.denoiser.config.guidance_embeds else None)
         timestep = torch.full((b,), t, device=x.device, dtype=dtype)
-        out = self.denoiser(hidden_states=packed, timestep=timestep, guidance=guidance, pooled_projections=pooled.to(dtype),
-                            encoder_hidden_states=seq.to(dtype), txt_ids=state["ids"], img_ids=img_ids, return_dict=False,
-                            **kwargs)[0]
+        out = sample_of(network(hidden_states=packed, timestep=timestep, guidance=guidance,
+                                pooled_projections=pooled.to(dtype), encoder_hidden_states=seq.to(dtype),
+                                txt_ids=state["ids"], img_ids=img_ids, return_dict=False, **kwargs))
         scale = self.pipe.vae_scale_factor
         return self.pipe._unpack_latents(out, h * scale, w * scale, scale).float()
 

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
+from autodiff_opt.models.base import Network, sample_of
 from autodiff_opt.models.families._prompt_flow import PromptFlowModel, folder_opener
 from autodiff_opt.models.families._transformer import (block_skipper, has_index_class, load_pipeline_model,
                                                         skip_joint_block, transformer_units)
@@ -34,7 +35,8 @@ class SD3Model(PromptFlowModel):
     def guided(self) -> bool:
         return self.guidance_scale > 1.0
 
-    def velocity(self, x: torch.Tensor, t: float, state: dict[str, Any], kwargs: dict[str, Any]) -> torch.Tensor:
+    def velocity(self, x: torch.Tensor, t: float, state: dict[str, Any], kwargs: dict[str, Any],
+                 network: Network) -> torch.Tensor:
         seq, pooled = state["cond"]
         dtype = next(self.denoiser.parameters()).dtype
         if self.guided:
@@ -44,8 +46,8 @@ class SD3Model(PromptFlowModel):
             pooled = torch.cat([empty_pooled.expand(b, -1), pooled])
             x = torch.cat([x, x])
         timestep = torch.full((x.shape[0],), t * self.time_scale, device=x.device, dtype=dtype)
-        out = self.denoiser(hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=seq.to(dtype),
-                            pooled_projections=pooled.to(dtype), return_dict=False, **kwargs)[0].float()
+        out = sample_of(network(hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=seq.to(dtype),
+                                pooled_projections=pooled.to(dtype), return_dict=False, **kwargs)).float()
         if self.guided:
             uncond, cond = out.chunk(2)
             out = uncond + self.guidance_scale * (cond - uncond)
