@@ -124,13 +124,14 @@ def describe(args: argparse.Namespace, cfg, cmds: list[list[str]]) -> str:  # ty
 def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
+    from autodiff_opt.config import to_config
     from autodiff_opt.models.factory import missing_files
 
     overrides = overrides_for(args, extra)
-    cfg = compose_config(overrides)
+    cfg = compose_config([f"output_dir={args.output_dir}", *overrides])  # no Hydra run to resolve it from
     cmds = commands(args, overrides)
     print(describe(args, cfg, cmds), flush=True)
-    missing = missing_files(cfg)
+    missing = missing_files(to_config(cfg))
     if missing:
         print("error: input files are missing, nothing was started:\n  " + "\n  ".join(missing), file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ import torch
 
 from autodiff_opt.arch.layers import discover_layers
 from autodiff_opt.cli import compose_config
+from autodiff_opt.config import to_config
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.data.digits import load_digits_images
 from autodiff_opt.generate import ImageGenerator, SampleSet
@@ -42,7 +43,7 @@ def _user_copy(tmp_path: Path, asset: str) -> Path:
 
 def _build(experiment: str, pretrained: Path) -> object:
     cfg = compose_config([f"+experiment={experiment}", f"model.pretrained={pretrained}", "output_dir=/tmp/unused"])
-    return build_model(cfg.model, torch.device("cpu"))
+    return build_model(to_config(cfg).model, torch.device("cpu"))
 
 
 @torch.no_grad()

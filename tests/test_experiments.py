@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 
 from audit import EVALUATED, assert_budget_spent
 from autodiff_opt.cli import CONFIG_DIR
+from autodiff_opt.config import to_config
 from autodiff_opt.models.factory import missing_files
 from autodiff_opt.search.evolution import genome_of
 from cli_helpers import cli_command, cli_env, run_cli, tiny_overrides
@@ -85,7 +86,7 @@ def test_missing_files_name_each_file_its_source_and_override(name: str, tmp_pat
     monkeypatch.setenv("AUTODIFF_OPT_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("autodiff_opt.models.factory._hub_cached", lambda repo_id: False)
-    messages = missing_files(_compose(name))
+    messages = missing_files(to_config(_compose(name, [f"output_dir={tmp_path}"])))
     options = [m.split("=", 1)[0] for m in messages]
     assert sorted(options) == sorted(PAPER[name][2])
     for message in messages:

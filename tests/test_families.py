@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from autodiff_opt.arch.layers import discover_layers
 from autodiff_opt.arch.skip import LayerSkipper
+from autodiff_opt.config import ModelConfig
 from autodiff_opt.models import families as family_pkg
 from autodiff_opt.models.families import families, family_for, family_of, pipeline_families
 
@@ -104,8 +104,8 @@ def _index(folder: Path, pipeline: str, **components: list) -> str:
     return str(folder)
 
 
-def _model(pretrained: str, **settings: object) -> object:
-    return OmegaConf.create({"pretrained": pretrained, "converter": None, "prompts": None, **settings})
+def _model(pretrained: str, **settings: object) -> ModelConfig:
+    return ModelConfig(pretrained=pretrained, **settings)  # type: ignore[arg-type]
 
 
 def test_each_model_kind_finds_its_family_before_loading(tmp_path: Path) -> None:

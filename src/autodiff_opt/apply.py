@@ -81,12 +81,14 @@ def skip_blocks(unet: torch.nn.Module, schedule: str | Path | dict[str, Any]) ->
 def _load(doc: dict[str, Any], device: torch.device) -> DiffusionModel:
     """The schedule's model: rebuilt from its model settings (any kind the runs load), or a UNet folder."""
     if doc.get("model_config"):
-        from omegaconf import OmegaConf
+        from dataclasses import fields
 
+        from autodiff_opt.config import ModelConfig
         from autodiff_opt.models.factory import build_model
 
-        settings = {k: v for k, v in doc["model_config"].items() if k != "skip_units"}
-        return build_model(OmegaConf.create(settings), device)
+        known = {f.name for f in fields(ModelConfig)}  # skip_units (and any setting no longer read) left out
+        settings = {k: v for k, v in doc["model_config"].items() if k in known}
+        return build_model(ModelConfig(**settings), device)
     return load_model(doc["model"], subfolder=doc.get("subfolder"), device=device)
 
 

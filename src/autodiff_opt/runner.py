@@ -153,7 +153,7 @@ def build_experiment(cfg: Config | DictConfig) -> Experiment:
     import_plugins(list(cfg.imports))
     check_feature_layer(cfg.metric.feature_extractor, cfg.metric.feature_layer)
     device = pick_device(cfg.device)
-    model = build_model(as_tree(cfg.model), device, cfg.cache_dir)  # models/ reads a DictConfig (family21's part)
+    model = build_model(cfg.model, device, cfg.cache_dir)
     T = model.num_train_timesteps
     if cfg.search.num_steps > T:
         raise ConfigError(f"search.num_steps={cfg.search.num_steps} exceeds the model's T={T}: use K <= T")

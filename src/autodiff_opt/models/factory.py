@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from omegaconf import DictConfig
 
 from autodiff_opt.models.base import DiffusionModel, ModelLoadError
 from autodiff_opt.models.families import family_for
 from autodiff_opt.models.loading import BUILTIN_PREFIX, _looks_like_path
+
+if TYPE_CHECKING:  # a layer below: the typed config (config.to_config)
+    from autodiff_opt.config import Config, ModelConfig
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 INCEPTION_HINT = ("torch-fidelity's Inception weights, published at github.com/toshas/torch-fidelity/releases/download/"
                   "v0.2.0/weights-inception-2015-12-05-6726825d.pth")
 
 
-def build_model(model_cfg: DictConfig, device: torch.device, cache_dir: str | Path = "~/.cache/autodiff_opt") -> DiffusionModel:
+def build_model(model_cfg: ModelConfig, device: torch.device, cache_dir: str | Path = "~/.cache/autodiff_opt") -> DiffusionModel:
     """The configured model, loaded by its family (``models.families.family_for``: DiT / SD3 / Flux pipelines,
     Stable Diffusion, ADM checkpoints, plain UNets)."""
     if model_cfg.dtype not in _DTYPES:
@@ -28,7 +31,7 @@ def build_model(model_cfg: DictConfig, device: torch.device, cache_dir: str | Pa
     return model
 
 
-def missing_files(cfg: DictConfig) -> list[str]:
+def missing_files(cfg: Config) -> list[str]:
     """Every configured input file that is absent, each with where it comes from and the override to set."""
     hint = f" ({cfg.model.source_hint})" if cfg.model.source_hint else ""
     checks = []
@@ -61,7 +64,7 @@ def _hub_cached(repo_id: str) -> bool:
     return any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in ("model_index.json", "config.json"))
 
 
-def _missing_pretrained(model_cfg: DictConfig, hint: str) -> list[str]:
+def _missing_pretrained(model_cfg: ModelConfig, hint: str) -> list[str]:
     """model.pretrained: a local folder that is absent, or a hub id that an offline machine has not cached."""
     ref = str(model_cfg.pretrained)
     if model_cfg.converter or ref.startswith(BUILTIN_PREFIX) or Path(ref).expanduser().exists():

@@ -109,6 +109,6 @@ def load_pipeline_model(model_cfg: Any, device: Any, dtype: Any, cache_dir: Any 
                                       decode_batch_size=int(model_cfg.decode_batch_size), device=device,
                                       dtype=dtype, name=model_cfg.name,
                                       source_hint=str(model_cfg.source_hint or ""),
-                                      image_size=model_cfg.get("image_size"))
+                                      image_size=model_cfg.image_size)
     model.source = str(model_cfg.pretrained)
     return model

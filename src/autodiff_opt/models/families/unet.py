@@ -13,11 +13,9 @@ from autodiff_opt.models.families.record import ModelFamily, ModelRef
 
 def load_unet(model_cfg: Any, pretrained: str, device: Any, dtype: Any) -> Any:
     """A UNet folder (or pipeline folder with unet/) with its noise schedule, and ADM's classifier if configured."""
-    from omegaconf import OmegaConf
-
     from autodiff_opt.models.loading import load_model
 
-    schedule = OmegaConf.to_container(model_cfg.noise_schedule) if model_cfg.noise_schedule else None
+    schedule = dict(model_cfg.noise_schedule) if model_cfg.noise_schedule else None
     model = load_model(pretrained, name=model_cfg.name, subfolder=model_cfg.subfolder, noise_schedule=schedule,  # type: ignore[arg-type]
                        device=device, dtype=dtype)
     model.source = pretrained  # what a schedule file names to load this model again
