@@ -42,7 +42,7 @@ def measure(exp: Any, sampler_name: str, storage: str, candidates: int, tmp: Pat
     OmegaConf.update(cfg, "search.budget", candidates)
     OmegaConf.update(cfg, "storage.url", f"sqlite:///{tmp / (sampler_name + '.db')}" if storage == "sqlite" else "sqlite:///:memory:")
     exp.cfg, exp.setup = to_config(cfg), resolve(cfg.search)
-    store = open_storage(cfg.storage) if storage == "sqlite" else optuna.storages.InMemoryStorage()
+    store = open_storage(exp.cfg.storage) if storage == "sqlite" else optuna.storages.InMemoryStorage()
     study = open_study(store, f"bench-{sampler_name}", runner.study_signature(cfg, exp.space), runner.make_sampler(exp),
                        pruner=make_pruner(exp.setup.prune, exp.setup.evolution.num_parents))
     exp.peers = {}

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from autodiff_opt import preflight
 from autodiff_opt.metrics.fid import MetricError
 from autodiff_opt.models.base import ModelLoadError
+from autodiff_opt.config import FinalConfig, ModelConfig, SearchConfig, Stage2Config, to_config
 from autodiff_opt.core.errors import ConfigError
 from audit import EVALUATED, assert_budget_spent
 from cli_helpers import cli_command, cli_env, tiny_overrides
@@ -197,11 +198,11 @@ def test_check_search() -> None:
     good = {"population": 6, "generations": 2, "batch_size": 4, "max_consecutive_failures": 3, "num_parents": 3,
             "num_mutants": 3, "num_crossovers": 1, "init_random": 2, "mutation_prob": 0.25, "init_mutation_prob": 0.1,
             "max_attempts": 10}
-    preflight.check_search(good)
+    preflight.check_search(SearchConfig(**good))
     for bad, message in (({"num_mutants": 9}, "exceeds search.population"), ({"generations": 0}, "generations=0"),
                          ({"mutation_prob": 1.5}, "probability"), ({"init_random": 7}, "init_random=7")):
         with pytest.raises(ConfigError, match=message):
-            preflight.check_search({**good, **bad})
+            preflight.check_search(SearchConfig(**{**good, **bad}))
 
 
 def test_check_model_folder(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -244,8 +245,8 @@ def test_check_weights_of_bin_files_and_checkpoints(tmp_path: Path) -> None:
     preflight.check_weights(tmp_path)  # diffusers reads the safetensors file: the .bin beside it is not read
     torch.save([torch.ones(1)], tmp_path / "list.pt")
     with pytest.raises(ModelLoadError, match="is not a state dict"):
-        preflight.check_checkpoints({"converter": "adm", "checkpoint": str(tmp_path / "list.pt"), "classifier": None})
-    preflight.check_checkpoints({"converter": None, "checkpoint": str(tmp_path / "list.pt"), "classifier": None})
+        preflight.check_checkpoints(ModelConfig(converter="adm", checkpoint=str(tmp_path / "list.pt"), classifier=None))
+    preflight.check_checkpoints(ModelConfig(converter=None, checkpoint=str(tmp_path / "list.pt"), classifier=None))
 
 
 def test_check_feature_layer() -> None:
@@ -276,7 +277,7 @@ def test_run_all_returns_the_opened_storage(tmp_path: Path, tiny_model_dir: Path
     from cli_helpers import compose_cfg, tiny_overrides
 
     cfg = compose_cfg(tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "s.db"), tmp_path)
-    storage = preflight.run_all(cfg)
+    storage = preflight.run_all(to_config(cfg))
     assert isinstance(storage, optuna.storages.RDBStorage)
     optuna.create_study(storage=storage, study_name="kept")
     assert optuna.get_all_study_names(f"sqlite:///{tmp_path / 's.db'}") == ["kept"]
@@ -298,48 +299,48 @@ SMOKE = ["search.population=6", "search.generations=1", "search.num_samples=100"
 def test_the_budget_message_names_the_budget_in_force(tmp_path: Path) -> None:
     from cli_helpers import compose_cfg
 
-    unset = compose_cfg(SMOKE, tmp_path).search
+    unset = to_config(compose_cfg(SMOKE, tmp_path)).search
     with pytest.raises(ConfigError, match=r"budget, 6 candidate-equivalents \(search.budget unset: search.population=6"
                                           r" x search.generations=1 of search.sampler=autodiffusion\), is already spent"
                                           r" by the gits_dp peer's teacher \(64.0 candidate-equivalents"):
         preflight.check_budget(unset)
     with pytest.raises(ConfigError, match=r"budget, 10 candidate-equivalents \(search.budget=10"):
-        preflight.check_budget(compose_cfg([*SMOKE, "search.budget=10"], tmp_path).search)
-    preflight.check_budget(compose_cfg([*SMOKE, "search.budget=65"], tmp_path).search)  # 64 for the teacher, 1 left
-    preflight.check_budget(compose_cfg([*SMOKE, "search.peers=[]"], tmp_path).search)
-    preflight.check_budget(compose_cfg([*SMOKE, "search.sampler=autodiffusion_paper"], tmp_path).search)  # generations
+        preflight.check_budget(to_config(compose_cfg([*SMOKE, "search.budget=10"], tmp_path)).search)
+    preflight.check_budget(to_config(compose_cfg([*SMOKE, "search.budget=65"], tmp_path)).search)  # 64 for the teacher, 1 left
+    preflight.check_budget(to_config(compose_cfg([*SMOKE, "search.peers=[]"], tmp_path)).search)
+    preflight.check_budget(to_config(compose_cfg([*SMOKE, "search.sampler=autodiffusion_paper"], tmp_path)).search)  # generations
 
 
 def test_check_final() -> None:
-    preflight.check_final({"enabled": True, "repeats": 1, "num_samples": 2})
-    preflight.check_final({"enabled": True, "repeats": 3, "num_samples": None})  # null: 2 x search.num_samples
-    preflight.check_final({"enabled": False, "repeats": 0, "num_samples": 1})  # no final comparison: not read
+    preflight.check_final(FinalConfig(enabled=True, repeats=1, num_samples=2))
+    preflight.check_final(FinalConfig(enabled=True, repeats=3, num_samples=None))  # null: 2 x search.num_samples
+    preflight.check_final(FinalConfig(enabled=False, repeats=0, num_samples=1))  # no final comparison: not read
     with pytest.raises(ConfigError, match=r"^final.repeats=0: .*at least 1 repeat.*final.enabled=false$"):
-        preflight.check_final({"enabled": True, "repeats": 0, "num_samples": None})
+        preflight.check_final(FinalConfig(enabled=True, repeats=0, num_samples=None))
     with pytest.raises(ConfigError, match=r"^final.num_samples=1: FID needs at least 2 samples"):
-        preflight.check_final({"enabled": True, "repeats": 3, "num_samples": 1})
+        preflight.check_final(FinalConfig(enabled=True, repeats=3, num_samples=1))
 
 
 def test_check_search_rungs_and_pool_size() -> None:
     good = {"population": 6, "num_parents": 3, "num_mutants": 3, "num_crossovers": 1, "init_random": 2,
             "rungs": [0.25, 0.5], "pool_size": 1}
-    preflight.check_search(good)
+    preflight.check_search(SearchConfig(**good))
     for rungs in ([0.5, 0.25], [0.25, 0.25, 0.5]):
         with pytest.raises(ConfigError, match=r"search.rungs=.*: list the prefixes in increasing order, each once"
                                               r" \(e.g. \[0.25, 0.5\]\)"):
-            preflight.check_search({**good, "rungs": rungs})
+            preflight.check_search(SearchConfig(**{**good, "rungs": rungs}))
     with pytest.raises(ConfigError, match=r"^search.pool_size=0: .*at least 1"):
-        preflight.check_search({**good, "pool_size": 0})
+        preflight.check_search(SearchConfig(**{**good, "pool_size": 0}))
 
 
 def test_check_stage2_budget() -> None:
-    preflight.check_stage2({"units": "blocks", "caches": [], "budget_flops": 3.5, "budget_layers": None})
-    preflight.check_stage2({"units": "blocks", "caches": [], "budget_flops": None, "budget_layers": 0})
+    preflight.check_stage2(Stage2Config(units="blocks", caches=[], budget_flops=3.5, budget_layers=None))
+    preflight.check_stage2(Stage2Config(units="blocks", caches=[], budget_flops=None, budget_layers=0))
     for flops in (0, -1.0):
         with pytest.raises(ConfigError, match=rf"^search.stage2.budget_flops={flops}: .*must be positive"):
-            preflight.check_stage2({"units": "blocks", "caches": [], "budget_flops": flops})
+            preflight.check_stage2(Stage2Config(units="blocks", caches=[], budget_flops=flops))
     with pytest.raises(ConfigError, match=r"^search.stage2.budget_layers=-2"):
-        preflight.check_stage2({"units": "blocks", "caches": [], "budget_layers": -2})
+        preflight.check_stage2(Stage2Config(units="blocks", caches=[], budget_layers=-2))
 
 
 def test_check_reference_source(tiny_reference: Path, tmp_path: Path) -> None:
@@ -385,12 +386,12 @@ def test_adm_presets_are_user_errors() -> None:
     assert issubclass(AdmConfigError, ConfigError) and issubclass(AdmConfigError, USER_ERRORS)
     with pytest.raises(ConfigError, match="unknown ADM preset 'imagenet46'"):
         unet_preset("imagenet46")
-    preflight.check_adm_presets({"converter": "adm", "preset": "imagenet64", "classifier": None})
-    preflight.check_adm_presets({"converter": None, "preset": None, "classifier": None})
+    preflight.check_adm_presets(ModelConfig(converter="adm", preset="imagenet64", classifier=None))
+    preflight.check_adm_presets(ModelConfig(converter=None, preset=None, classifier=None))
     with pytest.raises(ConfigError, match=r"^model.preset='imagenet46' is not an ADM preset: use one of .*imagenet64"):
-        preflight.check_adm_presets({"converter": "adm", "preset": "imagenet46", "classifier": None})
+        preflight.check_adm_presets(ModelConfig(converter="adm", preset="imagenet46", classifier=None))
     with pytest.raises(ConfigError, match=r"^model.preset='lsun256' has no ADM classifier preset"):
-        preflight.check_adm_presets({"converter": None, "preset": "lsun256", "classifier": "64x64_classifier.pt"})
+        preflight.check_adm_presets(ModelConfig(converter=None, preset="lsun256", classifier="64x64_classifier.pt"))
 
 
 @contextlib.contextmanager
@@ -420,7 +421,7 @@ def test_validate_runs_the_new_checks(tiny_model_dir: Path, tiny_reference: Path
         if override.startswith("model.preset"):
             overrides += ["model.converter=adm"]
         with _case(override), pytest.raises(ConfigError, match=message.replace("[", "\\[")):
-            preflight.validate(compose_cfg(overrides, tmp_path))
+            preflight.validate(to_config(compose_cfg(overrides, tmp_path)))
     cfg = compose_cfg([*base, "search.stage2.enabled=true", "search.stage2.budget_flops=0"], tmp_path)
     with pytest.raises(ConfigError, match="budget_flops=0"):
-        preflight.validate(cfg)
+        preflight.validate(to_config(cfg))

@@ -151,26 +151,26 @@ def test_precision_fp8_is_refused_before_any_work(tmp_path: Path) -> None:
     ({"compile": False}, "compile='False' is not one of"),  # a YAML `compile: off` arrives as a boolean
 ])
 def test_check_runtime_refuses(settings: dict[str, object], message: str) -> None:
-    from omegaconf import OmegaConf
-
     from autodiff_opt import preflight
+    from autodiff_opt.config import Config
     from autodiff_opt.core.errors import ConfigError
 
     base = {"precision": "bf16", "device": "cpu", "compile": "default"}
-    preflight.check_runtime(OmegaConf.create(base))
+    preflight.check_runtime(Config(**base))
     with pytest.raises(ConfigError, match=message):
-        preflight.check_runtime(OmegaConf.create({**base, **settings}))
+        preflight.check_runtime(Config(**{**base, **settings}))  # type: ignore[arg-type]
 
 
 def test_check_search_batch_size() -> None:
     from autodiff_opt import preflight
+    from autodiff_opt.config import SearchConfig
     from autodiff_opt.core.errors import ConfigError
 
     for good in (1, 512, "auto"):
-        preflight.check_search({"batch_size": good})
+        preflight.check_search(SearchConfig(batch_size=good))
     for bad in ("many", 0, 2.5, True):
         with pytest.raises(ConfigError, match="search.batch_size=.*use a whole number of at least 1, or auto"):
-            preflight.check_search({"batch_size": bad})
+            preflight.check_search(SearchConfig(batch_size=bad))
 
 
 def test_cost_model_counts_the_eager_layers_of_a_compiled_model(tiny_model_dir: Path) -> None:

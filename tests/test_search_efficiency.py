@@ -74,14 +74,13 @@ def test_every_sampler_resolves_and_bad_choices_are_named() -> None:
 
 
 def test_stage2_with_a_builtin_sampler_is_refused_before_work() -> None:
-    from omegaconf import OmegaConf
-
     from autodiff_opt import preflight
+    from autodiff_opt.config import SearchConfig, Stage2Config
     from autodiff_opt.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="needs search.sampler=autodiffusion or autodiffusion_paper: gp searches"):
-        preflight.check_search(OmegaConf.create({"sampler": "gp", "stage2": {"enabled": True}, "peers": []}))
-    preflight.check_search(OmegaConf.create({"sampler": "autodiffusion", "stage2": {"enabled": True}, "peers": ["ays"]}))
+        preflight.check_search(SearchConfig(sampler="gp", stage2=Stage2Config(enabled=True), peers=[]))
+    preflight.check_search(SearchConfig(sampler="autodiffusion", stage2=Stage2Config(enabled=True), peers=["ays"]))
 
 
 def test_rung_sizes() -> None:

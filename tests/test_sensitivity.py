@@ -82,9 +82,10 @@ def test_prior_draws_masks_from_low_sensitivity_pairs() -> None:
 
 
 def test_a_sensitivity_fraction_outside_0_1_is_one_clear_line() -> None:
+    from autodiff_opt.config import Stage2Config
     from autodiff_opt.core.errors import ConfigError
     from autodiff_opt.preflight import check_stage2
 
     with pytest.raises(ConfigError, match=r"search.stage2.sensitivity_fraction=1.5: use a fraction"):
-        check_stage2({"units": "blocks", "caches": [], "sensitivity_fraction": 1.5})
-    check_stage2({"units": "blocks", "caches": [], "sensitivity_fraction": 0.1})
+        check_stage2(Stage2Config(units="blocks", caches=[], sensitivity_fraction=1.5))
+    check_stage2(Stage2Config(units="blocks", caches=[], sensitivity_fraction=0.1))

@@ -12,6 +12,7 @@ import pytest
 from optuna.trial import FrozenTrial, TrialState
 
 from audit import EVALUATED, assert_budget_spent
+from autodiff_opt.config import to_config
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.search.operators import JointSpace, OperatorSet
 from autodiff_opt.search.evolution import genome_of
@@ -74,7 +75,7 @@ def test_bad_solver_lists_are_refused_before_work(override: str, message: str, t
 
     cfg = compose_cfg([*tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "s.db"), *override.split()], tmp_path)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        validate(cfg)
+        validate(to_config(cfg))
 
 
 def test_builtin_sampler_with_solvers_is_refused(tiny_model_dir: Path, tiny_reference: Path, tmp_path: Path) -> None:
@@ -83,7 +84,7 @@ def test_builtin_sampler_with_solvers_is_refused(tiny_model_dir: Path, tiny_refe
     over = [o for o in tiny_overrides(tiny_model_dir, tiny_reference, tmp_path / "s.db") if not o.startswith("search.sampler=")]
     cfg = compose_cfg([*over, "search.sampler=tpe", "search.solvers=[ddim,heun]"], tmp_path)
     with pytest.raises(ConfigError, match="needs search.sampler=autodiffusion"):
-        validate(cfg)
+        validate(to_config(cfg))
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from autodiff_opt import preflight
+from autodiff_opt.config import SearchConfig
 from autodiff_opt.core.errors import ConfigError
 from autodiff_opt.core.keys import BASELINE_ATTR, IMAGE_STEPS_ATTR, STOP_ATTR
 from autodiff_opt.search.fidelity import ImageStepBudget
@@ -174,7 +175,7 @@ def test_timeout_durations(text: object, seconds: float | None) -> None:
 ])
 def test_bad_stop_settings_are_refused(search: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        preflight.check_search(search)
+        preflight.check_search(SearchConfig(**search))
     with pytest.raises(StopChoiceError):
         parse_timeout("soon")
 

@@ -397,12 +397,13 @@ def test_caches_need_a_transformer_and_known_names(tmp_path: Path) -> None:
                     f"storage.url=sqlite:///{tmp_path / 's.db'}", "progress=false"], tmp_path, tmp_path / "run")
     assert proc.returncode == 2
     assert "search.stage2.caches=['pab']: diffusers' caches hook transformer blocks" in proc.stderr
+    from autodiff_opt.config import Stage2Config
     from autodiff_opt.preflight import ConfigError, check_stage2
 
     with pytest.raises(ConfigError, match=r"search.stage2.caches: \['teacache'\] unknown"):
-        check_stage2({"units": "blocks", "caches": ["teacache"]})
+        check_stage2(Stage2Config(units="blocks", caches=["teacache"]))
     with pytest.raises(ConfigError, match="search.stage2.units=layers: use blocks or sub_blocks"):
-        check_stage2({"units": "layers", "caches": []})
+        check_stage2(Stage2Config(units="layers", caches=[]))
 
 
 def _schedule_doc(steps: list[int], skipped: list[list[str]], units: str = "blocks") -> dict[str, object]:

@@ -194,8 +194,8 @@ def to_config(cfg: Config | DictConfig | dict) -> Config:
 
 
 def as_tree(node: Any) -> DictConfig:
-    """A typed config, or a piece of it, as the DictConfig that code written for the composed tree reads
-    (preflight's checks use ``.get``; models/factory.py converts ``noise_schedule`` with OmegaConf)."""
+    """A typed config, or a piece of it, as a DictConfig (the benchmarks in experiments/ update a copy with
+    ``OmegaConf.update``); the package's own code reads the typed config."""
     return node if isinstance(node, DictConfig) else OmegaConf.structured(node)
 
 

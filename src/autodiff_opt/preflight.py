@@ -1,20 +1,25 @@
-"""The one validation pass over the composed config, before any model is loaded.
+"""The one validation pass over the typed config (``config.to_config``), before any model is loaded.
 
 Each check raises one of the errors in `autodiff_opt.core.errors.USER_ERRORS` (one line on stderr,
 exit 2) with the setting and the fix in its message. `validate(cfg)` runs them all, cheapest first
 (settings, then files and their headers); `run_all(cfg)` adds the storage and returns it opened.
-Nothing here loads a model or touches the data (docs/errors.md).
+Each check reads the typed section it needs (``SearchConfig``, ``Stage2Config``, ``FinalConfig``,
+``ModelConfig``, ...). Nothing here loads a model or touches the data (docs/errors.md).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
+
 from autodiff_opt.core.errors import ConfigError
 from autodiff_opt.specs.options import CACHES, PEERS, SKIP_UNITS
 from autodiff_opt.specs.samplers import SAMPLER_SPECS
 from autodiff_opt.specs.solvers import SOLVER_SPECS, solver_mismatch
+
+if TYPE_CHECKING:  # the typed config (a layer below); runner builds it once with config.to_config
+    from autodiff_opt.config import Config, FinalConfig, ModelConfig, SearchConfig, Stage2Config, StorageConfig
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                 "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json",
@@ -47,24 +52,26 @@ def check_device(name: str) -> None:
         raise _config_error(f"device={name}: unsupported device type {device.type!r}: use auto, cpu or cuda:N")
 
 
-def check_search(search: Any) -> None:
+def check_search(search: SearchConfig) -> None:
     """The sampler and the evolution's sizes, before any model is loaded."""
     from autodiff_opt.search.sampler_choice import SamplerChoiceError, resolve
 
-    batch = search.get("batch_size")
+    batch = search.batch_size
     if batch is not None and batch != "auto" and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise _config_error(f"search.batch_size={batch!r}: use a whole number of at least 1, or auto (from free GPU memory)")
     for key in ("population", "generations", "max_consecutive_failures", "num_parents"):
-        if search.get(key) is not None and int(search[key]) < 1:
-            raise _config_error(f"search.{key}={search[key]}: must be at least 1")
+        value = getattr(search, key)
+        if value is not None and int(value) < 1:
+            raise _config_error(f"search.{key}={value}: must be at least 1")
     for key in ("mutation_prob", "init_mutation_prob"):
-        if search.get(key) is not None and not 0.0 <= float(search[key]) <= 1.0:
-            raise _config_error(f"search.{key}={search[key]}: a probability must be in [0, 1]")
+        value = getattr(search, key)
+        if value is not None and not 0.0 <= float(value) <= 1.0:
+            raise _config_error(f"search.{key}={value}: a probability must be in [0, 1]")
     try:
         setup = resolve(search)
     except SamplerChoiceError as err:
         raise _config_error(str(err)) from err
-    pool = search.get("pool_size")
+    pool = search.pool_size
     if pool is not None and (isinstance(pool, bool) or int(pool) < 1):
         raise _config_error(f"search.pool_size={pool}: the surrogate ranks at least 1 offspring per candidate:"
                             " use a whole number of at least 1 (the default is 256)")
@@ -75,23 +82,20 @@ def check_search(search: Any) -> None:
     from autodiff_opt.search.stopping import StopChoiceError, check_stop
 
     try:
-        check_stop(search.get("stop", "converged"), search.get("patience"), search.get("timeout"),
-                   search.get("patience_candidates", 0))
+        check_stop(search.stop, search.patience, search.timeout, search.patience_candidates)
     except StopChoiceError as err:
         raise _config_error(str(err)) from err
-    stage2 = search.get("stage2") if hasattr(search, "get") else None
-    if not setup.spec.stage2 and stage2 is not None and stage2.get("enabled"):
+    if not setup.spec.stage2 and search.stage2.enabled:
         raise _config_error(f"search.stage2.enabled=true needs search.sampler={' or '.join(STAGE2_SAMPLERS)}:"
                             f" {setup.sampler} searches the time steps only")
-    if stage2 is not None:
-        check_stage2(stage2)
-    unknown = [p for p in (search.get("peers") or []) if p not in PEERS]
+    check_stage2(search.stage2)
+    unknown = [p for p in search.peers if p not in PEERS]
     if unknown:
         raise _config_error(f"search.peers: {unknown} unknown: use {' and/or '.join(PEERS)}")
     from autodiff_opt.solvers import FLOW_HEURISTICS, HEURISTICS
 
     known = [*HEURISTICS, *FLOW_HEURISTICS]  # which family fits the model is checked once it is loaded
-    unknown = [b for b in (search.get("baselines") or []) if b not in known]
+    unknown = [b for b in search.baselines if b not in known]
     if unknown:
         raise _config_error(f"search.baselines: {unknown} unknown: use any of {', '.join(known)} (or [] for none)")
 
@@ -99,33 +103,33 @@ def check_search(search: Any) -> None:
 STAGE2_SAMPLERS = tuple(name for name, spec in SAMPLER_SPECS.items() if spec.stage2)
 
 
-def check_stage2(stage2: Any) -> None:
+def check_stage2(stage2: Stage2Config) -> None:
     """search.stage2.units and search.stage2.caches: known names; the sensitivity map's prefix a fraction."""
-    units = stage2.get("units", "blocks")
+    units = stage2.units
     if units not in SKIP_UNITS:
         raise _config_error(f"search.stage2.units={units}: use blocks or sub_blocks (transformer branches)")
-    unknown = [c for c in (stage2.get("caches") or []) if c not in CACHES]
+    unknown = [c for c in stage2.caches if c not in CACHES]
     if unknown:
         raise _config_error(f"search.stage2.caches: {unknown} unknown: use any of {', '.join(CACHES)}")
-    fraction = float(stage2.get("sensitivity_fraction", 0.1))
+    fraction = float(stage2.sensitivity_fraction)
     if not 0.0 < fraction <= 1.0:
         raise _config_error(f"search.stage2.sensitivity_fraction={fraction}: use a fraction of the search samples"
                             " in (0, 1], e.g. 0.1")
-    flops = stage2.get("budget_flops")
+    flops = stage2.budget_flops
     if flops is not None and float(flops) <= 0:
         raise _config_error(f"search.stage2.budget_flops={flops}: the budget is in full network evaluations and must be"
                             " positive (e.g. 4.0), or null for K full steps")
-    layers = stage2.get("budget_layers")
+    layers = stage2.budget_layers
     if layers is not None and int(layers) < 0:
         raise _config_error(f"search.stage2.budget_layers={layers}: a layer count cannot be negative (null: use budget_flops)")
 
 
-def check_seeds(search_seed: int, final: Any) -> None:
+def check_seeds(search_seed: int, final: FinalConfig) -> None:
     """The final comparison draws repeat r from seed final.seed + 7919 r (search/final.py): none may be the
     search's seed, or the 'fresh' images are the ones the search was scored on."""
-    if final is None or not final.get("enabled", True):
+    if not final.enabled:
         return
-    seeds = [int(final.seed) + 7919 * r for r in range(max(1, int(final.get("repeats", 1) or 1)))]
+    seeds = [int(final.seed) + 7919 * r for r in range(max(1, int(final.repeats or 1)))]
     if int(search_seed) in seeds:
         r = seeds.index(int(search_seed))
         which = "final.seed" if r == 0 else f"final.seed + 7919 x {r} (repeat {r})"
@@ -133,38 +137,38 @@ def check_seeds(search_seed: int, final: Any) -> None:
                             " set final.seed to another value (the default is 1000003)")
 
 
-def check_final(final: Any) -> None:
+def check_final(final: FinalConfig) -> None:
     """final.repeats and final.num_samples: the final comparison must be able to compute an FID."""
-    if final is None or not final.get("enabled", True):
+    if not final.enabled:
         return
-    repeats = final.get("repeats")
+    repeats = final.repeats
     if repeats is not None and int(repeats) < 1:
         raise _config_error(f"final.repeats={repeats}: the final comparison needs at least 1 repeat (the default is 3);"
                             " to skip it, set final.enabled=false")
-    n = final.get("num_samples")
+    n = final.num_samples
     if n is not None and int(n) < 2:
         raise _config_error(f"final.num_samples={n}: FID needs at least 2 samples (use thousands; null: twice"
                             " search.num_samples)")
 
 
-def budget_in_force(search: Any) -> str:
+def budget_in_force(search: SearchConfig) -> str:
     """The search budget in candidate-equivalents and where it comes from, for messages."""
     from autodiff_opt.search.sampler_choice import resolve
 
     setup = resolve(search)
-    if getattr(search, "budget", None) is not None:  # the typed SearchConfig or the composed tree
+    if search.budget is not None:
         return f"{setup.budget:g} candidate-equivalents (search.budget={search.budget})"
     return (f"{setup.budget:g} candidate-equivalents (search.budget unset: search.population={setup.evolution.population}"
             f" x search.generations={setup.generations} of search.sampler={setup.sampler})")
 
 
-def check_budget(search: Any) -> None:
+def check_budget(search: SearchConfig) -> None:
     """The trajectory-DP peer's teacher (search.peer_grid steps on search.peer_samples samples; T >= peer_grid
     for every model here) counts in the budget of the image-step samplers: it must leave room for a candidate."""
     from autodiff_opt.search.sampler_choice import resolve
 
     setup = resolve(search)
-    if setup.spec.counts == "generations" or "gits_dp" not in (search.get("peers") or []):
+    if setup.spec.counts == "generations" or "gits_dp" not in search.peers:
         return  # the paper's evolution counts generations, not image-steps
     teacher = int(search.peer_grid) * int(search.peer_samples)
     candidate = int(search.num_samples) * int(search.num_steps)
@@ -207,16 +211,16 @@ def check_writable_folder(folder: str | Path, option: str) -> None:
         raise _config_error(f"{option}={folder} cannot be written ({reason}): choose a folder you can write to") from err
 
 
-def check_adm_presets(model: Any) -> None:
+def check_adm_presets(model: ModelConfig) -> None:
     """model.preset names a guided-diffusion architecture when a checkpoint is converted or a classifier used."""
     from autodiff_opt.models.adm.config import CLASSIFIER_PRESETS, UNET_PRESETS
 
-    preset = model.get("preset")
+    preset = model.preset
     if preset is None:
         return
-    if model.get("converter") == "adm" and preset not in UNET_PRESETS:
+    if model.converter == "adm" and preset not in UNET_PRESETS:
         raise _config_error(f"model.preset={preset!r} is not an ADM preset: use one of {', '.join(sorted(UNET_PRESETS))}")
-    if model.get("classifier") and preset not in CLASSIFIER_PRESETS:
+    if model.classifier and preset not in CLASSIFIER_PRESETS:
         raise _config_error(f"model.preset={preset!r} has no ADM classifier preset (model.classifier is set): use one of"
                             f" {', '.join(sorted(CLASSIFIER_PRESETS))}")
 
@@ -229,13 +233,13 @@ def _resolved_device(name: str):  # -> torch.device
     return torch.device(name)
 
 
-def check_runtime(cfg: Any) -> None:
+def check_runtime(cfg: Config) -> None:
     """precision and compile: known values, and a precision the device can run (after check_device)."""
     from autodiff_opt.utils import compile_problem, precision_problem
 
-    problem = compile_problem(str(cfg.get("compile", "off")))
+    problem = compile_problem(str(cfg.compile))
     if problem is None:
-        problem = precision_problem(str(cfg.get("precision", "fp32")), _resolved_device(str(cfg.get("device", "auto"))))
+        problem = precision_problem(str(cfg.precision), _resolved_device(str(cfg.device)))
     if problem is not None:
         raise _config_error(problem)
 
@@ -311,13 +315,13 @@ def check_weights(folder: Path) -> None:
             plain_state_dict(path, "model.pretrained", mmap=True)
 
 
-def check_checkpoints(model: Any) -> None:
+def check_checkpoints(model: ModelConfig) -> None:
     """guided-diffusion .pt files (model.checkpoint with model.converter, model.classifier) are plain state
     dicts: checked with the tensors memory-mapped, not read; a missing file is reported by missing_files."""
     from autodiff_opt.models.loading import plain_state_dict
 
-    for option, used in (("model.checkpoint", model.get("converter")), ("model.classifier", True)):
-        value = model.get(option.split(".")[1])
+    for option, used in (("model.checkpoint", model.converter), ("model.classifier", True)):
+        value = getattr(model, option.split(".")[1])
         if used and value and Path(str(value)).expanduser().is_file():
             plain_state_dict(Path(str(value)).expanduser(), option, mmap=True)
 
@@ -406,7 +410,7 @@ def check_storage(url: str) -> None:
         raise _storage_error(url, err) from err
 
 
-def open_storage(storage_cfg: Any):  # -> optuna.storages.BaseStorage
+def open_storage(storage_cfg: StorageConfig):  # -> optuna.storages.BaseStorage
     """The study's storage, opened (and so checked). Bare postgresql:// URLs get the installed driver."""
     from autodiff_opt.search.study import make_storage
 
@@ -414,7 +418,7 @@ def open_storage(storage_cfg: Any):  # -> optuna.storages.BaseStorage
                         storage_cfg.grace_period, storage_cfg.max_retry)
 
 
-def check_config(cfg: Any) -> None:
+def check_config(cfg: Config) -> None:
     """Checks that need no model: fail before any work."""
     if cfg.search.num_steps < 1:
         raise _config_error(f"search.num_steps={cfg.search.num_steps}: K must be at least 1")
@@ -426,7 +430,7 @@ def check_config(cfg: Any) -> None:
     check_solver_gene(cfg)
 
 
-def check_solver_gene(cfg: Any) -> None:
+def check_solver_gene(cfg: Config) -> None:
     """search.solvers: known names, no repeats, and a sampler that carries the gene."""
     solvers = list(cfg.search.solvers)
     unknown = [s for s in solvers if s not in SOLVER_SPECS]
@@ -450,7 +454,7 @@ def check_solver_gene(cfg: Any) -> None:
                                   f" take {sorted(lengths)} at NFE search.num_steps={cfg.search.num_steps}")
 
 
-def check_files(cfg: Any) -> None:
+def check_files(cfg: Config) -> None:
     """Every configured input file that is absent, all named at once."""
     from autodiff_opt.models.factory import missing_files
 
@@ -459,13 +463,13 @@ def check_files(cfg: Any) -> None:
         raise _config_error("input files are missing, nothing was started:\n  " + "\n  ".join(missing))
 
 
-def validate(cfg: Any) -> None:
+def validate(cfg: Config) -> None:
     """Every check above that needs no plugin and no storage, cheapest first: settings, then files."""
     check_config(cfg)
     check_search(cfg.search)
     check_budget(cfg.search)
-    check_final(cfg.get("final"))
-    check_seeds(cfg.search.get("seed", 0), cfg.get("final"))
+    check_final(cfg.final)
+    check_seeds(cfg.search.seed, cfg.final)
     check_device(str(cfg.device))
     check_runtime(cfg)
     check_model_folder(str(cfg.model.pretrained), cfg.model.subfolder)
@@ -473,13 +477,12 @@ def validate(cfg: Any) -> None:
     check_checkpoints(cfg.model)
     check_files(cfg)
     check_reference_source(str(cfg.dataset.reference))
-    if cfg.get("report") is not None and cfg.report.get("artifact_dir"):
+    if cfg.report.artifact_dir:
         check_writable_folder(cfg.report.artifact_dir, "report.artifact_dir")
-    check_solver_fits_model(str(cfg.solver.name), str(cfg.model.pretrained), cfg.model.subfolder,
-                            list(cfg.search.get("peers") or []))
+    check_solver_fits_model(str(cfg.solver.name), str(cfg.model.pretrained), cfg.model.subfolder, list(cfg.search.peers))
 
 
-def run_all(cfg: Any):  # -> optuna.storages.BaseStorage
+def run_all(cfg: Config):  # -> optuna.storages.BaseStorage
     """``validate``, then the storage checked and opened: call before anything is loaded, and use the
     storage it returns (check_storage alone creates no study, table or file)."""
     validate(cfg)

@@ -16,7 +16,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from autodiff_opt.config import Config, SearchConfig, StorageConfig, as_tree, to_config
+from autodiff_opt.config import Config, SearchConfig, StorageConfig, to_config
 from autodiff_opt.core.errors import ConfigError
 from autodiff_opt.core.keys import BASELINE_ATTR, ENQUEUED_GENOME_ATTR, PEERS_ATTR, SEEDED_ATTR
 from autodiff_opt.generate import ImageGenerator, SampleSet
@@ -462,7 +462,7 @@ def prepare_study(cfg: Config | DictConfig) -> tuple[optuna.Study, Experiment]:
     from autodiff_opt.preflight import run_all
 
     cfg = to_config(cfg)  # compose -> the typed Config, once: its types and interpolations
-    storage = run_all(as_tree(cfg))  # the one validation pass, then the storage opened (checked), before any model
+    storage = run_all(cfg)  # the one validation pass, then the storage opened (checked), before any model
     exp = build_experiment(cfg)
     study = open_study(storage, study_name_of(cfg), study_signature(cfg, exp.space), make_sampler(exp),
                        num_objectives=2 if exp.multi_objective else 1,
