@@ -180,7 +180,7 @@ def test_to_markdown_formats_floats_nan_none_and_lists() -> None:
 def report(exp, evaluated, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     study, table = evaluated
     out = tmp_path_factory.mktemp("report")
-    return study, table, write_report(study, exp, table, out)
+    return study, table, write_report(study, exp.report_inputs(), table, out)
 
 
 def test_trials_and_generations_csv_read_back_equal_the_study(report) -> None:  # type: ignore[no-untyped-def]

@@ -566,10 +566,7 @@ def test_sd3_snippet_runs_and_gives_our_sampler(sd3_dir: Path, tmp_path: Path, m
 def test_pixel_space_dit_exports_the_apply_snippet(dit_dir: Path) -> None:
     """The embedded digits DiT has no VAE, so DiTPipeline.from_pretrained refuses its folder: its export samples
     with autodiff_opt.apply; a latent DiT (the replica) keeps the DiTPipeline snippet."""
-    from types import SimpleNamespace
-
-    from omegaconf import OmegaConf
-
+    from autodiff_opt.config import ModelConfig, SolverConfig
     from autodiff_opt.core.genome import Genome
     from autodiff_opt.models.loading import resolve_pretrained
     from autodiff_opt.report.write import snippet_for
@@ -577,10 +574,9 @@ def test_pixel_space_dit_exports_the_apply_snippet(dit_dir: Path) -> None:
     genome = Genome((999, 600, 300, 50))
     snippets = {}
     for name, folder in (("pixels", resolve_pretrained("builtin:digits-dit")), ("latents", str(dit_dir))):
-        cfg = OmegaConf.create({"model": {"pretrained": folder, "guidance_scale": 1.0, "prompts": None, "subfolder": None},
-                                "solver": {"name": "ddim", "clip_x0": False}})
-        exp = SimpleNamespace(cfg=cfg, model=_load(Path(folder), guidance=1.0))  # the run's config and model
-        snippets[name] = snippet_for(exp, genome, "ddim")  # type: ignore[arg-type]
+        settings = ModelConfig(pretrained=folder, guidance_scale=1.0)  # the run's model settings and model
+        snippets[name] = snippet_for(_load(Path(folder), guidance=1.0), settings, SolverConfig(name="ddim", clip_x0=False),
+                                     genome, "ddim")
     assert "generate_from_schedule" in snippets["pixels"] and "DiTPipeline" not in snippets["pixels"].split("\n", 1)[1]
     assert "DiTPipeline needs a VAE" in snippets["pixels"].splitlines()[0]
     assert "DiTPipeline.from_pretrained" in snippets["latents"]

@@ -9,7 +9,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import pandas as pd
@@ -42,6 +42,9 @@ from autodiff_opt.search.storage_compat import (
 from autodiff_opt.search.study import _redact, open_study
 from autodiff_opt.solvers import FLOW_HEURISTICS, flow_heuristic_schedule, heuristic_schedule
 from autodiff_opt.utils import pick_device
+
+if TYPE_CHECKING:  # report/write.py is imported when the report is written (it pulls in the figures)
+    from autodiff_opt.report.write import ReportInputs
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,18 @@ class Experiment:
                            baselines=dict(self.baselines), peers=dict(self.peers), caches=dict(self.caches),
                            budget=self.stage2.budget if self.stage2 is not None else None,
                            layer_costs=self.layer_costs)
+
+    def report_inputs(self) -> ReportInputs:
+        """What the report reads of the experiment (after the search: the peers are known)."""
+        from autodiff_opt.arch.skip import model_skipper
+        from autodiff_opt.report.provenance import settings_yaml
+        from autodiff_opt.report.write import ReportInputs
+
+        cfg = self.cfg
+        layer_names = tuple(layer.name for layer in model_skipper(self.model).layers)
+        return ReportInputs(self.final_inputs(), layer_names, cfg.model, cfg.solver, cfg.report,
+                            skip_units=str(cfg.search.stage2.units), search_solvers=tuple(cfg.search.solvers),
+                            storage_url=str(cfg.storage.url), settings_yaml=settings_yaml(cfg))
 
     def params_of(self, genome: Genome) -> dict[str, Any]:
         """The trial params a sampler asks for this genome (to enqueue it)."""
@@ -487,5 +502,5 @@ def run(cfg: Config | DictConfig) -> pd.DataFrame:
     log.info("search took %.1fs", time.perf_counter() - t0)
     table = final_evaluation(study, exp.final_inputs()) if exp.cfg.final.enabled else None
     out_dir = Path(exp.cfg.output_dir)
-    write_report(study, exp, table, out_dir)
+    write_report(study, exp.report_inputs(), table, out_dir)
     return table if table is not None else pd.DataFrame()
