@@ -23,7 +23,7 @@ def test_the_composed_config_becomes_the_typed_config(tmp_path: Path) -> None:
     assert isinstance(config.final, FinalConfig)
     assert (config.search.num_steps, config.search.stage2.enabled, config.final.repeats) == (6, True, 2)
     assert config.output_dir == str(tmp_path) and "${" not in config.cache_dir  # interpolations resolved once
-    assert as_tree(config) == cfg  # and back, for the checks still written for the tree
+    assert as_tree(config) == cfg  # and back (the benchmarks in experiments/ update a DictConfig copy)
 
 
 def test_the_report_settings_hide_the_storage_password(tmp_path: Path) -> None:
