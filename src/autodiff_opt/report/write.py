@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 import optuna
 import pandas as pd
 
-from autodiff_opt.arch.skip import model_skipper
 from autodiff_opt.models.loading import resolve_pretrained
 from autodiff_opt.report.dashboard import publish_artifacts, publish_figures, publish_note
 from autodiff_opt.models.families import family_of_model
@@ -115,7 +114,7 @@ def write_report(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | N
         figures["pareto-front"] = pareto_figure(trials)
     smap = stored_map(study)
     if smap is not None:  # stage 2 ran with search.stage2.sensitivity
-        names = [layer.name for layer in model_skipper(exp.model).layers]
+        names = list(exp.generator.runtime.layer_names)
         figures["sensitivity-map"] = sensitivity_figure([list(r) for r in smap.delta], list(smap.timesteps),
                                                         names[: smap.num_layers], smap.base_fid, smap.num_samples)
     if final is not None and not final.empty:
@@ -140,7 +139,7 @@ def write_report(study: optuna.Study, exp: "Experiment", final: pd.DataFrame | N
     }
     if final is not None and not final.empty:
         info["final"] = json.loads(final.to_json(orient="records"))
-    names = [layer.name for layer in model_skipper(exp.model).layers]
+    names = list(exp.generator.runtime.layer_names)
     export_schedule(paths["schedule"], genome, info, layer_names=names)
     _page_and_dashboard(study, exp, final, figures, paths["figures"], run_title(study.study_name, exp, genome))
     log.info("report written to %s", out_dir)
