@@ -594,3 +594,29 @@ def test_pixel_space_dit_exports_the_apply_snippet(dit_dir: Path) -> None:
     assert "generate_from_schedule" in snippets["pixels"] and "DiTPipeline" not in snippets["pixels"].split("\n", 1)[1]
     assert "DiTPipeline needs a VAE" in snippets["pixels"].splitlines()[0]
     assert "DiTPipeline.from_pretrained" in snippets["latents"]
+
+
+@pytest.mark.parametrize("which", ["dit", "flux"])
+def test_transformers_run_the_network_compiled_whole(which: str, dit_dir: Path, flux_dir: Path) -> None:
+    """compile_scope="unet" on a transformer: the eps function calls the runtime's compiled network (dynamo
+    compiles a graph; DiT and Flux used to call the plain module), and its images are the eager ones
+    (Flux's output is a tuple: the compiled network's unwrapping must keep the whole batch)."""
+    from torch._dynamo.utils import counters
+
+    from autodiff_opt.core.genome import Genome
+    from autodiff_opt.generate import ImageGenerator, SampleSet
+
+    folder, prompts = (dit_dir, None) if which == "dit" else (flux_dir, PROMPTS)
+    models = [_load(folder, 3.0, prompts) for _ in range(2)]
+    samples = SampleSet.draw(2, models[0].sample_shape, models[0].num_classes, 0)
+    genome = Genome((900, 500, 100)) if which == "dit" else Genome((800, 400, 0))
+    solver = "ddim" if which == "dit" else "flow_euler"
+    eager = ImageGenerator(models[0], solver, clip_x0=False, batch_size=2).generate(genome, samples)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = ImageGenerator(models[1], solver, clip_x0=False, batch_size=2, compile="default",
+                              compile_backend="aot_eager", compile_scope="unet")
+    assert compiled.runtime.network is not models[1].denoiser
+    images = compiled.generate(genome, samples)
+    assert int(counters["stats"]["unique_graphs"]) >= 1, "the compiled network was never called"
+    assert images.shape == eager.shape and (images.int() - eager.int()).abs().max() <= 1
