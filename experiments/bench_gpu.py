@@ -114,20 +114,15 @@ def count_recompiles(name: str, device: torch.device, genome: Genome, num_masks:
     ``num_masks`` candidates with random per-step masks: gated layers vs hooks under a whole-UNet compile."""
     from torch._dynamo.utils import counters
 
-    from autodiff_opt.arch import LayerSkipper
-    from autodiff_opt.arch.skip import step_wrapper_for
-
     rng = np.random.default_rng(seed)
     out: dict[str, int] = {}
     for variant in ("gated", "hooks"):
         torch._dynamo.reset()
         counters.clear()
         model = MODELS[name](device)
-        skipper = LayerSkipper(model.unet)
-        model.skipper = skipper
-        generator = ImageGenerator(model, "ddim", True, 4, "fp32", step_wrapper=step_wrapper_for(model),
-                                   compile="default", compile_backend=backend,
+        generator = ImageGenerator(model, "ddim", True, 4, "fp32", compile="default", compile_backend=backend,
                                    compile_scope="layers" if variant == "gated" else "unet")
+        skipper = generator.runtime.skipper
         samples = SampleSet.draw(4, model.sample_shape, model.num_classes, 0)
         generator.generate(genome, samples)
         out[f"{variant}_first"] = int(counters["stats"]["unique_graphs"])

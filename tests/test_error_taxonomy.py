@@ -77,3 +77,22 @@ def test_a_precision_the_device_cannot_run_is_a_config_error(tiny_model_dir: Pat
     with pytest.raises(ConfigError, match="precision=fp16 needs CUDA") as err:
         ImageGenerator(load_model(str(tiny_model_dir)), precision="fp16")
     _one_line(err)
+
+
+def test_the_settings_errors_of_solvers_samplers_and_stops_are_config_errors() -> None:
+    """The solver, sampler and stop records' own errors are the core's ConfigError (one line, exit 2 on the
+    CLI), also where a library caller meets them without preflight."""
+    from autodiff_opt.config import SearchConfig
+    from autodiff_opt.search.sampler_choice import resolve
+    from autodiff_opt.search.stopping import check_stop
+    from autodiff_opt.specs.solvers import solver_spec
+
+    with pytest.raises(ConfigError, match="solver.name='ddpm_fast' is unknown") as err:
+        solver_spec("ddpm_fast")
+    _one_line(err)
+    with pytest.raises(ConfigError, match="search.sampler='annealing' is unknown") as err:
+        resolve(SearchConfig(sampler="annealing"))
+    _one_line(err)
+    with pytest.raises(ConfigError, match="search.stop='never' is unknown") as err:
+        check_stop("never", 30, None)
+    _one_line(err)

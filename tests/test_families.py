@@ -5,8 +5,11 @@ pipeline layouts) finds its family before loading."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pkgutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ from autodiff_opt.arch.layers import discover_layers
 from autodiff_opt.arch.skip import LayerSkipper
 from autodiff_opt.config import ModelConfig
 from autodiff_opt.models import families as family_pkg
-from autodiff_opt.models.families import families, family_for, family_of, pipeline_families
+from autodiff_opt.models.families import Lazy, families, family_for, family_of, pipeline_families
 
 EXPECTED = {"unet", "adm", "sd", "dit", "sd3", "flux"}  # the families the project had when the registry came
 
@@ -71,6 +74,10 @@ def test_every_module_of_the_package_is_a_registered_family() -> None:
     for family in families().values():
         assert (family.export == "pipeline") == (family.open_folder is not None) == bool(family.transformer)
         assert family.flops_inputs is None or not family.transformer  # transformers count through their model
+        for field in dataclasses.fields(family):  # every lazy reference names a callable that exists
+            value = getattr(family, field.name)
+            if isinstance(value, Lazy):
+                assert callable(value.resolve()), (family.name, field.name, value.target)
 
 
 @pytest.mark.parametrize("name", sorted(families()))
@@ -124,3 +131,39 @@ def test_each_model_kind_finds_its_family_before_loading(tmp_path: Path) -> None
     for name, configs in cases.items():
         for cfg in configs:
             assert family_for(cfg).name == name, (name, cfg)
+
+
+# What preflight does with the registry, in a fresh interpreter: list and name the families, read every record's
+# declarative fields, detect local folders' families, read a folder's pipeline class. None of it may import torch,
+# diffusers or NumPy (a family module that imports them at top level fails here; see docs/architecture.md).
+_TORCH_FREE = """
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+from autodiff_opt.models.families import ModelRef, families, family_for, family_named, pipeline_families
+
+root = Path(sys.argv[1])
+fields = {name: (f.name, f.summary, f.flow, f.export, f.pipeline_class, f.subfolder, f.transformer, f.priority,
+                 f.denoiser_classes) for name, f in families().items()}
+assert all(family_named(name).name == name for name in fields), fields
+assert pipeline_families()["DiTPipeline"] == "dit"
+assert ModelRef(pretrained=str(root / "dit")).pipeline_class == "DiTPipeline"
+found = {str(p): family_for(SimpleNamespace(pretrained=p, converter=c, prompts=None)).name
+         for p, c in ((str(root / "dit"), None), (str(root / "sd"), None), ("builtin:digits-ddpm", None),
+                      ("builtin:digits-dit", None), (str(root / "adm"), "adm"))}
+heavy = sorted(m for m in ("torch", "diffusers", "numpy") if m in sys.modules)
+print(sorted(found.values()), heavy)
+"""
+
+
+def test_the_registry_imports_no_torch(tmp_path: Path) -> None:
+    """Reading the registry and detecting a model's family, as preflight does, imports no torch, diffusers or
+    NumPy (a fresh interpreter, PYTHONPATH inherited)."""
+    _index(tmp_path / "dit", "DiTPipeline")
+    _index(tmp_path / "sd", "StableDiffusionPipeline", text_encoder=["transformers", "CLIPTextModel"],
+           vae=["diffusers", "AutoencoderKL"])
+    done = subprocess.run([sys.executable, "-c", _TORCH_FREE, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[0] == "['adm', 'dit', 'dit', 'sd', 'unet'] []", done.stdout

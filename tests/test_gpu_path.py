@@ -18,7 +18,6 @@ import torch
 from torch._dynamo.utils import counters
 
 from autodiff_opt.generate import CPU_AUTO_BATCH, ImageGenerator, SampleSet, pad_batch
-from autodiff_opt.arch.skip import step_wrapper_for
 from autodiff_opt.models.loading import load_model
 from autodiff_opt.core.genome import Genome
 
@@ -29,7 +28,7 @@ MASKS = ([0], [2, 5], [8], [1, 3, 4], [6, 7])  # layer ids of the 9-layer tiny U
 
 def _generator(model_dir: Path, **kwargs: object) -> ImageGenerator:
     model = load_model(str(model_dir), device="cpu")
-    return ImageGenerator(model, "ddim", True, step_wrapper=step_wrapper_for(model), **kwargs)  # type: ignore[arg-type]
+    return ImageGenerator(model, "ddim", True, **kwargs)  # type: ignore[arg-type]
 
 
 def _compiled_graphs() -> int:
@@ -44,7 +43,7 @@ def _samples(n: int, seed: int = 0) -> SampleSet:
 def test_compiled_gives_the_eager_images(scope: str, tiny_model_dir: Path) -> None:
     eager = _generator(tiny_model_dir, batch_size=6)
     compiled = _generator(tiny_model_dir, batch_size=6, compile="default", compile_backend=BACKEND, compile_scope=scope)
-    assert (compiled.model.compiled_forward is not None) == (scope == "unet")
+    assert (compiled.runtime.network is not compiled.model.denoiser) == (scope == "unet")
     samples = _samples(10)
     for genome in (Genome(STEPS), Genome(STEPS, tuple(frozenset(m) for m in MASKS[:4]))):
         a, b = eager.generate(genome, samples), compiled.generate(genome, samples)
@@ -179,7 +178,7 @@ def test_cost_model_counts_the_eager_layers_of_a_compiled_model(tiny_model_dir: 
 
     reference = measure_layer_costs(load_model(str(tiny_model_dir)).unet)
     generator = _generator(tiny_model_dir, batch_size=2, compile="default", compile_backend=BACKEND)
-    skipper = generator.model.skipper
+    skipper = generator.runtime.skipper
 
     def never(*args: object, **kwargs: object) -> None:
         raise AssertionError("the compiled forward ran under FlopCounterMode")

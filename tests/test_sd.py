@@ -121,18 +121,18 @@ def test_same_images_as_diffusers_stable_diffusion_pipeline(sd_dir: Path, model:
 
 
 def test_generation_with_per_step_layer_skipping(model: TextToImageModel) -> None:
-    from autodiff_opt.arch import discover_layers, per_step_skipping
+    from autodiff_opt.arch import discover_layers
 
     layers = discover_layers(model.unet)
     assert {layer.kind for layer in layers} == {"resnet", "attention"}  # cross-attention transformers are layers
     attention = frozenset(layer.id for layer in layers if layer.kind == "attention")
     samples = SampleSet.draw(4, model.sample_shape, model.num_classes, seed=0)
-    generator = ImageGenerator(model, "dpmpp_2m", clip_x0=False, batch_size=4, step_wrapper=per_step_skipping(model.unet))
+    generator = ImageGenerator(model, "dpmpp_2m", clip_x0=False, batch_size=4)  # it applies a genome's masks
     full = generator.generate(Genome(STEPS), samples)
     skipped = generator.generate(Genome(STEPS, (attention, frozenset(), attention, frozenset())), samples)
     assert full.shape == skipped.shape == (4, 3, SD_IMAGE_SIZE, SD_IMAGE_SIZE) and full.dtype == torch.uint8
     assert not torch.equal(full, skipped)
-    assert torch.equal(full, generator.generate(Genome(STEPS), samples))  # hooks removed after each batch
+    assert torch.equal(full, generator.generate(Genome(STEPS), samples))  # the masks apply to their genome only
 
 
 def test_pipeline_without_prompts_names_the_option(sd_dir: Path) -> None:
@@ -159,13 +159,13 @@ def test_sd_snippet_with_skips_runs_and_gives_our_masked_sampler(sd_dir: Path, t
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The export of a stage-2 result on SD v1: the snippet, run as written next to its best_schedule.json,
     gives the images of our masked DPM-Solver++(2M) on the same noise and prompt (and not the plain ones)."""
-    from autodiff_opt.arch.skip import model_skipper, step_wrapper_for
+    from autodiff_opt.arch.runtime import RuntimeSettings, build_runtime
     from autodiff_opt.report.export import export_schedule, sd_snippet
     from autodiff_opt.solvers import dpmpp_2m_sample
     from autodiff_opt.utils import to_uint8
 
     model = load_text_to_image(str(sd_dir), ["a photo of a cat"])
-    layers = model_skipper(model).layers
+    layers = build_runtime(model).skipper.layers
     attention = frozenset(layer.id for layer in layers if layer.kind == "attention")
     genome = Genome(STEPS, (attention, frozenset({layers[0].id}), attention, frozenset()))
     code = sd_snippet(genome, str(sd_dir), "dpmpp_2m", 7.5)
@@ -180,7 +180,7 @@ def test_sd_snippet_with_skips_runs_and_gives_our_masked_sampler(sd_dir: Path, t
     noise = torch.randn(1, *model.sample_shape, generator=torch.Generator().manual_seed(0))  # the pipeline's draw
     labels = torch.tensor([0])
     with torch.no_grad():
-        masked = step_wrapper_for(model)(model.eps_fn(class_labels=labels), genome)
+        masked = build_runtime(model).masked(model.eps_fn(class_labels=labels), genome)
         ours = to_uint8(model.to_images(dpmpp_2m_sample(masked, noise, STEPS, model.alphas_cumprod, clip_x0=False)))[0]
         plain = to_uint8(model.to_images(dpmpp_2m_sample(model.eps_fn(class_labels=labels), noise, STEPS,
                                                          model.alphas_cumprod, clip_x0=False)))[0]

@@ -239,10 +239,10 @@ def test_flux_blocks_skip_as_a_hand_written_pass_through(skipped: list[str], flu
     our skipper equals the transformer with those blocks replaced by pass-throughs, and changes the output."""
     import copy
 
-    from autodiff_opt.arch.skip import model_skipper
+    from autodiff_opt.arch.runtime import RuntimeSettings, build_runtime
 
     model = _load(flux_dir, guidance=3.5, prompts=PROMPTS)
-    skipper = model_skipper(model, "blocks")
+    skipper = build_runtime(model, RuntimeSettings(units="blocks")).skipper
     ids = [next(layer.id for layer in skipper.layers if layer.name == name) for name in skipped]
     x = torch.randn(2, *model.sample_shape, generator=torch.Generator().manual_seed(1))
     labels, step = torch.tensor([0, 2]), 600
@@ -277,11 +277,11 @@ def test_transformer_costs_are_measured_and_additive(which: str, units: str, dit
     """Stage 2 on transformers: every unit has FLOPs, a skipped unit costs nothing, and the FLOPs of any mask
     predicted from the per-unit savings equal a counted forward with that mask."""
     from autodiff_opt.arch.flops import count_step_flops, measure_model_costs, model_step
-    from autodiff_opt.arch.skip import model_skipper
+    from autodiff_opt.arch.runtime import RuntimeSettings, build_runtime
 
     folder = {"dit": dit_dir, "sd3": sd3_dir, "flux": flux_dir}[which]
     model = _load(folder, 3.0, None if which == "dit" else PROMPTS)
-    skipper = model_skipper(model, units)  # type: ignore[arg-type]
+    skipper = build_runtime(model, RuntimeSettings(units=units)).skipper  # type: ignore[arg-type]
     costs = measure_model_costs(model, skipper)
     expected = {("dit", "blocks"): ["blocks.0", "blocks.1"], ("sd3", "blocks"): ["blocks.0", "blocks.1"],
                 ("flux", "blocks"): ["blocks.0", "single.0"],
@@ -298,17 +298,17 @@ def test_transformer_costs_are_measured_and_additive(which: str, units: str, dit
         assert costs.step_flops(mask) == measured
     if which == "dit":  # the CFG pair: one step of one image runs two rows through the network
         unguided = _load(folder, 1.0)
-        assert measure_model_costs(unguided, model_skipper(unguided, units)).full_step * 2 == costs.full_step  # type: ignore[arg-type]
+        assert measure_model_costs(unguided, build_runtime(unguided, RuntimeSettings(units=units)).skipper).full_step * 2 == costs.full_step  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("which", ["dit", "sd3"])
 def test_skipped_branches_leave_the_residual_stream(which: str, dit_dir: Path, sd3_dir: Path) -> None:
     import copy
 
-    from autodiff_opt.arch.skip import model_skipper
+    from autodiff_opt.arch.runtime import RuntimeSettings, build_runtime
 
     model = _load(dit_dir, 3.0) if which == "dit" else _load(sd3_dir, 3.0, PROMPTS)
-    skipper = model_skipper(model, "sub_blocks")
+    skipper = build_runtime(model, RuntimeSettings(units="sub_blocks")).skipper
     x = torch.randn(2, *model.sample_shape, generator=torch.Generator().manual_seed(0))
     labels, step = torch.tensor([1, 2]), 500
     ids = [0, 2] if which == "dit" else [0, 1]  # DiT: both attentions; SD3: block 0's joint attention and its ff
@@ -328,20 +328,31 @@ def test_skipped_branches_leave_the_residual_stream(which: str, dit_dir: Path, s
     assert not torch.allclose(skipped, plain)
 
 
-def test_a_conflicting_skipper_request_raises(dit_dir: Path) -> None:
-    """The model's one skipper is made once: asking for other units later raises (it used to hand back the
-    first units' layers silently); asking again for the same units, or for whatever exists, returns it."""
-    from autodiff_opt.arch.skip import SkipperConflictError, model_skipper
+def test_a_conflicting_runtime_request_raises(dit_dir: Path) -> None:
+    """A denoiser's runtime (its skipper and compiled forward) is built once: asking for other units or another
+    compile later raises (the skipper used to hand back the first units' layers silently), even after the
+    first caller dropped it; asking again with the same settings returns the same one. The model itself
+    carries neither."""
+    import gc
+    from dataclasses import fields
+
+    from autodiff_opt.arch.runtime import RuntimeConflictError, RuntimeSettings, build_runtime
+    from autodiff_opt.models.base import DiffusionModel
 
     model = _load(dit_dir, 1.0)
-    skipper = model_skipper(model, "blocks")
-    assert model_skipper(model) is skipper and model_skipper(model, "blocks") is skipper
-    with pytest.raises(SkipperConflictError, match="units='sub_blocks'"):
-        model_skipper(model, "sub_blocks")
+    runtime = build_runtime(model, RuntimeSettings(units="blocks"))
+    assert build_runtime(model) is runtime and build_runtime(model, RuntimeSettings(units="blocks")) is runtime
+    with pytest.raises(RuntimeConflictError, match="units='sub_blocks' \\(it runs with 'blocks'\\)"):
+        build_runtime(model, RuntimeSettings(units="sub_blocks"))
+    with pytest.raises(RuntimeConflictError, match="compile='default'"):
+        build_runtime(model, RuntimeSettings(compile="default", backend="aot_eager"))
     fresh = _load(dit_dir, 1.0)
-    assert [layer.kind for layer in model_skipper(fresh, "sub_blocks").layers][:2] == ["block_attention", "block_ff"]
-    with pytest.raises(SkipperConflictError):
-        model_skipper(fresh, "blocks")
+    layers = build_runtime(fresh, RuntimeSettings(units="sub_blocks")).layers  # the runtime itself is dropped
+    gc.collect()
+    assert [layer.kind for layer in layers][:2] == ["block_attention", "block_ff"]
+    with pytest.raises(RuntimeConflictError):
+        build_runtime(fresh, RuntimeSettings(units="blocks"))
+    assert not {"skipper", "compiled", "compiled_forward"} & {f.name for f in fields(DiffusionModel)}
 
 
 @pytest.mark.slow
@@ -414,19 +425,19 @@ def test_sd3_pipeline_with_skip_blocks_reproduces_our_masked_sampler(sd3_dir: Pa
     """The export in the real pipeline: sigmas= on a scheduler that does not shift them, and the searched
     blocks skipped per step by autodiff_opt.apply.skip_blocks, give our sampler's output on the same noise."""
     from autodiff_opt.apply import skip_blocks
-    from autodiff_opt.arch.skip import model_skipper, step_wrapper_for
+    from autodiff_opt.arch.runtime import RuntimeSettings, build_runtime
     from autodiff_opt.core.genome import Genome
 
     model = _load(sd3_dir, guidance=5.0, prompts=PROMPTS)
     steps, names = [999, 700, 400, 100], [["blocks.1"], [], ["blocks.0", "blocks.1"], []]
-    layers = model_skipper(model).layers
+    layers = build_runtime(model).skipper.layers
     genome = Genome.from_steps(steps, [[next(l.id for l in layers if l.name == n) for n in step] for step in names])
     noise = torch.randn((2, *model.sample_shape), generator=torch.Generator().manual_seed(3))
     pipe = _sd3_pipe(sd3_dir, exact=True)
     kwargs = dict(prompt=PROMPTS[1:], height=IMAGE_SIZE, width=IMAGE_SIZE, sigmas=[grid_time(i, 1000) for i in steps],
                   guidance_scale=5.0, latents=noise.clone(), output_type="latent", max_sequence_length=256)
     with torch.no_grad():
-        eps = step_wrapper_for(model)(model.eps_fn(class_labels=torch.tensor([1, 2])), genome)
+        eps = build_runtime(model).masked(model.eps_fn(class_labels=torch.tensor([1, 2])), genome)
         ours = flow_euler_sample(eps, noise, steps, model.alphas_cumprod)
         plain = pipe(**kwargs).images
         skips = skip_blocks(pipe.transformer, _schedule_doc(steps, names))
@@ -442,17 +453,18 @@ def test_dit_pipeline_pinned_to_the_searched_steps_with_skipped_branches(dit_dir
     from diffusers import DiTPipeline, DPMSolverMultistepScheduler
 
     from autodiff_opt.apply import skip_blocks
-    from autodiff_opt.arch.skip import model_skipper, step_wrapper_for
+    from autodiff_opt.arch.runtime import RuntimeSettings, build_runtime
     from autodiff_opt.core.genome import Genome
 
     model = _load(dit_dir, guidance=4.0)
     steps, names = [950, 610, 300, 40], [[], ["blocks.0.ff"], ["blocks.1.attn1"], []]
-    layers = model_skipper(model, "sub_blocks").layers
+    layers = build_runtime(model, RuntimeSettings(units="sub_blocks")).skipper.layers
     genome = Genome.from_steps(steps, [[next(l.id for l in layers if l.name == n) for n in step] for step in names])
     labels = [3, 917]
     noise = torch.randn((2, *model.sample_shape), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        eps = step_wrapper_for(model)(model.eps_fn(class_labels=torch.tensor(labels)), genome)
+        eps = build_runtime(model, RuntimeSettings(units="sub_blocks")).masked(
+            model.eps_fn(class_labels=torch.tensor(labels)), genome)
         ours = (model.to_images(ddim_sample(eps, noise, steps, model.alphas_cumprod, clip_x0=False)) + 1) / 2
     pipe = DiTPipeline.from_pretrained(dit_dir, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
@@ -488,11 +500,10 @@ def _run_snippet(code: str, folder: Path, genome, units: str, layers, tmp_path: 
 def _our_images(model, solver: str, genome, labels: list[int]) -> torch.Tensor:  # type: ignore[no-untyped-def]
     """Our sampler (generate.ImageGenerator with the per-step skipper) on the pipeline's draw of the noise
     (torch.Generator().manual_seed(0), latents unpacked)."""
-    from autodiff_opt.arch.skip import step_wrapper_for
     from autodiff_opt.generate import ImageGenerator, SampleSet
 
     noise = torch.randn((len(labels), *model.sample_shape), generator=torch.Generator().manual_seed(0))
-    generator = ImageGenerator(model, solver, clip_x0=False, batch_size=len(labels), step_wrapper=step_wrapper_for(model))
+    generator = ImageGenerator(model, solver, clip_x0=False, batch_size=len(labels))  # applies the genome's masks
     return generator.generate(genome, SampleSet(noise, torch.tensor(labels), 0))
 
 
@@ -508,12 +519,12 @@ def _assert_snippet_gives_ours(theirs: torch.Tensor, ours: torch.Tensor, plain: 
 def test_dit_snippet_runs_and_gives_our_sampler(dit_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The DiT export of a stage-2 result (DPM-Solver++(2M) on uneven steps, blocks skipped at some steps), run
     as written: DiTPipeline's images equal our sampler's on the same noise and classes."""
-    from autodiff_opt.arch.skip import model_skipper
+    from autodiff_opt.arch.runtime import RuntimeSettings, build_runtime
     from autodiff_opt.core.genome import Genome
     from autodiff_opt.report.export import pipeline_snippet
 
     model = _load(dit_dir, guidance=4.0)
-    layers = model_skipper(model, "blocks").layers
+    layers = build_runtime(model, RuntimeSettings(units="blocks")).skipper.layers
     steps = [950, 610, 300, 40]
     genome = Genome.from_steps(steps, [[layers[1].id], [], [layers[0].id, layers[1].id], []])
     code = pipeline_snippet("dit", genome, str(dit_dir), "dpmpp_2m", 4.0, clip_x0=False)
@@ -526,12 +537,12 @@ def test_dit_snippet_runs_and_gives_our_sampler(dit_dir: Path, tmp_path: Path, m
 def test_flux_snippet_runs_and_gives_our_sampler(flux_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The Flux export (flow Euler on uneven times, the double and the single block skipped at some steps, at
     the searched image size), run as written: FluxPipeline's image equals our sampler's on the same noise."""
-    from autodiff_opt.arch.skip import model_skipper
+    from autodiff_opt.arch.runtime import RuntimeSettings, build_runtime
     from autodiff_opt.core.genome import Genome
     from autodiff_opt.report.export import pipeline_snippet
 
     model = _load(flux_dir, guidance=3.5, prompts=[SNIPPET_PROMPT])
-    layers = model_skipper(model, "blocks").layers
+    layers = build_runtime(model, RuntimeSettings(units="blocks")).skipper.layers
     assert [layer.name for layer in layers] == ["blocks.0", "single.0"]
     steps = [999, 700, 380, 90]
     genome = Genome.from_steps(steps, [[layers[0].id], [], [layers[0].id, layers[1].id], [layers[1].id]])
@@ -543,12 +554,12 @@ def test_flux_snippet_runs_and_gives_our_sampler(flux_dir: Path, tmp_path: Path,
 
 
 def test_sd3_snippet_runs_and_gives_our_sampler(sd3_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from autodiff_opt.arch.skip import model_skipper
+    from autodiff_opt.arch.runtime import RuntimeSettings, build_runtime
     from autodiff_opt.core.genome import Genome
     from autodiff_opt.report.export import pipeline_snippet
 
     model = _load(sd3_dir, guidance=5.0, prompts=[SNIPPET_PROMPT])
-    layers = model_skipper(model, "blocks").layers
+    layers = build_runtime(model, RuntimeSettings(units="blocks")).skipper.layers
     steps = [999, 600, 200]
     genome = Genome.from_steps(steps, [[layers[0].id], [], [layers[1].id]])
     code = pipeline_snippet("sd3", genome, str(sd3_dir), "flow_euler", 5.0, clip_x0=False)
@@ -580,3 +591,29 @@ def test_pixel_space_dit_exports_the_apply_snippet(dit_dir: Path) -> None:
     assert "generate_from_schedule" in snippets["pixels"] and "DiTPipeline" not in snippets["pixels"].split("\n", 1)[1]
     assert "DiTPipeline needs a VAE" in snippets["pixels"].splitlines()[0]
     assert "DiTPipeline.from_pretrained" in snippets["latents"]
+
+
+@pytest.mark.parametrize("which", ["dit", "flux"])
+def test_transformers_run_the_network_compiled_whole(which: str, dit_dir: Path, flux_dir: Path) -> None:
+    """compile_scope="unet" on a transformer: the eps function calls the runtime's compiled network (dynamo
+    compiles a graph; DiT and Flux used to call the plain module), and its images are the eager ones
+    (Flux's output is a tuple: the compiled network's unwrapping must keep the whole batch)."""
+    from torch._dynamo.utils import counters
+
+    from autodiff_opt.core.genome import Genome
+    from autodiff_opt.generate import ImageGenerator, SampleSet
+
+    folder, prompts = (dit_dir, None) if which == "dit" else (flux_dir, PROMPTS)
+    models = [_load(folder, 3.0, prompts) for _ in range(2)]
+    samples = SampleSet.draw(2, models[0].sample_shape, models[0].num_classes, 0)
+    genome = Genome((900, 500, 100)) if which == "dit" else Genome((800, 400, 0))
+    solver = "ddim" if which == "dit" else "flow_euler"
+    eager = ImageGenerator(models[0], solver, clip_x0=False, batch_size=2).generate(genome, samples)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = ImageGenerator(models[1], solver, clip_x0=False, batch_size=2, compile="default",
+                              compile_backend="aot_eager", compile_scope="unet")
+    assert compiled.runtime.network is not models[1].denoiser
+    images = compiled.generate(genome, samples)
+    assert int(counters["stats"]["unique_graphs"]) >= 1, "the compiled network was never called"
+    assert images.shape == eager.shape and (images.int() - eager.int()).abs().max() <= 1

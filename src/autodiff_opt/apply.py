@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from autodiff_opt.arch.layers import Layer, discover_layers, ids_from_names
-from autodiff_opt.arch.skip import LayerSkipper, model_skipper, step_wrapper_for
+from autodiff_opt.arch.skip import LayerSkipper
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.generate import ImageGenerator, SampleSet
 from autodiff_opt.models.base import DiffusionModel
@@ -97,10 +97,9 @@ def generate_from_schedule(schedule: str | Path | dict[str, Any], num_images: in
     """uint8 images (N, C, H, W) sampled with the schedule's steps, solver and layer skipping."""
     doc = read_schedule(schedule)
     model = _load(doc, pick_device(device))
-    skipper = model_skipper(model, skip_units(doc))  # type: ignore[arg-type]
-    genome = _genome_on(doc, skipper.layers).validate(model.num_train_timesteps)
     generator = ImageGenerator(model, doc.get("solver", "ddim"), bool(doc.get("clip_x0", True)), batch_size,
-                               step_wrapper=step_wrapper_for(model))
+                               units=skip_units(doc))  # type: ignore[arg-type]
+    genome = _genome_on(doc, generator.runtime.layers).validate(model.num_train_timesteps)
     samples = SampleSet.draw(num_images, model.sample_shape, model.num_classes, seed)
     return generator.generate(genome, samples)
 

@@ -6,14 +6,14 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from autodiff_opt.core.errors import ConfigError
 from autodiff_opt.core.genome import Genome
-from autodiff_opt.arch.compiled import CompiledDenoiser, compile_denoiser
+from autodiff_opt.arch.layers import SkipUnits
+from autodiff_opt.arch.runtime import DenoiserRuntime, RuntimeSettings, build_runtime
 from autodiff_opt.models.base import DiffusionModel, EpsFn, StepWrapper
 from autodiff_opt.solvers.flow import check_solver
 from autodiff_opt.solvers import get_solver, nfe
@@ -73,10 +73,13 @@ class ImageGenerator:
     """Runs a solver over a SampleSet in batches on one device and returns uint8 images.
 
     ``batch_size="auto"`` sizes the batch from free CUDA memory (``auto_batch_size``), CPU_AUTO_BATCH off
-    CUDA. ``compile`` (off | default | max-autotune) compiles the denoiser once (arch/compiled.py:
-    ``compile_scope`` "layers", each skippable layer, masks switch without recompiling; "unet", the whole
-    UNet, for studies without masks); then every batch has the same shape: the last one is padded
-    (``pad``, default: on when compiled) and the padding dropped, so nothing compiles again for it.
+    CUDA. The generator builds the model's ``DenoiserRuntime`` (``runtime``, arch/runtime.py): the layer
+    skipper of ``units`` that applies a genome's per-step masks, and ``compile`` (off | default |
+    max-autotune) once (arch/compiled.py: ``compile_scope`` "layers", each skippable layer, masks switch
+    without recompiling; "unet", the whole network, for studies without masks); then every batch has the
+    same shape: the last one is padded (``pad``, default: on when compiled) and the padding dropped, so
+    nothing compiles again for it. ``step_wrapper`` wraps each batch's eps function once more (a cache
+    baseline's, ``wrapped``), outside the masks.
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class ImageGenerator:
         pad: bool | None = None,
         compile_backend: str = "inductor",
         compile_scope: str = "layers",
+        units: SkipUnits = "blocks",
     ) -> None:
         problem = precision_problem(precision, model.device)
         if problem is not None:
@@ -103,10 +107,10 @@ class ImageGenerator:
         self.clip_x0 = clip_x0
         self.precision = precision
         self.step_wrapper = step_wrapper
-        self.compiled: CompiledDenoiser | None = None
         self.batch_size = auto_batch_size(self) if batch_size == "auto" else int(batch_size)  # probed eagerly
-        self.compiled = compile_denoiser(model, compile, cuda_graphs, backend=compile_backend, scope=compile_scope)
-        self.pad = self.compiled.mode is not None if pad is None else bool(pad)
+        self.runtime: DenoiserRuntime = build_runtime(model, RuntimeSettings(
+            units=units, compile=compile, cuda_graphs=cuda_graphs, backend=compile_backend, scope=compile_scope))
+        self.pad = self.runtime.compiled.mode is not None if pad is None else bool(pad)
 
     @property
     def device(self) -> torch.device:
@@ -121,11 +125,10 @@ class ImageGenerator:
         return nfe(self.solver_of(genome), genome.num_steps)
 
     def eps_for(self, genome: Genome, labels: torch.Tensor | None) -> EpsFn:
-        """The batch's eps function for this genome (labels bound; per-step skipping, guidance applied)."""
-        eps_fn = self.model.eps_fn(class_labels=labels.to(self.device) if labels is not None else None,
-                                   network=self.model.network)
-        if self.compiled is not None and self.compiled.cuda_graphs:
-            eps_fn = _with_step_begin(eps_fn, self.compiled.step_begin)
+        """The batch's eps function for this genome (labels bound; the genome's per-step masks, guidance and
+        the step wrapper applied)."""
+        eps_fn = self.runtime.masked(self.runtime.eps_fn(labels.to(self.device) if labels is not None else None),
+                                     genome)
         return self.step_wrapper(eps_fn, genome) if self.step_wrapper is not None else eps_fn
 
     def padded(self, noise: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -185,14 +188,6 @@ class ImageGenerator:
         return torch.cat(out)
 
 
-def _with_step_begin(eps_fn: EpsFn, step_begin: Callable[[], None]) -> EpsFn:
-    def eps(x_t: torch.Tensor, t: int, step_index: int) -> torch.Tensor:
-        step_begin()
-        return eps_fn(x_t, t, step_index)
-
-    return eps
-
-
 def _probe_peak(generator: ImageGenerator, batch: int) -> int:
     """Peak CUDA bytes above the current allocation of one eager network evaluation at ``batch``."""
     model, device = generator.model, generator.device
@@ -200,7 +195,7 @@ def _probe_peak(generator: ImageGenerator, batch: int) -> int:
     labels = torch.zeros(batch, dtype=torch.long) if num_classes else None
     x = torch.randn((batch, *model.sample_shape), device=device)
     t = model.num_train_timesteps // 2
-    eps_fn = generator.eps_for(Genome((t,)), labels)
+    eps_fn = model.eps_fn(labels.to(device) if labels is not None else None)  # the plain network: nothing compiles
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)

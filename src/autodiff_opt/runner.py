@@ -22,6 +22,7 @@ from autodiff_opt.core.keys import BASELINE_ATTR, ENQUEUED_GENOME_ATTR, PEERS_AT
 from autodiff_opt.generate import ImageGenerator, SampleSet
 from autodiff_opt.metrics.fid import FIDScorer, FIDStats
 from autodiff_opt.metrics.reference import check_reference, reference_statistics
+from autodiff_opt.arch.runtime import DenoiserRuntime
 from autodiff_opt.models.base import DiffusionModel
 from autodiff_opt.search.final import FinalInputs, compared_schedules, final_evaluation
 from autodiff_opt.core.genome import Genome, GenomeError, validate_timesteps
@@ -90,12 +91,11 @@ class Experiment:
 
     def report_inputs(self) -> ReportInputs:
         """What the report reads of the experiment (after the search: the peers are known)."""
-        from autodiff_opt.arch.skip import model_skipper
         from autodiff_opt.report.provenance import settings_yaml
         from autodiff_opt.report.write import ReportInputs
 
         cfg = self.cfg
-        layer_names = tuple(layer.name for layer in model_skipper(self.model).layers)
+        layer_names = tuple(self.generator.runtime.layer_names)  # the runtime's skippable layers, by id
         return ReportInputs(self.final_inputs(), layer_names, cfg.model, cfg.solver, cfg.report,
                             skip_units=str(cfg.search.stage2.units), search_solvers=tuple(cfg.search.solvers),
                             storage_url=str(cfg.storage.url), settings_yaml=settings_yaml(cfg))
@@ -179,31 +179,27 @@ def build_experiment(cfg: Config | DictConfig) -> Experiment:
     image_shape = (3 if model.decode is not None else model.sample_shape[0], *model.sample_shape[1:])
     reference = reference_statistics(cfg.dataset.reference, scorer, cfg.cache_dir, cfg.dataset.max_images)
     check_reference(reference, scorer, image_shape, cfg.dataset.reference)
-    from autodiff_opt.arch.skip import model_skipper, step_wrapper_for
-
-    model_skipper(model, str(cfg.search.stage2.units))  # the one skipper: stage 2, compiled layers, export
-
     generator = ImageGenerator(model, cfg.solver.name, cfg.solver.clip_x0, cfg.search.batch_size, cfg.precision,
-                               step_wrapper=step_wrapper_for(model), compile=str(cfg.compile),
-                               cuda_graphs=bool(cfg.cuda_graphs),
-                               compile_scope="layers" if cfg.search.stage2.enabled else "unet")
+                               compile=str(cfg.compile), cuda_graphs=bool(cfg.cuda_graphs),
+                               compile_scope="layers" if cfg.search.stage2.enabled else "unet",
+                               units=cfg.search.stage2.units)  # its runtime: stage 2, compiled layers, export
     samples = SampleSet.draw(cfg.search.num_samples, model.sample_shape, model.num_classes, cfg.search.seed)
     space = SearchSpace(cfg.search.num_steps, T, solvers=tuple(cfg.search.solvers))
-    stage2: dict[str, Any] = stage2_setup(cfg.search, cfg.cache_dir, model) if cfg.search.stage2.enabled else {}
+    stage2: dict[str, Any] = stage2_setup(cfg.search, cfg.cache_dir, generator.runtime) if cfg.search.stage2.enabled else {}
     return Experiment(cfg, model, scorer, reference, stage2.pop("space", space), generator, samples, baselines,
                       setup=resolve(cfg.search), **stage2)
 
 
-def stage2_setup(search: SearchConfig, cache_dir: str, model: DiffusionModel) -> dict[str, Any]:
+def stage2_setup(search: SearchConfig, cache_dir: str, runtime: DenoiserRuntime) -> dict[str, Any]:
     """Stage 2's part of the experiment, built once: per-layer FLOPs measured, the budget, K widened to
     what the budget may buy, the cache baselines (``Experiment`` fields space, stage2, layer_costs, caches)."""
     from autodiff_opt.arch.budget import Budget
     from autodiff_opt.arch.flops import measure_model_costs
-    from autodiff_opt.arch.skip import model_skipper
     from autodiff_opt.search.stage2 import Stage2Policy
 
+    model = runtime.model
     s2, K, T = search.stage2, search.num_steps, model.num_train_timesteps
-    costs = measure_model_costs(model, model_skipper(model), cache_path=Path(cache_dir).expanduser() / "layer_costs.json")
+    costs = measure_model_costs(model, runtime.skipper, cache_path=Path(cache_dir).expanduser() / "layer_costs.json")
     k_max = min(K + s2.max_extra_steps, T)
     if s2.budget_layers is not None:
         budget = Budget.from_layer_count(len(costs.names), int(s2.budget_layers))

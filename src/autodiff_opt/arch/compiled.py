@@ -1,10 +1,10 @@
 """How the denoiser runs on its device: channels_last, torch.compile (of each skippable layer, or of the
 whole UNet), CUDA graphs.
 
-``scope="unet"`` compiles the whole UNet (``model.compiled_forward``, what ``DiffusionModel.network``
-calls): the most fusion, for studies without layer skipping (stage 1). Masks would recompile it.
+``scope="unet"`` compiles the whole network (the runtime's ``network``, what every eps function calls):
+the most fusion, for studies without layer skipping (stage 1). Masks would recompile it.
 
-``scope="layers"`` gates the model's ``LayerSkipper`` (skipping becomes a runtime
+``scope="layers"`` gates the runtime's ``LayerSkipper`` (skipping becomes a runtime
 switch, arch/skip.py) and replaces each gate's ``run`` by ``torch.compile`` of the layer's forward, with
 static shapes. The glue between layers (embeddings, ``conv_in``, concatenations, the output head) stays
 eager, and so does the skip decision: a new mask runs other compiled layers, it compiles nothing. Layers
@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
-from autodiff_opt.arch.skip import model_skipper
-from autodiff_opt.models.base import DiffusionModel
+from autodiff_opt.arch.skip import LayerSkipper
+from autodiff_opt.models.base import Network, sample_of
 from autodiff_opt.utils import COMPILE_MODES
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CompiledDenoiser:
-    """What ``compile_denoiser`` did: the torch.compile mode (None: eager) and whether CUDA graphs are on."""
+    """What ``compile_network`` did: the torch.compile mode (None: eager) and whether CUDA graphs are on."""
 
     compile: str
     scope: str
@@ -69,58 +70,50 @@ def _raise_recompile_limit(needed: int) -> None:
 SCOPES = ("layers", "unet")
 
 
-def _whole_unet(model: DiffusionModel, mode: str, backend: str, clone: bool) -> None:
-    """The whole UNet compiled; with CUDA graphs its output is copied out of the graph's memory
+def _whole_network(denoiser: nn.Module, mode: str, backend: str, clone: bool) -> Network:
+    """The whole network compiled; with CUDA graphs its output is copied out of the graph's memory
     (a solver may keep an eps across the next evaluation)."""
     kwargs = {"mode": mode} if backend == "inductor" else {}
-    compiled = torch.compile(model.denoiser, backend=backend, dynamic=False, **kwargs)
+    compiled = torch.compile(denoiser, backend=backend, dynamic=False, **kwargs)
 
     def forward(*args: Any, **kw: Any) -> torch.Tensor:
-        out = compiled(*args, **kw)
-        sample = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
+        sample = sample_of(compiled(*args, **kw))
         return sample.clone() if clone else sample
 
-    model.compiled_forward = forward
+    return forward
 
 
-def compile_denoiser(model: DiffusionModel, compile: str = "default", cuda_graphs: bool = True,
-                     channels_last: bool | None = None, backend: str = "inductor",
-                     scope: str = "layers") -> CompiledDenoiser:
-    """Prepare ``model`` to run compiled (idempotent: a second call returns the first result).
+def compile_network(denoiser: nn.Module, skipper: LayerSkipper, compile: str = "default", cuda_graphs: bool = True,
+                    channels_last: bool | None = None, backend: str = "inductor", scope: str = "layers"
+                    ) -> tuple[CompiledDenoiser, Network]:
+    """Prepare ``denoiser`` to run compiled; returns what was done and what one evaluation calls (the denoiser
+    itself, or it compiled whole). Called once per denoiser, by ``arch.runtime.build_runtime``.
 
-    ``channels_last`` (None: on CUDA) converts the UNet's weights and keeps every layer's 4-d inputs in
+    ``channels_last`` (None: on CUDA) converts the network's weights and keeps every layer's 4-d inputs in
     that layout. ``backend`` is torch.compile's (tests use "aot_eager", which needs no C++ compiler).
+    ``scope="layers"`` gates ``skipper`` and compiles each gate's layer forward.
     """
-    done = model.compiled
-    if done is not None:
-        if (done.compile, done.backend, done.scope) != (compile, backend, scope):
-            raise RuntimeError(f"the denoiser is compiled with compile={done.compile} already; use one mode per process")
-        return done
     if scope not in SCOPES:
         raise ValueError(f"scope={scope!r} is not one of {SCOPES}")
-    device = model.device
+    device = next(denoiser.parameters()).device
     mode = torch_compile_mode(compile, device, cuda_graphs)
     layout = device.type == "cuda" if channels_last is None else channels_last
     result = CompiledDenoiser(compile, scope, mode, mode is not None and cuda_graphs and device.type == "cuda", layout,
                               backend)
     if mode is None:
-        return result
+        return result, denoiser
     if layout:
-        model.denoiser.to(memory_format=torch.channels_last)
+        denoiser.to(memory_format=torch.channels_last)
     if scope == "unet":
-        _whole_unet(model, mode, backend, clone=result.cuda_graphs)
-        model.compiled = result
-        log.info("denoiser: the whole UNet compiled lazily (torch.compile mode=%s, backend=%s, channels_last=%s)",
+        log.info("denoiser: the whole network compiled lazily (torch.compile mode=%s, backend=%s, channels_last=%s)",
                  mode, backend, layout)
-        return result
-    skipper = model_skipper(model)
+        return result, _whole_network(denoiser, mode, backend, clone=result.cuda_graphs)
     skipper.gate()
     _raise_recompile_limit(2 * len(skipper.gates) + 8)
     for gate in skipper.gates.values():
         gate.layout = torch.channels_last if layout else torch.contiguous_format
         kwargs = {"mode": mode} if backend == "inductor" else {}  # modes are inductor's
         gate.run = torch.compile(gate.run, backend=backend, dynamic=False, **kwargs)
-    model.compiled = result
     log.info("denoiser: %d layers compiled lazily (torch.compile mode=%s, backend=%s, channels_last=%s,"
              " CUDA graphs %s)", len(skipper.gates), mode, backend, layout, "on" if result.cuda_graphs else "off")
-    return result
+    return result, denoiser

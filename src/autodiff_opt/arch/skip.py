@@ -30,7 +30,6 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from autodiff_opt.arch.layers import Layer, SkipUnits, discover_layers, layer_modules
 from autodiff_opt.core.genome import Genome
-from autodiff_opt.models.base import DiffusionModel, StepWrapper
 from autodiff_opt.models.families import ModelFamily, families, family_of
 
 from diffusers.hooks import HookRegistry, ModelHook  # diffusers >= 0.33 (the declared floor is above it)
@@ -141,7 +140,8 @@ class LayerSkipper:
         self.set_skipped(())  # detaches the hooks of the current mask
         for i, module in self._modules.items():
             if "forward" in module.__dict__:
-                raise RuntimeError(f"{type(module).__name__} already has a patched forward; cannot gate it")
+                raise RuntimeError(f"{type(module).__name__} already has a patched forward (gated by another"
+                                   " skipper?): build one DenoiserRuntime per model and pass it (arch/runtime.py)")
             gate = LayerGate(self, i, module, self._skip_fns[i])
             module.forward = gate
             self._gates[i] = gate
@@ -257,39 +257,5 @@ def per_step_skipping(unet: nn.Module, skipper: LayerSkipper | None = None
         if not skippers:
             skippers.append(LayerSkipper(unet))
         return with_step_masks(eps_fn, skippers[0], genome)
-
-    return wrap
-
-
-class SkipperConflictError(RuntimeError):
-    """A second request for the model's skipper asked for other layers than the first one made."""
-
-
-def model_skipper(model: DiffusionModel, units: SkipUnits | None = None) -> LayerSkipper:
-    """The model's one ``LayerSkipper`` (``model.skipper``), made on the first request with ``units``
-    (None: the existing one, else ``"blocks"``). The step wrapper, the cost model, the compiled path and
-    the export all use this one; a later request for other units raises ``SkipperConflictError``
-    instead of silently handing back layers the caller did not ask for."""
-    if model.skipper is None:
-        model.skipper = LayerSkipper(model.denoiser, discover_layers(model.denoiser, units or "blocks"))
-    elif units is not None and discover_layers(model.denoiser, units) != model.skipper.layers:
-        raise SkipperConflictError(
-            f"the denoiser's layer skipper was made with other units than units={units!r} asks for"
-            f" ({model.skipper.num_layers} layers, not {len(discover_layers(model.denoiser, units))}): make the skipper"
-            " once, with the units the whole run uses (search.stage2.units), before anything else asks for it")
-    return model.skipper
-
-
-def step_wrapper_for(model: DiffusionModel) -> StepWrapper:
-    """Per-step layer skipping for genomes with masks (stage 2); genomes without masks run the plain model.
-    The skipper is the model's own (``model_skipper``), gated on the first genome with skips: one
-    permanent forward per layer, so each step switches its mask without attaching or removing hooks."""
-
-    def wrap(eps_fn: Callable[..., R], genome: Genome) -> Callable[..., R]:
-        if not genome.has_skips:
-            return eps_fn
-        skipper = model_skipper(model)
-        skipper.gate()
-        return with_step_masks(eps_fn, skipper, genome)
 
     return wrap

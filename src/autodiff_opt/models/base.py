@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -22,33 +22,6 @@ Network = Callable[..., Any]
 
 StepWrapper = Callable[[EpsFn, Genome], EpsFn]
 """Wraps a batch's eps function for one genome (per-step layer skipping, guidance, ...)."""
-
-class Skipper(Protocol):
-    """What a model's ``skipper`` offers (arch.skip.LayerSkipper; arch sits above models, so it is a Protocol
-    here, not an import, even a type-only one)."""
-
-    @property
-    def layers(self) -> tuple[Any, ...]: ...
-
-    @property
-    def skipped(self) -> frozenset[int]: ...
-
-    def set_skipped(self, ids: Iterable[int]) -> None: ...
-
-    def clear(self) -> None: ...
-
-
-class Compiled(Protocol):
-    """What a model's ``compiled`` record offers (arch.compiled.CompiledDenoiser, a Protocol for the same reason)."""
-
-    @property
-    def mode(self) -> str | None: ...
-
-    @property
-    def cuda_graphs(self) -> bool: ...
-
-    def step_begin(self) -> None: ...
-
 
 def sample_of(out: Any) -> torch.Tensor:
     """The predicted tensor of a network's output (a diffusers ``ModelOutput``, a tuple, or the tensor)."""
@@ -71,9 +44,10 @@ class DiffusionModel:
 
     Set once after loading: ``source`` (what a schedule file names to load the model again),
     ``guidance`` (ADM's classifier), ``components`` (modules besides the denoiser that move with it: VAE,
-    text encoder), ``family`` (the name of the ``models.families`` record that loaded it). Set by arch: ``skipper`` (the one ``LayerSkipper`` of the denoiser, shared by the
-    step wrapper, the cost model and the export), ``compiled`` (how the denoiser was compiled) and
-    ``compiled_forward`` (the whole denoiser compiled, arch/compiled.py).
+    text encoder), ``family`` (the name of the ``models.families`` record that loaded it).
+
+    How this process runs the denoiser (its layer skipper, torch.compile) is not the model's: it lives in
+    an ``arch.runtime.DenoiserRuntime``, which passes the network to call into ``eps_fn``.
     """
 
     name: str
@@ -87,9 +61,6 @@ class DiffusionModel:
     source: str = ""
     guidance: Guidance | None = None
     components: dict[str, torch.nn.Module] = field(default_factory=dict)
-    skipper: Skipper | None = None  # an arch.skip.LayerSkipper
-    compiled: Compiled | None = None  # an arch.compiled.CompiledDenoiser
-    compiled_forward: Callable[..., Any] | None = None
     family: str = ""  # the models.families record it was loaded by ("" for a model built by hand)
 
     @property
@@ -100,12 +71,6 @@ class DiffusionModel:
     @property
     def num_train_timesteps(self) -> int:
         return int(self.alphas_cumprod.shape[0])
-
-    @property
-    def network(self) -> Callable[..., Any]:
-        """What a network evaluation calls: the UNet, or the UNet compiled whole (``compiled_forward``,
-        arch/compiled.py); ``denoiser`` itself stays the plain module (layers, costs, export use it)."""
-        return self.compiled_forward or self.denoiser
 
     @property
     def device(self) -> torch.device:

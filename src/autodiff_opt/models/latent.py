@@ -26,6 +26,7 @@ import torch
 
 from autodiff_opt.models.base import DiffusionModel, EpsFn, ModelLoadError, Network, sample_of
 from autodiff_opt.models.loading import _alphas_cumprod, _read_json, local_root
+from autodiff_opt.models.sources import is_text_to_image_pipeline  # noqa: F401 (its old home)
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +34,6 @@ COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 HUB_IGNORE = ["*.bin", "*.ckpt", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.pb", "*.fp16.*", "*non_ema*"]
 CACHE_BYTES = 4 * 2**30  # prompt embeddings kept on CPU: 77 x 768 fp16 is 118 KiB, so ~36,000 prompts
 ENCODE_BATCH = 128
-
-
-def is_text_to_image_pipeline(path: str | Path) -> bool:
-    """A local pipeline folder whose model_index.json names a text encoder and a VAE."""
-    index = Path(path).expanduser() / "model_index.json"
-    if not index.is_file():
-        return False
-    components = _read_json(index)
-    return bool(components.get("text_encoder", [None])[0]) and bool(components.get("vae", [None])[0])
 
 
 def load_prompts(path: str | Path) -> list[str]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,23 +10,11 @@ import torch
 
 from autodiff_opt.models.base import DiffusionModel, ModelLoadError
 from autodiff_opt.models.flow import flow_model_from, is_flow_scheduler
+from autodiff_opt.models.sources import ASSETS_DIR, BUILTIN_PREFIX, resolve_pretrained  # noqa: F401 (their old home)
+from autodiff_opt.models.sources import looks_like_path as _looks_like_path
+from autodiff_opt.models.sources import read_json as _read_json
 
 log = logging.getLogger(__name__)
-
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
-BUILTIN_PREFIX = "builtin:"
-
-
-def resolve_pretrained(pretrained: str) -> str:
-    """'builtin:NAME' -> the embedded asset folder; '~' expanded; anything else returned as is."""
-    if pretrained.startswith(BUILTIN_PREFIX):
-        name = pretrained[len(BUILTIN_PREFIX) :]
-        path = ASSETS_DIR / name
-        if not path.is_dir():
-            known = sorted(p.name for p in ASSETS_DIR.iterdir() if p.is_dir()) if ASSETS_DIR.is_dir() else []
-            raise ModelLoadError(f"no embedded model {name!r}: known ones are {known}")
-        return str(path)
-    return os.path.expanduser(pretrained)
 
 
 def check_safetensors(path: Path) -> None:
@@ -70,16 +56,6 @@ def plain_state_dict(path: Path, option: str, mmap: bool = False) -> dict[str, A
         raise ModelLoadError(f"{option}={path} is not a state dict (a dict of tensors): save model.state_dict()"
                              f" with torch.save and point {option} at that file")
     return state
-
-
-def _looks_like_path(ref: str) -> bool:
-    """Hub ids look like 'org/name'; anything else (absolute, relative, a file name) is a local path."""
-    return ref.startswith(("/", ".", "~")) or ref.count("/") != 1 or ref.endswith((".pt", ".pth", ".ckpt", ".safetensors"))
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    with open(path) as f:
-        return json.load(f)
 
 
 def _alphas_cumprod(scheduler_config: dict[str, Any]) -> torch.Tensor:

@@ -25,7 +25,7 @@ from __future__ import annotations
 from autodiff_opt.models.families._pipeline import (load_transformer_pipeline, missing_components, pipeline_kind,
                                                      pipeline_root)
 from autodiff_opt.models.families._prompt_flow import PromptFlowModel, load_prompt_flow
-from autodiff_opt.models.families.dit import ClassGuidedModel, load_dit
+from autodiff_opt.models.families._dit_model import ClassGuidedModel, load_dit
 
 __all__ = ["ClassGuidedModel", "PromptFlowModel", "load_dit", "load_prompt_flow", "load_transformer_pipeline",
            "missing_components", "pipeline_kind", "pipeline_root"]

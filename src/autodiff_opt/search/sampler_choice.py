@@ -21,6 +21,7 @@ from typing import Any
 
 import optuna
 
+from autodiff_opt.core.errors import ConfigError
 from autodiff_opt.search.recovery import OwnerRecording
 from autodiff_opt.search.evolution import EvolutionConfig, SamplerInputs
 from autodiff_opt.specs.samplers import GENOME_SAMPLERS, SAMPLER_SPECS, SamplerSpec
@@ -32,7 +33,7 @@ EVOLUTION_KEYS = ("population", "num_parents", "num_mutants", "mutation_prob", "
                   "init_mutation_prob", "max_attempts")
 
 
-class SamplerChoiceError(ValueError):
+class SamplerChoiceError(ConfigError):
     """search.sampler or one of its settings is wrong."""
 
 

@@ -48,6 +48,7 @@ import numpy as np
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
+from autodiff_opt.core.errors import ConfigError
 from autodiff_opt.core.keys import (BASELINE_ATTR, IMAGE_STEPS_ATTR, PEER_COST_ATTR, SEARCH_SECONDS_ATTR,
                                    SEARCH_SECONDS_PREFIX, STOP_ATTR)
 from autodiff_opt.search.storage_compat import set_study_system_attr, study_system_attrs
@@ -60,7 +61,7 @@ MIN_PAIRS = 8  # completed candidates with a prefix FID needed to measure the no
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
-class StopChoiceError(ValueError):
+class StopChoiceError(ConfigError):
     """search.stop, search.patience or search.timeout is wrong."""
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from autodiff_opt.core.errors import ConfigError
+
 DPM_SOLVER = "DPMSolverMultistepScheduler"
 
 
@@ -57,8 +59,8 @@ SOLVER_SPECS: dict[str, SolverSpec] = {s.name: s for s in (
 FLOW_SOLVER_NAMES: tuple[str, ...] = tuple(n for n, s in SOLVER_SPECS.items() if s.flow)
 
 
-class UnknownSolverError(ValueError):
-    """A solver name that no SolverSpec has."""
+class UnknownSolverError(ConfigError):
+    """A solver name that no SolverSpec has (a ``ConfigError``: the CLI prints one line and exits 2)."""
 
 
 def solver_spec(name: str) -> SolverSpec:

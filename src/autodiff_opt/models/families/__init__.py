@@ -4,6 +4,9 @@ package: adding a family is adding its module (docs/architecture.md, "Adding a m
 ``family_for(model_cfg)`` picks the configured model's family before loading (``detect``, lowest ``priority``
 first); ``family_of(denoiser)`` recognises a loaded network by its class; ``family_of_model(model)`` is the
 family the model was loaded by (``DiffusionModel.family``), else its denoiser's.
+
+Importing this package, listing the families, reading their records and detecting a configured model import
+no torch, diffusers or NumPy (``record.py``: a family names its heavy parts lazily).
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ import importlib
 import pkgutil
 from typing import Any
 
-from autodiff_opt.models.families.record import ExportStyle, ModelFamily, ModelRef, Unit
+from autodiff_opt.models.families.record import ExportStyle, Lazy, ModelFamily, ModelRef, Unit, has_index_class, lazy
 
-__all__ = ["ExportStyle", "ModelFamily", "ModelRef", "Unit", "families", "family_for", "family_named", "family_of",
-           "family_of_model", "pipeline_families"]
+__all__ = ["ExportStyle", "Lazy", "ModelFamily", "ModelRef", "Unit", "families", "family_for", "family_named",
+           "family_of", "family_of_model", "has_index_class", "lazy", "pipeline_families"]
 
 
 @functools.lru_cache(maxsize=None)

@@ -91,11 +91,6 @@ def block_skipper(block_skips: dict[str, SkipFn]) -> Callable[[nn.Module, str | 
     return skip
 
 
-def has_index_class(pipeline_class: str) -> Callable[[Any], bool]:
-    """A family's ``detect``: the folder's (or hub repo's) model_index.json names ``pipeline_class``."""
-    return lambda ref: ref.pipeline_class == pipeline_class
-
-
 def load_pipeline_model(model_cfg: Any, device: Any, dtype: Any, cache_dir: Any = None) -> Any:
     """A DiT / SD3 / Flux family's ``load``: the transformer pipeline loader, after the ADM-only settings are refused."""
     from autodiff_opt.models.base import ModelLoadError

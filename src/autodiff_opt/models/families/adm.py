@@ -10,8 +10,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from autodiff_opt.models.families._unet import example_inputs, unet_skip, unet_units
-from autodiff_opt.models.families.record import ModelFamily, ModelRef
+from autodiff_opt.models.families.record import ModelFamily, ModelRef, lazy
+
+_UNET = "autodiff_opt.models.families._unet"  # the UNet families' layers, skips and cost inputs
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ def _detect(ref: ModelRef) -> bool:
 
 FAMILY = ModelFamily(
     name="adm", summary="a guided-diffusion checkpoint (model.converter=adm), with its classifier",
-    detect=_detect, load=_load, denoiser_classes=(), units=unet_units, skip=unet_skip,
-    flops_inputs=example_inputs, flow=False, export="unet", subfolder="unet", priority=40,
+    detect=_detect, load=_load, denoiser_classes=(), units=lazy(f"{_UNET}:unet_units"),
+    skip=lazy(f"{_UNET}:unet_skip"), flops_inputs=lazy(f"{_UNET}:example_inputs"), flow=False,
+    export="unet", subfolder="unet", priority=40,
 )

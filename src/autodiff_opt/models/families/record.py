@@ -10,12 +10,17 @@ the registry (``models/families/__init__.py``) finds it. The generic code dispat
 - ``report/export`` and ``report/write``: ``export`` and ``pipeline_class`` (which snippet applies a schedule);
 - ``preflight``: ``subfolder`` (where the denoiser sits in a pipeline folder) and ``flow``.
 
-This module imports no torch itself (its package's ``models/__init__`` does): names, ``flow`` and ``subfolder``
-cost nothing to read.
+The registry, this module and a family's module import no torch, diffusers or NumPy (``tests/test_families.py``
+checks it in a fresh interpreter): names, ``flow``, ``subfolder`` and detection cost nothing, so preflight reads
+them first. A family's heavy callables (``load``, ``units``, ``skip``, ``flops_inputs``, ``open_folder``,
+``snippet``) are ``lazy("module:name")`` references, or small functions that import their implementation inside
+the body; its model classes live in a private module (``_dit_model.py``) that only those import.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +40,7 @@ class ModelRef:
 
     def __init__(self, model_cfg: Any = None, *, pretrained: str | None = None) -> None:
         """``model_cfg``: the ``model`` settings; or only ``pretrained`` (a folder or hub id)."""
-        from autodiff_opt.models.loading import resolve_pretrained
+        from autodiff_opt.models.sources import resolve_pretrained
 
         self.cfg = model_cfg
         self.pretrained = str(model_cfg.pretrained if pretrained is None else pretrained)
@@ -43,10 +48,10 @@ class ModelRef:
         self._index: dict[str, Any] | None = None
 
     def _read_index(self) -> dict[str, Any]:
-        from autodiff_opt.models.loading import _looks_like_path
+        from autodiff_opt.models.sources import looks_like_path
 
         path = Path(self.root).expanduser() / "model_index.json"
-        if not path.is_file() and not (Path(self.root).exists() or _looks_like_path(self.root)):
+        if not path.is_file() and not (Path(self.root).exists() or looks_like_path(self.root)):
             try:  # a hub id: its model_index.json, cached or downloaded (offline and uncached: none)
                 from huggingface_hub import hf_hub_download
 
@@ -76,6 +81,42 @@ class ModelRef:
         if self.cfg is None:
             return None
         return self.cfg.get(name) if hasattr(self.cfg, "get") else getattr(self.cfg, name, None)
+
+
+def has_index_class(pipeline_class: str) -> Callable[[Any], bool]:
+    """A family's ``detect``: the folder's (or hub repo's) model_index.json names ``pipeline_class``."""
+    return lambda ref: ref.pipeline_class == pipeline_class
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(target: str) -> Callable[..., Any]:
+    module, _, name = target.partition(":")
+    found = getattr(importlib.import_module(module), name)
+    if not callable(found):
+        raise TypeError(f"lazy({target!r}) names {type(found).__name__}, not a callable")
+    return found  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class Lazy:
+    """A callable named by ``"package.module:name"``, imported on its first call (then kept): what a family's
+    record holds for the parts that need torch or diffusers, so reading the record imports neither."""
+
+    target: str
+
+    def resolve(self) -> Callable[..., Any]:
+        """The named callable (imports its module)."""
+        return _resolve(self.target)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _resolve(self.target)(*args, **kwargs)
+
+
+def lazy(target: str) -> Lazy:
+    """``lazy("autodiff_opt.models.families._unet:unet_units")``: the function, imported when first called."""
+    if target.count(":") != 1:
+        raise ValueError(f"lazy({target!r}): name the callable as 'package.module:name'")
+    return Lazy(target)
 
 
 @dataclass(frozen=True)

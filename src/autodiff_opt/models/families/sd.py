@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from autodiff_opt.models.families._unet import example_inputs, unet_skip, unet_units
-from autodiff_opt.models.families.record import ModelFamily, ModelRef
+from autodiff_opt.models.families.record import ModelFamily, ModelRef, lazy
+
+_UNET = "autodiff_opt.models.families._unet"  # the UNet families' layers, skips and cost inputs
 
 
 def _load(model_cfg: Any, device: Any, dtype: Any, cache_dir: Path) -> Any:
@@ -25,14 +26,14 @@ def _load(model_cfg: Any, device: Any, dtype: Any, cache_dir: Path) -> Any:
 
 
 def _detect(ref: ModelRef) -> bool:
-    from autodiff_opt.models.latent import is_text_to_image_pipeline
+    from autodiff_opt.models.sources import is_text_to_image_pipeline
 
     return bool(ref.setting("prompts")) or is_text_to_image_pipeline(ref.root)
 
 
 FAMILY = ModelFamily(
     name="sd", summary="Stable Diffusion v1.x (StableDiffusionPipeline, model.prompts)",
-    detect=_detect, load=_load, denoiser_classes=("UNet2DConditionModel",), units=unet_units, skip=unet_skip,
-    flops_inputs=example_inputs, flow=False, export="text_to_image", pipeline_class="StableDiffusionPipeline",
-    subfolder="unet", priority=30,
+    detect=_detect, load=_load, denoiser_classes=("UNet2DConditionModel",), units=lazy(f"{_UNET}:unet_units"),
+    skip=lazy(f"{_UNET}:unet_skip"), flops_inputs=lazy(f"{_UNET}:example_inputs"), flow=False,
+    export="text_to_image", pipeline_class="StableDiffusionPipeline", subfolder="unet", priority=30,
 )

@@ -7,8 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from autodiff_opt.models.families._unet import example_inputs, unet_skip, unet_units
-from autodiff_opt.models.families.record import ModelFamily, ModelRef
+from autodiff_opt.models.families.record import ModelFamily, ModelRef, lazy
+
+_UNET = "autodiff_opt.models.families._unet"  # the UNet families' layers, skips and cost inputs
 
 
 def load_unet(model_cfg: Any, pretrained: str, device: Any, dtype: Any) -> Any:
@@ -36,6 +37,7 @@ def _detect(ref: ModelRef) -> bool:
 
 FAMILY = ModelFamily(
     name="unet", summary="a diffusers UNet2DModel folder (DDPM, iDDPM, the digits models, a rectified-flow UNet)",
-    detect=_detect, load=_load, denoiser_classes=("UNet2DModel",), units=unet_units, skip=unet_skip,
-    flops_inputs=example_inputs, flow=None, export="unet", subfolder="unet", priority=90,
+    detect=_detect, load=_load, denoiser_classes=("UNet2DModel",), units=lazy(f"{_UNET}:unet_units"),
+    skip=lazy(f"{_UNET}:unet_skip"), flops_inputs=lazy(f"{_UNET}:example_inputs"), flow=None,
+    export="unet", subfolder="unet", priority=90,
 )
