@@ -263,7 +263,7 @@ def check_model_folder(pretrained: str, subfolder: str | None = None) -> None:
 
     Hub ids, builtin: names and missing paths are left to the loader (it already reports them).
     """
-    from autodiff_opt.models.base import ModelLoadError
+    from autodiff_opt.core.errors import ModelLoadError
 
     if pretrained.startswith("builtin:"):
         return
@@ -332,7 +332,7 @@ def check_solver_fits_model(solver: str, pretrained: str, subfolder: str | None 
     folder's scheduler config (hub ids and absent folders are checked once the model is loaded); AYS
     publishes time steps of VP models only."""
     from autodiff_opt.models.flow import is_flow_scheduler
-    from autodiff_opt.models.loading import resolve_pretrained
+    from autodiff_opt.models.sources import resolve_pretrained
 
     root = Path(resolve_pretrained(pretrained))
     folder = _unet_folder(root, subfolder)
