@@ -14,9 +14,12 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autodiff_opt.models.families.record import ExportStyle, Lazy, ModelFamily, ModelRef, Unit, has_index_class, lazy
+
+if TYPE_CHECKING:
+    from autodiff_opt.config import ModelConfig
 
 __all__ = ["ExportStyle", "Lazy", "ModelFamily", "ModelRef", "Unit", "families", "family_for", "family_named",
            "family_of", "family_of_model", "has_index_class", "lazy", "pipeline_families"]
@@ -49,7 +52,7 @@ def family_named(name: str) -> ModelFamily:
     return known[name]
 
 
-def family_for(model_cfg: Any) -> ModelFamily:
+def family_for(model_cfg: ModelConfig) -> ModelFamily:
     """The family of the configured model (``model.pretrained``, ``converter``, ``prompts``), before loading."""
     ref = ModelRef(model_cfg)
     for family in _registry():

@@ -8,12 +8,15 @@ and feed-forward branch inside a block (``blocks.i.attn1``, ``blocks.i.ff``; SD3
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
 from autodiff_opt.models.families.record import Unit
+
+if TYPE_CHECKING:
+    from autodiff_opt.config import ModelConfig
 
 SkipFn = Callable[..., Any]
 
@@ -91,7 +94,7 @@ def block_skipper(block_skips: dict[str, SkipFn]) -> Callable[[nn.Module, str | 
     return skip
 
 
-def load_pipeline_model(model_cfg: Any, device: Any, dtype: Any, cache_dir: Any = None) -> Any:
+def load_pipeline_model(model_cfg: ModelConfig, device: Any, dtype: Any, cache_dir: Any = None) -> Any:
     """A DiT / SD3 / Flux family's ``load``: the transformer pipeline loader, after the ADM-only settings are refused."""
     from autodiff_opt.models.base import ModelLoadError
     from autodiff_opt.models.families._pipeline import load_transformer_pipeline

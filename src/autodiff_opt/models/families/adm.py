@@ -8,16 +8,19 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autodiff_opt.models.families.record import ModelFamily, ModelRef, lazy
+
+if TYPE_CHECKING:
+    from autodiff_opt.config import ModelConfig
 
 _UNET = "autodiff_opt.models.families._unet"  # the UNet families' layers, skips and cost inputs
 
 log = logging.getLogger(__name__)
 
 
-def converted_folder(model_cfg: Any, cache_dir: Path) -> Path:
+def converted_folder(model_cfg: ModelConfig, cache_dir: Path) -> Path:
     """Convert a guided-diffusion checkpoint once; later runs reuse the diffusers folder."""
     from autodiff_opt.models.base import ModelLoadError
 
@@ -44,7 +47,7 @@ def converted_folder(model_cfg: Any, cache_dir: Path) -> Path:
     return out
 
 
-def attach_classifier(model: Any, model_cfg: Any, device: Any) -> None:
+def attach_classifier(model: Any, model_cfg: ModelConfig, device: Any) -> None:
     """Classifier guidance (ADM): eps <- eps - sqrt(1 - alpha_bar) * s * grad log p(y | x_t, t)."""
     from autodiff_opt.models.adm import ClassifierGuidance, load_adm_classifier
 
@@ -53,7 +56,7 @@ def attach_classifier(model: Any, model_cfg: Any, device: Any) -> None:
     model.guidance = ClassifierGuidance(classifier, model.alphas_cumprod, float(model_cfg.classifier_scale))
 
 
-def _load(model_cfg: Any, device: Any, dtype: Any, cache_dir: Path) -> Any:
+def _load(model_cfg: ModelConfig, device: Any, dtype: Any, cache_dir: Path) -> Any:
     from autodiff_opt.models.families.unet import load_unet
 
     folder = converted_folder(model_cfg, Path(cache_dir).expanduser() / "converted")

@@ -24,7 +24,10 @@ import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+if TYPE_CHECKING:
+    from autodiff_opt.config import ModelConfig
 
 Unit = tuple[str, str, str]
 """One skippable layer as a family lists it: (readable name, layer kind, submodule path)."""
@@ -38,7 +41,7 @@ class ModelRef:
     """What detection reads before loading: the configured model settings and, read once when asked, the
     ``_class_name`` of the folder's (or the hub repo's) ``model_index.json``."""
 
-    def __init__(self, model_cfg: Any = None, *, pretrained: str | None = None) -> None:
+    def __init__(self, model_cfg: ModelConfig | None = None, *, pretrained: str | None = None) -> None:
         """``model_cfg``: the ``model`` settings; or only ``pretrained`` (a folder or hub id)."""
         from autodiff_opt.models.sources import resolve_pretrained
 
@@ -80,7 +83,7 @@ class ModelRef:
         """A ``model`` setting (None when absent or when only ``pretrained`` was given)."""
         if self.cfg is None:
             return None
-        return self.cfg.get(name) if hasattr(self.cfg, "get") else getattr(self.cfg, name, None)
+        return getattr(self.cfg, name, None)
 
 
 def has_index_class(pipeline_class: str) -> Callable[[Any], bool]:

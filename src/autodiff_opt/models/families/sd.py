@@ -4,14 +4,17 @@ a pipeline folder or hub id with ``model.prompts``. Layers, skips and costs are 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autodiff_opt.models.families.record import ModelFamily, ModelRef, lazy
+
+if TYPE_CHECKING:
+    from autodiff_opt.config import ModelConfig
 
 _UNET = "autodiff_opt.models.families._unet"  # the UNet families' layers, skips and cost inputs
 
 
-def _load(model_cfg: Any, device: Any, dtype: Any, cache_dir: Path) -> Any:
+def _load(model_cfg: ModelConfig, device: Any, dtype: Any, cache_dir: Path) -> Any:
     from autodiff_opt.models.base import ModelLoadError
     from autodiff_opt.models.latent import load_text_to_image
 

@@ -5,14 +5,17 @@ VP noise prediction or a rectified flow, as the scheduler config says."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autodiff_opt.models.families.record import ModelFamily, ModelRef, lazy
+
+if TYPE_CHECKING:
+    from autodiff_opt.config import ModelConfig
 
 _UNET = "autodiff_opt.models.families._unet"  # the UNet families' layers, skips and cost inputs
 
 
-def load_unet(model_cfg: Any, pretrained: str, device: Any, dtype: Any) -> Any:
+def load_unet(model_cfg: ModelConfig, pretrained: str, device: Any, dtype: Any) -> Any:
     """A UNet folder (or pipeline folder with unet/) with its noise schedule, and ADM's classifier if configured."""
     from autodiff_opt.models.loading import load_model
 
@@ -27,7 +30,7 @@ def load_unet(model_cfg: Any, pretrained: str, device: Any, dtype: Any) -> Any:
     return model
 
 
-def _load(model_cfg: Any, device: Any, dtype: Any, cache_dir: Path) -> Any:
+def _load(model_cfg: ModelConfig, device: Any, dtype: Any, cache_dir: Path) -> Any:
     return load_unet(model_cfg, str(model_cfg.pretrained), device, dtype)
 
 
