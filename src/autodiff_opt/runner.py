@@ -209,10 +209,24 @@ def stage2_setup(search: SearchConfig, cache_dir: str, runtime: DenoiserRuntime)
         budget = costs.budget(float(s2.budget_flops or K))
     log.info("stage 2: %d layers, budget %.2f full steps (%s), K in [1, %d]", len(costs.names),
              budget.full_steps, budget.unit, k_max)
+    warn_if_no_skips(s2.max_prun, len(costs.names))
     return {"space": SearchSpace(K, T, k_min=1, k_max=k_max), "layer_costs": costs,
             "stage2": Stage2Policy(budget, s2.max_prun, s2.ramp_steps, s2.start_generation, s2.patience,
                                    min_steps=1, max_steps=k_max),
             "caches": cache_baselines(search, model, k_max)}
+
+
+def warn_if_no_skips(max_prun: float, num_layers: int) -> bool:
+    """Warn (and return True) when ``search.stage2.max_prun`` lets no step skip a single layer: stage 2 would
+    then search time steps only. The authors' 0.1 is meant for networks with dozens of layers."""
+    from autodiff_opt.search.operators import skip_cap
+
+    if num_layers == 0 or skip_cap(num_layers, max_prun) > 0:
+        return False
+    log.warning("stage 2: search.stage2.max_prun=%g of %d layers lets no step skip a layer (floor(%g x %d) = 0),"
+                " so stage 2 searches time steps only; set search.stage2.max_prun to at least %.3g to skip one",
+                max_prun, num_layers, max_prun, num_layers, 1.0 / num_layers)
+    return True
 
 
 def cache_baselines(search: SearchConfig, model: DiffusionModel, num_steps: int) -> dict[str, tuple[str, Genome]]:
