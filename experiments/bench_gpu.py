@@ -79,7 +79,7 @@ def peak_matmul(dtype: torch.dtype, device: torch.device, n: int, repeats: int =
 
 def flops_per_image_step(model: DiffusionModel) -> int:
     """FLOPs of one UNet evaluation at batch 1 (the cost model's full step)."""
-    total, _ = count_flops(model.unet, example_inputs(model.unet, batch_size=1))
+    total, _ = count_flops(model.denoiser, example_inputs(model.denoiser, batch_size=1))
     return total
 
 

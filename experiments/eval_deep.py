@@ -60,8 +60,8 @@ def evaluate_model(model: str, steps: list[int], samples: int, grid_dir: Path | 
     exp = experiment(model, samples)
     fresh = SampleSet.draw(samples, exp.model.sample_shape, exp.model.num_classes, SEED)
     T = exp.model.num_train_timesteps
-    out: dict[str, Any] = {"model": model, "skippable_units": len(discover_layers(exp.model.unet)),
-                           "parameters": sum(p.numel() for p in exp.model.unet.parameters())}
+    out: dict[str, Any] = {"model": model, "skippable_units": len(discover_layers(exp.model.denoiser)),
+                           "parameters": sum(p.numel() for p in exp.model.denoiser.parameters())}
     from autodiff_opt.arch.flops import count_step_flops
 
     probe = fresh.slice(0, 1)

@@ -99,7 +99,7 @@ def flop_counter() -> FlopCounterMode:
 
 def _calls(s: dict[str, Any], names: list[str], run: Callable[[], Any]) -> dict[str, int]:
     """How often each named module's forward ran during ``run()``."""
-    modules = dict(s["model"].unet.named_modules())
+    modules = dict(s["model"].denoiser.named_modules())
     calls = dict.fromkeys(names, 0)
     handles = [modules[n].register_forward_hook(lambda *_, n=n: calls.__setitem__(n, calls[n] + 1)) for n in names]
     try:
@@ -113,7 +113,7 @@ def _calls(s: dict[str, Any], names: list[str], run: Callable[[], Any]) -> dict[
 def _per_call_flops(s: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
     """FLOPs per call (the whole batch, from one uncached forward) of every leaf module, and of every attention's own
     product (its total minus its leaves', attributed to its query projection's calls)."""
-    unet = s["model"].unet
+    unet = s["model"].denoiser
     counter = flop_counter()
     names = [n for n, m in unet.named_modules() if n and not list(m.children())]
     attention = [n for n, m in unet.named_modules() if hasattr(m, "to_q")]
@@ -196,14 +196,14 @@ def test_skipping_a_block_of_the_digits_dit_equals_an_identity_block(setup: dict
     model = load_transformer_pipeline(str(resolve_pretrained("builtin:digits-dit")), None, guidance_scale=1.0,
                                       decode_batch_size=BATCH, device="cpu", dtype=torch.float32)
     reference = copy.deepcopy(model)
-    j = len(model.unet.transformer_blocks) // 2
-    reference.unet.transformer_blocks[j] = _Identity()
+    j = len(model.denoiser.transformer_blocks) // 2
+    reference.denoiser.transformer_blocks[j] = _Identity()
     x, labels = setup["noise"], setup["labels"]
     genome = Genome((500, 100), (frozenset({j}), frozenset()))
     with torch.no_grad():
         plain = model.eps_fn(class_labels=labels)(x, 500, 0)
         expected = reference.eps_fn(class_labels=labels)(x, 500, 0)
-        fn = per_step_skipping(model.unet, LayerSkipper(model.unet))(model.eps_fn(class_labels=labels), genome)
+        fn = per_step_skipping(model.denoiser, LayerSkipper(model.denoiser))(model.eps_fn(class_labels=labels), genome)
         torch.testing.assert_close(fn(x, 500, 0), expected, atol=1e-6, rtol=1e-6)
         assert torch.equal(fn(x, 100, 1), model.eps_fn(class_labels=labels)(x, 100, 1))  # the next step: no skip
     assert not torch.allclose(expected, plain, atol=1e-4)  # the block matters: the check can fail

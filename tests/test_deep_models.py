@@ -66,8 +66,8 @@ def test_digits_dit_loads_as_a_users_pipeline_folder_and_samples_its_classes(tmp
     assert isinstance(model, ClassGuidedModel)
     assert model.sample_shape == (1, 8, 8) and model.num_classes == 10 and model.null_class == 10
     assert model.decode is None  # pixel space: samples are the images
-    assert len(discover_layers(model.unet, "blocks")) >= 12
-    assert len(discover_layers(model.unet, "sub_blocks")) == 2 * len(discover_layers(model.unet, "blocks"))
+    assert len(discover_layers(model.denoiser, "blocks")) >= 12
+    assert len(discover_layers(model.denoiser, "sub_blocks")) == 2 * len(discover_layers(model.denoiser, "blocks"))
     images, samples = _samples(model, steps=20, n=200)
     probs = _classify(images)
     real = _classify(load_digits_images("heldout")[0]).max(dim=1).values.mean()
@@ -80,7 +80,7 @@ def test_digits_deep_loads_as_a_users_unet_folder_and_samples_confident_digits(t
     folder = _user_copy(tmp_path, "digits-deep")
     model = _build("digits_deep", folder)
     assert model.sample_shape == (1, 8, 8) and model.num_classes is None  # type: ignore[attr-defined]
-    layers = discover_layers(model.unet)  # type: ignore[attr-defined]
+    layers = discover_layers(model.denoiser)  # type: ignore[attr-defined]
     assert len(layers) >= 24
     assert {layer.kind for layer in layers} == {"resnet", "attention"}
     images, _ = _samples(model, steps=20, n=200)

@@ -159,7 +159,7 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_images(tiny_model_dir
     samples = SampleSet.draw(20, (1, 8, 8), None, seed=3)
     reference = ImageGenerator(load_model(str(tiny_model_dir)), batch_size=8).generate(genome, samples)
     model = load_model(str(tiny_model_dir))
-    double = OOMAbove(model.unet, limit=8)
+    double = OOMAbove(model.denoiser, limit=8)
     generator = ImageGenerator(model, batch_size=32)
     images = generator.generate(genome, samples)
     assert generator.batch_size == 8
@@ -170,7 +170,7 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_images(tiny_model_dir
 def test_out_of_memory_at_batch_one_fails_only_that_candidate(tiny_model_dir: Path, tiny_reference: Path,
                                                               tmp_path: Path) -> None:
     model = load_model(str(tiny_model_dir))
-    double = OOMAbove(model.unet, limit=10**6, always=frozenset({999}))
+    double = OOMAbove(model.denoiser, limit=10**6, always=frozenset({999}))
     space = SearchSpace(4, model.num_train_timesteps)
     scorer = FIDScorer("test-randconv", batch_size=64)
     reference = reference_statistics(str(tiny_reference), scorer, tmp_path / "cache")

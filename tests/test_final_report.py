@@ -215,7 +215,7 @@ def test_final_csv_and_markdown_read_back(report) -> None:  # type: ignore[no-un
 def test_best_schedule_json_every_field(exp, report) -> None:  # type: ignore[no-untyped-def]
     study, table, paths = report
     doc = json.loads(paths["schedule"].read_text())
-    names = [layer.name for layer in discover_layers(exp.model.unet)]
+    names = [layer.name for layer in discover_layers(exp.model.denoiser)]
     assert doc["timesteps"] == list(SKIPPING_BEST.timesteps)
     assert doc["skipped_layers"] == [[0], [1, 2], [], [0], [2]]
     assert doc["skipped_layer_names"] == [[names[0]], [names[1], names[2]], [], [names[0]], [names[2]]]
@@ -251,13 +251,13 @@ def test_export_schedule_writes_what_it_returns(tmp_path: Path) -> None:
 def test_schedule_genome_maps_layer_names_to_this_models_ids(exp) -> None:  # type: ignore[no-untyped-def]
     from autodiff_opt.apply import schedule_genome
 
-    names = [layer.name for layer in discover_layers(exp.model.unet)]
+    names = [layer.name for layer in discover_layers(exp.model.denoiser)]
     doc = {"timesteps": [900, 500, 10], "skipped_layers": [[0], [], [1]],  # stale ids: the names win
            "skipped_layer_names": [[names[3]], [], [names[1], names[4]]]}
-    assert schedule_genome(doc, exp.model.unet) == Genome.from_steps([900, 500, 10], [[3], [], [1, 4]])
+    assert schedule_genome(doc, exp.model.denoiser) == Genome.from_steps([900, 500, 10], [[3], [], [1, 4]])
     assert schedule_genome(doc) == Genome.from_steps([900, 500, 10], [[0], [], [1]])  # no model: the ids
     with pytest.raises(KeyError, match="no.such.layer"):
-        schedule_genome({**doc, "skipped_layer_names": [["no.such.layer"], [], []]}, exp.model.unet)
+        schedule_genome({**doc, "skipped_layer_names": [["no.such.layer"], [], []]}, exp.model.denoiser)
 
 
 def test_save_grid_lays_out_upscaled_images(tmp_path: Path) -> None:

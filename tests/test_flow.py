@@ -60,7 +60,7 @@ def test_flow_euler_matches_diffusers_flow_match_euler(tiny_flow_dir: Path) -> N
         scheduler.set_timesteps(sigmas=[grid_time(i, N) for i in steps])
         x = x_T.clone()
         for t in scheduler.timesteps:
-            x = scheduler.step(model.unet(x, t.expand(len(x))).sample, t, x).prev_sample
+            x = scheduler.step(model.denoiser(x, t.expand(len(x))).sample, t, x).prev_sample
     torch.testing.assert_close(ours, x, atol=1e-5, rtol=1e-5)
 
 

@@ -75,7 +75,7 @@ def test_hooks_under_whole_model_compile_do_recompile(tiny_model_dir: Path) -> N
 
     torch._dynamo.reset()
     counters.clear()
-    unet = load_model(str(tiny_model_dir)).unet
+    unet = load_model(str(tiny_model_dir)).denoiser
     skipper, compiled = LayerSkipper(unet), torch.compile(unet, backend=BACKEND, dynamic=False)
     x, t = torch.randn(1, 1, 8, 8), torch.full((1,), 500)
     with torch.no_grad():
@@ -90,7 +90,7 @@ def test_hooks_under_whole_model_compile_do_recompile(tiny_model_dir: Path) -> N
 def test_bf16_runs_in_bf16_and_is_close_to_fp32(tiny_model_dir: Path) -> None:
     fp32, bf16 = _generator(tiny_model_dir, batch_size=8), _generator(tiny_model_dir, batch_size=8, precision="bf16")
     seen: list[torch.dtype] = []
-    bf16.model.unet.conv_in.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    bf16.model.denoiser.conv_in.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
     samples = _samples(8)
     a, b = fp32.generate(Genome(STEPS), samples), bf16.generate(Genome(STEPS), samples)
     assert set(seen) == {torch.bfloat16}, f"the UNet ran in {set(seen)} under precision=bf16"
@@ -103,7 +103,7 @@ def test_padded_last_batch_gives_the_unpadded_images(tiny_model_dir: Path) -> No
     padded = _generator(tiny_model_dir, batch_size=4, pad=True)
     plain = _generator(tiny_model_dir, batch_size=4, pad=False)
     calls: list[int] = []
-    padded.model.unet.register_forward_pre_hook(lambda module, args: calls.append(int(args[0].shape[0])))
+    padded.model.denoiser.register_forward_pre_hook(lambda module, args: calls.append(int(args[0].shape[0])))
     samples = _samples(6)
     a, b = padded.generate(Genome(STEPS), samples), plain.generate(Genome(STEPS), samples)
     assert calls == [4] * (2 * len(STEPS)), f"network calls had batch sizes {calls}, not one static shape"
@@ -176,7 +176,7 @@ def test_cost_model_counts_the_eager_layers_of_a_compiled_model(tiny_model_dir: 
     """FlopCounterMode sees every operation: under a dispatch mode the gates run the eager forward."""
     from autodiff_opt.arch import measure_layer_costs
 
-    reference = measure_layer_costs(load_model(str(tiny_model_dir)).unet)
+    reference = measure_layer_costs(load_model(str(tiny_model_dir)).denoiser)
     generator = _generator(tiny_model_dir, batch_size=2, compile="default", compile_backend=BACKEND)
     skipper = generator.runtime.skipper
 
@@ -185,7 +185,7 @@ def test_cost_model_counts_the_eager_layers_of_a_compiled_model(tiny_model_dir: 
 
     for gate in skipper.gates.values():
         gate.run = never
-    costs = measure_layer_costs(generator.model.unet, skipper)
+    costs = measure_layer_costs(generator.model.denoiser, skipper)
     assert (costs.full_step, costs.savings) == (reference.full_step, reference.savings)
     with pytest.raises(AssertionError, match="compiled forward ran"):  # outside the counter, `run` is what runs
         generator.generate(Genome(STEPS), _samples(2))
@@ -212,7 +212,7 @@ def test_bench_gpu_runs_on_cpu(tmp_path: Path) -> None:
     assert [r["mode"] for r in result["rows"]] == ["eager", "compiled"]
     from autodiff_opt.arch import measure_layer_costs
 
-    full_step = measure_layer_costs(load_model("builtin:digits-ddpm").unet).full_step  # the stage-2 cost model
+    full_step = measure_layer_costs(load_model("builtin:digits-ddpm").denoiser).full_step  # the stage-2 cost model
     for row in result["rows"]:
         assert row["gflop_per_image_step"] * 1e9 == pytest.approx(full_step, rel=1e-9)
         assert row["gflop_per_image_step"] == pytest.approx(6.73e-3, rel=0.02)  # docs/digits.md's 6.73 MFLOPs

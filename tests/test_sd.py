@@ -71,7 +71,7 @@ def test_prompt_subset_is_fixed_by_the_study_seed(model: TextToImageModel) -> No
 
 def test_guidance_is_one_batched_pass_and_the_cfg_formula(model: TextToImageModel) -> None:
     calls: list[int] = []
-    hook = model.unet.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(args[0].shape[0]), with_kwargs=True)
+    hook = model.denoiser.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(args[0].shape[0]), with_kwargs=True)
     labels, x = torch.tensor([3, 7]), torch.randn(2, *model.sample_shape)
     try:
         eps = model.eps_fn(class_labels=labels)(x, 500, 0)
@@ -81,8 +81,8 @@ def test_guidance_is_one_batched_pass_and_the_cfg_formula(model: TextToImageMode
     encoder = model.prompt_encoder
     t = torch.full((2,), 500)
     with torch.no_grad():
-        e_u = model.unet(x, t, encoder_hidden_states=encoder.unconditional().expand(2, -1, -1)).sample
-        e_c = model.unet(x, t, encoder_hidden_states=encoder(labels)).sample
+        e_u = model.denoiser(x, t, encoder_hidden_states=encoder.unconditional().expand(2, -1, -1)).sample
+        e_c = model.denoiser(x, t, encoder_hidden_states=encoder(labels)).sample
     assert torch.allclose(eps, e_u + 7.5 * (e_c - e_u), atol=1e-5)
     model.guidance_scale = 1.0
     try:
@@ -123,7 +123,7 @@ def test_same_images_as_diffusers_stable_diffusion_pipeline(sd_dir: Path, model:
 def test_generation_with_per_step_layer_skipping(model: TextToImageModel) -> None:
     from autodiff_opt.arch import discover_layers
 
-    layers = discover_layers(model.unet)
+    layers = discover_layers(model.denoiser)
     assert {layer.kind for layer in layers} == {"resnet", "attention"}  # cross-attention transformers are layers
     attention = frozenset(layer.id for layer in layers if layer.kind == "attention")
     samples = SampleSet.draw(4, model.sample_shape, model.num_classes, seed=0)

@@ -114,7 +114,7 @@ def test_stage2_end_to_end_through_the_cli(multi_objective: bool, tiny_model_dir
     from autodiff_opt.arch import discover_layers
     from autodiff_opt.models import load_model
 
-    names = [layer.name for layer in discover_layers(load_model(best["model"]).unet)]
+    names = [layer.name for layer in discover_layers(load_model(best["model"]).denoiser)]
     assert best["skipped_layer_names"] == [[names[i] for i in ids] for ids in best["skipped_layers"]]
     images = generate_from_schedule(best, num_images=4, device="cpu")
     assert images.shape == (4, 1, 8, 8) and images.dtype == torch.uint8

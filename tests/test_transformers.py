@@ -63,7 +63,7 @@ def test_dit_ddim_with_cfg_matches_dit_pipeline(dit_dir: Path) -> None:
 def test_dit_guidance_changes_the_output_and_is_one_batched_pass(dit_dir: Path) -> None:
     model = _load(dit_dir, guidance=4.0)
     calls: list[int] = []
-    hook = model.unet.register_forward_pre_hook(lambda m, args, kw: calls.append(args[0].shape[0]), with_kwargs=True)
+    hook = model.denoiser.register_forward_pre_hook(lambda m, args, kw: calls.append(args[0].shape[0]), with_kwargs=True)
     x = torch.randn(3, *model.sample_shape)
     with torch.no_grad():
         guided = model.eps_fn(class_labels=torch.tensor([1, 2, 3]))(x, 500, 0)
@@ -195,7 +195,7 @@ def test_transformer_blocks_skip_per_step_with_the_residual_passing(which: str, 
     from autodiff_opt.core.genome import Genome
 
     model = _load(dit_dir, 3.0) if which == "dit" else _load(sd3_dir, 3.0, PROMPTS)
-    skipper = LayerSkipper(model.unet)
+    skipper = LayerSkipper(model.denoiser)
     assert [layer.name for layer in skipper.layers] == ["blocks.0", "blocks.1"]
     x = torch.randn(2, *model.sample_shape, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([1, 2])
@@ -207,15 +207,15 @@ def test_transformer_blocks_skip_per_step_with_the_residual_passing(which: str, 
         with skipper.skipping([1]):
             skipped = model.eps_fn(class_labels=labels)(x, step, 0)
         reference = copy.deepcopy(model)
-        block = reference.unet.transformer_blocks[1]
-        reference.unet.transformer_blocks[1] = _PassThrough(which == "sd3", getattr(block, "context_pre_only", False))
+        block = reference.denoiser.transformer_blocks[1]
+        reference.denoiser.transformer_blocks[1] = _PassThrough(which == "sd3", getattr(block, "context_pre_only", False))
         expected = reference.eps_fn(class_labels=labels)(x, step, 0)
     assert torch.equal(plain, empty)
     torch.testing.assert_close(skipped, expected, atol=1e-6, rtol=1e-6)
     assert not torch.allclose(skipped, plain)
     from autodiff_opt.arch.skip import per_step_skipping
 
-    wrap = per_step_skipping(model.unet, skipper)
+    wrap = per_step_skipping(model.denoiser, skipper)
     genome = Genome((step, 100), (frozenset({1}), frozenset()))
     with torch.no_grad():
         fn = wrap(model.eps_fn(class_labels=labels), genome)
@@ -248,9 +248,9 @@ def test_flux_blocks_skip_as_a_hand_written_pass_through(skipped: list[str], flu
     labels, step = torch.tensor([0, 2]), 600
     reference = copy.deepcopy(model)
     if "blocks.0" in skipped:
-        reference.unet.transformer_blocks[0] = _PassThrough(joint=True)
+        reference.denoiser.transformer_blocks[0] = _PassThrough(joint=True)
     if "single.0" in skipped:
-        reference.unet.single_transformer_blocks[0] = _FluxSinglePassThrough()
+        reference.denoiser.single_transformer_blocks[0] = _FluxSinglePassThrough()
     with torch.no_grad():
         plain = model.eps_fn(class_labels=labels)(x, step, 0)
         with skipper.skipping(ids):
@@ -319,7 +319,7 @@ def test_skipped_branches_leave_the_residual_stream(which: str, dit_dir: Path, s
         reference = copy.deepcopy(model)
         for i in ids:
             path = skipper.layers[i].path.rsplit(".", 1)
-            setattr(reference.unet.get_submodule(path[0]), path[1], _ZeroBranch())
+            setattr(reference.denoiser.get_submodule(path[0]), path[1], _ZeroBranch())
         expected = reference.eps_fn(class_labels=labels)(x, step, 0)
         with skipper.skipping([]):
             empty = model.eps_fn(class_labels=labels)(x, step, 0)

@@ -116,12 +116,12 @@ class LayerSkipper:
     sets it for a block and restores the previous one. Not thread-safe: one mask per model at a time.
     """
 
-    def __init__(self, unet: nn.Module, layers: Sequence[Layer] | None = None) -> None:
-        self.unet = unet
-        self.layers: tuple[Layer, ...] = tuple(layers) if layers is not None else discover_layers(unet)
-        self._modules = layer_modules(unet, self.layers)
+    def __init__(self, denoiser: nn.Module, layers: Sequence[Layer] | None = None) -> None:
+        self.denoiser = denoiser
+        self.layers: tuple[Layer, ...] = tuple(layers) if layers is not None else discover_layers(denoiser)
+        self._modules = layer_modules(denoiser, self.layers)
         kinds = {layer.id: layer.kind for layer in self.layers}
-        family = family_of(unet)
+        family = family_of(denoiser)
         self._skip_fns = {i: skip_function(m, kinds[i], family) for i, m in self._modules.items()}
         self._skipped: frozenset[int] = frozenset()
         self._gates: dict[int, LayerGate] = {}
@@ -244,7 +244,7 @@ def with_step_masks(
     return masked
 
 
-def per_step_skipping(unet: nn.Module, skipper: LayerSkipper | None = None
+def per_step_skipping(denoiser: nn.Module, skipper: LayerSkipper | None = None
                       ) -> Callable[[Callable[..., R], Genome], Callable[..., R]]:
     """A ``StepWrapper`` for the generator: ``wrap(eps_fn, genome)`` returns ``eps_fn`` itself for a
     genome without skips, else ``with_step_masks(eps_fn, skipper, genome)``. The ``LayerSkipper`` is
@@ -255,7 +255,7 @@ def per_step_skipping(unet: nn.Module, skipper: LayerSkipper | None = None
         if not genome.has_skips:
             return eps_fn
         if not skippers:
-            skippers.append(LayerSkipper(unet))
+            skippers.append(LayerSkipper(denoiser))
         return with_step_masks(eps_fn, skippers[0], genome)
 
     return wrap

@@ -64,11 +64,6 @@ class DiffusionModel:
     family: str = ""  # the models.families record it was loaded by ("" for a model built by hand)
 
     @property
-    def unet(self) -> torch.nn.Module:
-        """The denoiser under its old name (deprecated: a DiT, SD3 or Flux denoiser is a transformer)."""
-        return self.denoiser
-
-    @property
     def num_train_timesteps(self) -> int:
         return int(self.alphas_cumprod.shape[0])
 
