@@ -12,10 +12,13 @@ import torch
 
 from autodiff_opt.models.base import DiffusionModel, EpsFn, Network, sample_of
 from autodiff_opt.models.families._pipeline import _load_pipeline, _sample_shape
+from autodiff_opt.models.families._transformer import block_skipper, skip_dit_block
 from autodiff_opt.models.latent import VaeDecoder
 from autodiff_opt.models.loading import _alphas_cumprod
 
 log = logging.getLogger(__name__)
+
+skip = block_skipper({"BasicTransformerBlock": skip_dit_block})  # the family's ``skip``
 
 
 @dataclass

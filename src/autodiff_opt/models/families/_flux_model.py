@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -9,6 +10,11 @@ import torch
 
 from autodiff_opt.models.base import Network, sample_of
 from autodiff_opt.models.families._prompt_flow import PromptFlowModel, folder_opener
+from autodiff_opt.models.families._transformer import BLOCKS, block_skipper, skip_joint_block, transformer_units
+
+# the family's ``units`` (double blocks, then single blocks) and ``skip``
+units = functools.partial(transformer_units, groups=(*BLOCKS, ("single", "single_transformer_blocks")))
+skip = block_skipper({"FluxTransformerBlock": skip_joint_block, "FluxSingleTransformerBlock": skip_joint_block})
 
 
 @dataclass

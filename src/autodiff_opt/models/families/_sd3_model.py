@@ -9,6 +9,9 @@ import torch
 
 from autodiff_opt.models.base import Network, sample_of
 from autodiff_opt.models.families._prompt_flow import PromptFlowModel, folder_opener
+from autodiff_opt.models.families._transformer import block_skipper, skip_joint_block
+
+skip = block_skipper({"JointTransformerBlock": skip_joint_block})  # the family's ``skip``
 
 
 @dataclass

@@ -4,23 +4,17 @@ The model class and its loader are in ``_dit_model.py``, imported when a DiT is 
 
 from __future__ import annotations
 
-from typing import Any
-
 from autodiff_opt.models.families.record import ModelFamily, has_index_class, lazy
 
 _TRANSFORMER = "autodiff_opt.models.families._transformer"
-
-
-def _skip(module: Any, kind: str | None = None) -> Any:
-    from autodiff_opt.models.families._transformer import block_skipper, skip_dit_block
-
-    return block_skipper({"BasicTransformerBlock": skip_dit_block})(module, kind)
+_MODEL = "autodiff_opt.models.families._dit_model"  # its model class, units and skips: imported when needed
 
 
 FAMILY = ModelFamily(
     name="dit", summary="DiT (DiTPipeline), class-conditional, latent or pixel space",
     detect=has_index_class("DiTPipeline"), load=lazy(f"{_TRANSFORMER}:load_pipeline_model"),
-    denoiser_classes=("DiTTransformer2DModel",), units=lazy(f"{_TRANSFORMER}:transformer_units"), skip=_skip,
+    denoiser_classes=("DiTTransformer2DModel",), units=lazy(f"{_TRANSFORMER}:transformer_units"),
+    skip=lazy(f"{_MODEL}:skip"),
     flops_inputs=None, flow=False, export="pipeline", pipeline_class="DiTPipeline", subfolder="transformer",
-    transformer=True, priority=10, open_folder=lazy("autodiff_opt.models.families._dit_model:open_folder"),
+    transformer=True, priority=10, open_folder=lazy(f"{_MODEL}:open_folder"),
 )

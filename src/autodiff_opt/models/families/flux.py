@@ -4,30 +4,17 @@ pipeline is loaded."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from autodiff_opt.models.families.record import ModelFamily, Unit, has_index_class, lazy
+from autodiff_opt.models.families.record import ModelFamily, has_index_class, lazy
 
 _TRANSFORMER = "autodiff_opt.models.families._transformer"
-
-
-def _units(denoiser: Any, units: str) -> list[Unit]:
-    from autodiff_opt.models.families._transformer import BLOCKS, transformer_units
-
-    return transformer_units(denoiser, units, groups=(*BLOCKS, ("single", "single_transformer_blocks")))
-
-
-def _skip(module: Any, kind: str | None = None) -> Any:
-    from autodiff_opt.models.families._transformer import block_skipper, skip_joint_block
-
-    return block_skipper({"FluxTransformerBlock": skip_joint_block,
-                          "FluxSingleTransformerBlock": skip_joint_block})(module, kind)
+_MODEL = "autodiff_opt.models.families._flux_model"  # its model class, units and skips: imported when needed
 
 
 FAMILY = ModelFamily(
     name="flux", summary="Flux (FluxPipeline), text-to-image flow with the guidance embedding",
     detect=has_index_class("FluxPipeline"), load=lazy(f"{_TRANSFORMER}:load_pipeline_model"),
-    denoiser_classes=("FluxTransformer2DModel",), units=_units, skip=_skip,
+    denoiser_classes=("FluxTransformer2DModel",), units=lazy(f"{_MODEL}:units"),
+    skip=lazy(f"{_MODEL}:skip"),
     flops_inputs=None, flow=True, export="pipeline", pipeline_class="FluxPipeline", subfolder="transformer",
-    transformer=True, priority=10, open_folder=lazy("autodiff_opt.models.families._flux_model:open_folder"),
+    transformer=True, priority=10, open_folder=lazy(f"{_MODEL}:open_folder"),
 )
