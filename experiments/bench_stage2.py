@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     import torch
 
     torch.set_num_threads(args.threads)
-    from autodiff_opt.models.loading import resolve_pretrained
+    from autodiff_opt.models.sources import resolve_pretrained
     from autodiff_opt.models.pipelines import pipeline_kind
 
     t0 = time.perf_counter()

@@ -25,7 +25,7 @@ from autodiff_opt.arch.caches import CACHES, CacheBaseline
 from autodiff_opt.arch.flops import count_step_flops
 from autodiff_opt.core.genome import Genome
 from autodiff_opt.generate import ImageGenerator
-from autodiff_opt.models.loading import resolve_pretrained
+from autodiff_opt.models.sources import resolve_pretrained
 from autodiff_opt.models.pipelines import load_transformer_pipeline
 
 K, BATCH = 10, 4

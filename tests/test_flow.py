@@ -242,7 +242,7 @@ def test_shipped_digits_flow_asset(tmp_path: Path) -> None:
     from autodiff_opt.generate import ImageGenerator, SampleSet
     from autodiff_opt.metrics.fid import FIDScorer
     from autodiff_opt.metrics.reference import reference_statistics
-    from autodiff_opt.models.loading import ASSETS_DIR
+    from autodiff_opt.models.sources import ASSETS_DIR
     from autodiff_opt.search.objective import evaluate
 
     folder = ASSETS_DIR / "digits-flow"

@@ -579,7 +579,7 @@ def test_pixel_space_dit_exports_the_apply_snippet(dit_dir: Path) -> None:
     with autodiff_opt.apply; a latent DiT (the replica) keeps the DiTPipeline snippet."""
     from autodiff_opt.config import ModelConfig, SolverConfig
     from autodiff_opt.core.genome import Genome
-    from autodiff_opt.models.loading import resolve_pretrained
+    from autodiff_opt.models.sources import resolve_pretrained
     from autodiff_opt.report.write import snippet_for
 
     genome = Genome((999, 600, 300, 50))

@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from autodiff_opt.models.base import DiffusionModel, EpsFn, ModelLoadError
-    from autodiff_opt.models.loading import load_model, resolve_pretrained
+    from autodiff_opt.models.loading import load_model
+    from autodiff_opt.models.sources import resolve_pretrained
 
 __all__ = ["DiffusionModel", "EpsFn", "ModelLoadError", "load_model", "resolve_pretrained"]
 
 _HOMES = {"DiffusionModel": "base", "EpsFn": "base", "ModelLoadError": "base", "load_model": "loading",
-          "resolve_pretrained": "loading"}
+          "resolve_pretrained": "sources"}
 
 
 def __getattr__(name: str) -> Any:

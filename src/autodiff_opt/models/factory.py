@@ -10,7 +10,7 @@ import torch
 
 from autodiff_opt.models.base import DiffusionModel, ModelLoadError
 from autodiff_opt.models.families import family_for
-from autodiff_opt.models.loading import BUILTIN_PREFIX, _looks_like_path
+from autodiff_opt.models.sources import BUILTIN_PREFIX, looks_like_path
 
 if TYPE_CHECKING:  # a layer below: the typed config (config.to_config)
     from autodiff_opt.config import Config, ModelConfig
@@ -69,7 +69,7 @@ def _missing_pretrained(model_cfg: ModelConfig, hint: str) -> list[str]:
     ref = str(model_cfg.pretrained)
     if model_cfg.converter or ref.startswith(BUILTIN_PREFIX) or Path(ref).expanduser().exists():
         return []
-    if _looks_like_path(ref):
+    if looks_like_path(ref):
         return [f"model.pretrained={ref}: no such file or directory{hint}: set model.pretrained=/path/to/the/model/folder"]
     if _hub_offline() and not _hub_cached(ref):
         return [f"model.pretrained={ref} is a hub id that is not in the local cache, and the hub is offline{hint}:"

@@ -25,8 +25,8 @@ from typing import Any, Sequence
 import torch
 
 from autodiff_opt.models.base import DiffusionModel, EpsFn, ModelLoadError, Network, sample_of
-from autodiff_opt.models.loading import _alphas_cumprod, _read_json, local_root
-from autodiff_opt.models.sources import is_text_to_image_pipeline  # noqa: F401 (its old home)
+from autodiff_opt.models.loading import _alphas_cumprod, local_root
+from autodiff_opt.models.sources import read_json
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def load_text_to_image(
     unet, vae, text_encoder, tokenizer = _load_components(root, dtype)
     for module in (unet, vae, text_encoder):
         module.to(device).eval().requires_grad_(False)
-    sched = _read_json(root / "scheduler" / "scheduler_config.json")
+    sched = read_json(root / "scheduler" / "scheduler_config.json")
     downsample = 2 ** (len(vae.config.block_out_channels) - 1)
     size = unet.config.sample_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)

@@ -10,9 +10,7 @@ import torch
 
 from autodiff_opt.models.base import DiffusionModel, ModelLoadError
 from autodiff_opt.models.flow import flow_model_from, is_flow_scheduler
-from autodiff_opt.models.sources import ASSETS_DIR, BUILTIN_PREFIX, resolve_pretrained  # noqa: F401 (their old home)
-from autodiff_opt.models.sources import looks_like_path as _looks_like_path
-from autodiff_opt.models.sources import read_json as _read_json
+from autodiff_opt.models.sources import looks_like_path, read_json, resolve_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +72,7 @@ def _load_unet(source: str, subfolder: str | None, local_only: bool, dtype: torc
     if subfolder:
         kwargs["subfolder"] = subfolder
     config_path = Path(source) / (subfolder or "") / "config.json"
-    class_name = _read_json(config_path).get("_class_name", "UNet2DModel") if config_path.is_file() else "UNet2DModel"
+    class_name = read_json(config_path).get("_class_name", "UNet2DModel") if config_path.is_file() else "UNet2DModel"
     cls = getattr(diffusers, class_name, None)
     if cls is None:
         raise ModelLoadError(f"{config_path} names class {class_name!r}, which diffusers does not have")
@@ -85,7 +83,7 @@ def _scheduler_config(folder: Path, default: dict[str, Any] | None) -> dict[str,
     for candidate in (folder / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json",
                       folder.parent / "scheduler" / "scheduler_config.json"):
         if candidate.is_file():
-            return _read_json(candidate)
+            return read_json(candidate)
     if default:
         log.warning("no scheduler_config.json beside %s: using model.noise_schedule from the config", folder)
         return default
@@ -131,7 +129,7 @@ def local_root(pretrained: str, fetch: Callable[[str], Path]) -> Path:
     root = Path(ref)
     if root.exists():
         return root
-    if _looks_like_path(ref):
+    if looks_like_path(ref):
         raise ModelLoadError(f"model.pretrained={pretrained!r}: no such file or directory")
     return fetch(ref)
 

@@ -2,7 +2,7 @@
 path or a hub id, and what a local pipeline folder's ``model_index.json`` says.
 
 Imports no torch, diffusers or NumPy: the model-family registry (``models/families``) detects a model's
-family from these before anything heavy is imported; ``models/loading.py`` and ``latent.py`` re-export them.
+family from these before anything heavy is imported; the loaders (``models/loading.py``, ``latent.py``) use them too.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 import pandas as pd
 
-from autodiff_opt.models.loading import resolve_pretrained
+from autodiff_opt.models.sources import resolve_pretrained
 from autodiff_opt.report.dashboard import publish_artifacts, publish_figures, publish_note
 from autodiff_opt.models.families import family_of_model
 from autodiff_opt.report.export import (apply_snippet, diffusers_scheduler, diffusers_snippet, export_schedule,
