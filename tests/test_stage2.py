@@ -144,12 +144,12 @@ def test_stage2_end_to_end_through_the_cli(multi_objective: bool, tiny_model_dir
 def test_a_max_prun_that_allows_no_skip_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
     """The authors' max_prun=0.1 on the digits UNet's 9 layers: floor(0.9) = 0 layers a step, so stage 2 can
     skip nothing; the run says so and names the smallest value that skips one layer."""
-    from autodiff_opt.runner import warn_if_no_skips
+    from autodiff_opt.search.stage2 import warn_if_no_skips
 
-    with caplog.at_level("WARNING", logger="autodiff_opt.runner"):
+    with caplog.at_level("WARNING", logger="autodiff_opt.search.stage2"):
         assert warn_if_no_skips(0.1, 9)
     assert "max_prun=0.1 of 9 layers lets no step skip a layer" in caplog.text and "at least 0.111" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="autodiff_opt.runner"):
+    with caplog.at_level("WARNING", logger="autodiff_opt.search.stage2"):
         assert not warn_if_no_skips(0.12, 9) and not warn_if_no_skips(0.1, 10) and not warn_if_no_skips(0.1, 0)
     assert not caplog.text

@@ -95,8 +95,7 @@ class Experiment:
         from autodiff_opt.report.write import ReportInputs
 
         cfg = self.cfg
-        layer_names = tuple(self.generator.runtime.layer_names)  # the runtime's skippable layers, by id
-        return ReportInputs(self.final_inputs(), layer_names, cfg.model, cfg.solver, cfg.report,
+        return ReportInputs(self.final_inputs(), self.generator.runtime.layer_names, cfg.model, cfg.solver, cfg.report,
                             skip_units=str(cfg.search.stage2.units), search_solvers=tuple(cfg.search.solvers),
                             storage_url=str(cfg.storage.url), settings_yaml=settings_yaml(cfg))
 
@@ -195,7 +194,7 @@ def stage2_setup(search: SearchConfig, cache_dir: str, runtime: DenoiserRuntime)
     what the budget may buy, the cache baselines (``Experiment`` fields space, stage2, layer_costs, caches)."""
     from autodiff_opt.arch.budget import Budget
     from autodiff_opt.arch.flops import measure_model_costs
-    from autodiff_opt.search.stage2 import Stage2Policy
+    from autodiff_opt.search.stage2 import Stage2Policy, warn_if_no_skips
 
     model = runtime.model
     s2, K, T = search.stage2, search.num_steps, model.num_train_timesteps
@@ -214,19 +213,6 @@ def stage2_setup(search: SearchConfig, cache_dir: str, runtime: DenoiserRuntime)
             "stage2": Stage2Policy(budget, s2.max_prun, s2.ramp_steps, s2.start_generation, s2.patience,
                                    min_steps=1, max_steps=k_max),
             "caches": cache_baselines(search, model, k_max)}
-
-
-def warn_if_no_skips(max_prun: float, num_layers: int) -> bool:
-    """Warn (and return True) when ``search.stage2.max_prun`` lets no step skip a single layer: stage 2 would
-    then search time steps only. The authors' 0.1 is meant for networks with dozens of layers."""
-    from autodiff_opt.search.operators import skip_cap
-
-    if num_layers == 0 or skip_cap(num_layers, max_prun) > 0:
-        return False
-    log.warning("stage 2: search.stage2.max_prun=%g of %d layers lets no step skip a layer (floor(%g x %d) = 0),"
-                " so stage 2 searches time steps only; set search.stage2.max_prun to at least %.3g to skip one",
-                max_prun, num_layers, max_prun, num_layers, 1.0 / num_layers)
-    return True
 
 
 def cache_baselines(search: SearchConfig, model: DiffusionModel, num_steps: int) -> dict[str, tuple[str, Genome]]:
@@ -458,7 +444,9 @@ def run_search(study: optuna.Study, exp: Experiment) -> None:
     if (reason := rule.check(study, after_trial=False)) is not None and reason["reason"] != "budget":
         log.info("study %s: search done (%s)", study.study_name, reason["text"])
         return
-    if reason is not None if isinstance(budget, ImageStepBudget) else done >= total:  # the budget's verdict above (a queued retry runs first)
+    # the image-step budget's verdict is the check just made (it holds the study for a queued retry)
+    spent = reason is not None if isinstance(budget, ImageStepBudget) else done >= total
+    if spent:
         if isinstance(budget, ImageStepBudget):
             log.info("study %s already spent %.1f of %.0f candidate-equivalents: search done", study.study_name, done, total)
         else:

@@ -246,9 +246,10 @@ def with_step_masks(
 
 def per_step_skipping(denoiser: nn.Module, skipper: LayerSkipper | None = None
                       ) -> Callable[[Callable[..., R], Genome], Callable[..., R]]:
-    """A ``StepWrapper`` for the generator: ``wrap(eps_fn, genome)`` returns ``eps_fn`` itself for a
-    genome without skips, else ``with_step_masks(eps_fn, skipper, genome)``. The ``LayerSkipper`` is
-    made on the first genome with skips (unless one is given), so stage-1-only runs never touch the model."""
+    """A ``StepWrapper`` for one's own eps functions: ``wrap(eps_fn, genome)`` returns ``eps_fn`` itself for a
+    genome without skips, else ``with_step_masks(eps_fn, skipper, genome)`` with hooks (not gated). The
+    ``LayerSkipper`` is made on the first genome with skips (unless one is given). The generator does not use
+    it: its ``DenoiserRuntime.masked`` does the same with the runtime's gated skipper (arch/runtime.py)."""
     skippers: list[LayerSkipper] = [skipper] if skipper is not None else []
 
     def wrap(eps_fn: Callable[..., R], genome: Genome) -> Callable[..., R]:

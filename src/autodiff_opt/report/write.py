@@ -198,7 +198,7 @@ def snippet_for(model: DiffusionModel, settings: ModelConfig, solver_settings: S
         return flow_snippet(genome, source, solver_settings.name, model.sample_shape, model.num_classes, clip_x0,
                             settings.subfolder)
     return diffusers_snippet(genome, source, solver, model.sample_shape, model.num_classes, settings.subfolder,
-                             clip_x0=solver_settings.clip_x0)
+                             clip_x0=clip_x0)
 
 
 def run_title(study_name: str, inputs: ReportInputs, genome: Genome) -> str:

@@ -8,6 +8,7 @@ resumed run agrees on it. In stage-2 generation j (from 0) the most layers a ste
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -16,12 +17,14 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autodiff_opt.core.keys import STAGE2_START_ATTR
-from autodiff_opt.search.operators import JointSpace
+from autodiff_opt.search.operators import JointSpace, skip_cap
 from autodiff_opt.search.space import GENERATION_ATTR
 from autodiff_opt.search.storage_compat import set_study_system_attr, study_system_attrs
 
 if TYPE_CHECKING:
     from autodiff_opt.arch.budget import Budget
+
+log = logging.getLogger(__name__)
 
 
 def ramp_max_skip_frac(stage2_generation: int, max_prun: float = 0.1, increments: int = 5) -> float:
@@ -71,3 +74,14 @@ def _best_before(trials: Sequence[FrozenTrial], generation: int) -> float | None
     values = [t.values[0] for t in trials if t.state == TrialState.COMPLETE and t.values
               and np.isfinite(t.values[0]) and (t.system_attrs.get(GENERATION_ATTR) or 0) < generation]
     return min(values) if values else None
+
+
+def warn_if_no_skips(max_prun: float, num_layers: int) -> bool:
+    """Warn (and return True) when ``search.stage2.max_prun`` lets no step skip a single layer: stage 2 would
+    then search time steps only. The authors' 0.1 is meant for networks with dozens of layers."""
+    if num_layers == 0 or skip_cap(num_layers, max_prun) > 0:
+        return False
+    log.warning("stage 2: search.stage2.max_prun=%g of %d layers lets no step skip a layer (floor(%g x %d) = 0),"
+                " so stage 2 searches time steps only; set search.stage2.max_prun to at least %.3g to skip one",
+                max_prun, num_layers, max_prun, num_layers, 1.0 / num_layers)
+    return True
